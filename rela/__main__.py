@@ -1,0 +1,3 @@
+from rela.cli import main
+
+raise SystemExit(main())

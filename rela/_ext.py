@@ -1,0 +1,90 @@
+"""Access to the compiled helpers in `rela._C`, with a pure-Python fallback.
+
+The fallback runs the same algorithms on the same portable RNG stream, so results do not
+depend on whether the extension was built; it is only slower, and says so once.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+try:  # pragma: no cover - exercised by whichever build is installed
+    from rela import _C
+except ImportError:  # pragma: no cover
+    _C = None
+
+_MASK = (1 << 64) - 1
+_warned = False
+
+
+def has_extension() -> bool:
+    return _C is not None
+
+
+def _warn_once() -> None:
+    global _warned
+    if not _warned:
+        warnings.warn(
+            "rela._C (the compiled extension) is not built; using the slow Python fallback. "
+            "Reinstall with `pip install -e .` on a machine with a C++17 compiler.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        _warned = True
+
+
+class _Xoshiro256:
+    """Python twin of csrc/rng.h (xoshiro256** seeded by splitmix64)."""
+
+    def __init__(self, seed: int) -> None:
+        sm = seed & _MASK
+        self.s = []
+        for _ in range(4):
+            sm = (sm + 0x9E3779B97F4A7C15) & _MASK
+            z = sm
+            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+            self.s.append(z ^ (z >> 31))
+
+    @staticmethod
+    def _rotl(x: int, k: int) -> int:
+        return ((x << k) | (x >> (64 - k))) & _MASK
+
+    def next(self) -> int:
+        s = self.s
+        result = (self._rotl((s[1] * 5) & _MASK, 7) * 9) & _MASK
+        t = (s[1] << 17) & _MASK
+        s[2] ^= s[0]
+        s[3] ^= s[1]
+        s[1] ^= s[2]
+        s[0] ^= s[3]
+        s[2] ^= t
+        s[3] = self._rotl(s[3], 45)
+        return result
+
+    def below(self, bound: int) -> int:
+        m = self.next() * bound
+        low = m & _MASK
+        if low < bound:
+            threshold = ((1 << 64) - bound) % bound
+            while low < threshold:
+                m = self.next() * bound
+                low = m & _MASK
+        return m >> 64
+
+
+def permutation(n: int, seed: int) -> np.ndarray:
+    """A seeded permutation of range(n); identical with or without the extension."""
+    if n < 0:
+        raise ValueError("permutation: n must be >= 0")
+    if _C is not None:
+        return _C.permutation(int(n), int(seed) & _MASK)
+    _warn_once()
+    out = list(range(n))
+    rng = _Xoshiro256(seed)
+    for i in range(n - 1, 0, -1):
+        j = rng.below(i + 1)
+        out[i], out[j] = out[j], out[i]
+    return np.asarray(out, dtype=np.int64)

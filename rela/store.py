@@ -1,0 +1,213 @@
+"""The target store: one whitened target vector per dataset sample, on disk.
+
+Layout of a store directory::
+
+    manifest.json     written last, atomically; a store without it is not a store
+    targets.npy       float16 [N, d], row i = sample i, read through a memory map
+    pca.safetensors   mean [D], components [d, D], scale [d], eigenvalues [d] (float32)
+    .convert/         only while a conversion runs (raw feature chunks + journal)
+
+Readers memory-map `targets.npy`, so they need RAM only for the rows they ask for. Opening a
+store against a dataset compares fingerprints and refuses a store made from other data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from rela.errors import StoreError, StoreMismatchError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+TARGETS = "targets.npy"
+PCA = "pca.safetensors"
+WORKDIR = ".convert"
+TARGET_DTYPE = np.float16
+# Fingerprint fields that must agree; the others (root path, name) are informational.
+_IDENTITY_FIELDS = ("kind", "n", "digest", "split", "limit", "shape", "classes")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write-to-temp, fsync, rename: readers see the old file or the new one, never a torn one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fingerprint_differences(stored: dict, actual: dict) -> list[str]:
+    """Human-readable list of identity fields that differ between two dataset fingerprints."""
+    diffs = []
+    for key in _IDENTITY_FIELDS:
+        if key == "digest" and stored.get("deep") != actual.get("deep"):
+            continue  # a deep and a shallow digest can't be compared; n/kind still are
+        a, b = stored.get(key), actual.get(key)
+        if a != b:
+            diffs.append(f"{key}: store has {a!r}, dataset has {b!r}")
+    return diffs
+
+
+class TargetWriter:
+    """Writes float16 rows to `targets.npy` sequentially with plain file writes.
+
+    A writable memory map would keep every written page in this process's RSS; sequential
+    writes keep memory bounded by one chunk. Rows with NaN/inf are refused.
+    """
+
+    def __init__(self, path: Path, n: int, dim: int) -> None:
+        self.path, self.n, self.dim = Path(path), n, dim
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(TARGET_DTYPE)),
+                  "fortran_order": False, "shape": (n, dim)}
+        self.f = open(self.path, "wb")
+        np.lib.format.write_array_header_1_0(self.f, header)
+        self.rows = 0
+
+    def write(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape[1] != self.dim:
+            raise StoreError(f"target rows must be [*, {self.dim}], got {rows.shape}")
+        if self.rows + len(rows) > self.n:
+            raise StoreError(f"more than {self.n} target rows written")
+        bad = ~np.isfinite(rows).all(axis=1)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0]) + self.rows
+            raise StoreError(f"target row {i} contains NaN or inf; refusing to write it to {self.path}")
+        half = rows.astype(TARGET_DTYPE)
+        if not np.isfinite(half).all():
+            i = int(np.flatnonzero(~np.isfinite(half).all(axis=1))[0]) + self.rows
+            raise StoreError(f"target row {i} overflows float16; the targets were not standardised")
+        self.f.write(np.ascontiguousarray(half).tobytes())
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        if self.rows != self.n:
+            self.f.close()
+            raise StoreError(f"{self.path}: wrote {self.rows} of {self.n} rows")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+
+class TargetStore:
+    """A finished store, opened read-only. `store[idx]` gives float32 rows."""
+
+    def __init__(self, path: Path, manifest: dict, targets: np.ndarray) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.targets = targets  # read-only float16 memmap [N, d]
+        skipped = np.asarray(manifest.get("skipped", []), dtype=np.int64)
+        self.skipped = skipped
+        self._pca: dict | None = None
+
+    @classmethod
+    def open(cls, path: str | Path, dataset=None, deep: bool = False) -> TargetStore:
+        """Open a store; with `dataset`, refuse it unless it was made from that dataset."""
+        path = Path(path)
+        if not path.exists():
+            raise StoreError(f"target store {path} does not exist; create it with `rela convert --out {path}`")
+        mpath = path / MANIFEST
+        if not mpath.exists():
+            if (path / WORKDIR).exists():
+                raise StoreError(
+                    f"{path} is an unfinished conversion (no manifest yet); rerun the same "
+                    "`rela convert ... --out` command to resume it"
+                )
+            raise StoreError(f"{path} is not a target store (no {MANIFEST})")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise StoreError(f"{mpath} is unreadable ({e}); recreate the store") from None
+        version = manifest.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{path}: store schema {version}, this rela reads schema {SCHEMA_VERSION}")
+        try:
+            targets = np.load(path / TARGETS, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{path / TARGETS} is unreadable ({e}); recreate the store") from None
+        n, d = manifest["n"], manifest["dim"]
+        if targets.shape != (n, d) or targets.dtype != TARGET_DTYPE:
+            raise StoreError(
+                f"{path / TARGETS} has shape {targets.shape} {targets.dtype}, manifest says "
+                f"({n}, {d}) float16; the store is corrupt, recreate it"
+            )
+        store = cls(path, manifest, targets)
+        if dataset is not None:
+            store.check_dataset(dataset, deep=deep)
+        return store
+
+    def check_dataset(self, dataset, deep: bool = False) -> None:
+        stored = self.manifest["dataset"]
+        actual = dataset.fingerprint(deep=deep and stored.get("deep", False))
+        diffs = fingerprint_differences(stored, actual)
+        if diffs:
+            raise StoreMismatchError(
+                f"target store {self.path} was made from a different dataset — "
+                + "; ".join(diffs)
+                + ". Its rows would not line up with your samples: convert this dataset "
+                "into a new store (`rela convert`)."
+            )
+
+    def __len__(self) -> int:
+        return self.targets.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.targets.shape[1]
+
+    def valid_mask(self) -> np.ndarray:
+        """True for samples that have a target (i.e. were not skipped at conversion)."""
+        mask = np.ones(len(self), dtype=bool)
+        mask[self.skipped] = False
+        return mask
+
+    def __getitem__(self, index: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
+        """Rows as float32 copies; only the rows asked for are read."""
+        return np.asarray(self.targets[index], dtype=np.float32)
+
+    def pca(self) -> dict[str, np.ndarray]:
+        if self._pca is None:
+            from safetensors.numpy import load_file
+
+            self._pca = load_file(str(self.path / PCA))
+        return self._pca
+
+    def transform(self, raw_features: np.ndarray) -> np.ndarray:
+        """Whiten new prior features with this store's PCA (e.g. for held-out images)."""
+        p = self.pca()
+        return ((np.asarray(raw_features, np.float32) - p["mean"]) @ p["components"].T) / p["scale"]
+
+    def stats(self, chunk_rows: int = 65536) -> dict:
+        """Per-component mean/std over valid rows and NaN/inf counts, streamed in chunks."""
+        valid = self.valid_mask()
+        s = np.zeros(self.dim)
+        ss = np.zeros(self.dim)
+        nan = inf = 0
+        count = 0
+        for start in range(0, len(self), chunk_rows):
+            block = np.asarray(self.targets[start:start + chunk_rows], dtype=np.float64)
+            block = block[valid[start:start + chunk_rows]]
+            nan += int(np.isnan(block).sum())
+            inf += int(np.isinf(block).sum())
+            block = np.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)
+            s += block.sum(axis=0)
+            ss += (block * block).sum(axis=0)
+            count += len(block)
+        mean = s / max(count, 1)
+        std = np.sqrt(np.maximum(ss / max(count, 1) - mean * mean, 0.0))
+        return {"rows": count, "mean": mean, "std": std, "nan": nan, "inf": inf}

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Install everything rela needs on a fresh machine; a second run installs nothing.
+# Used by `make demo` and `make test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+# 1. Debian packages (only as root; otherwise say what is missing).
+DEB_PKGS="dataset-fashion-mnist"
+missing=""
+for p in $DEB_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: apt-get install$missing"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing
+  else
+    echo "setup: missing Debian packages:$missing (run: sudo apt-get install$missing)" >&2
+  fi
+fi
+
+# 2. PyTorch first, pinned, so pip keeps it when resolving the project's ranges.
+TORCH_SPEC=${RELA_TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
+if ! $PY -c "import torch, torchvision" >/dev/null 2>&1; then
+  echo "setup: pip install $TORCH_SPEC"
+  $PY -m pip install -q $TORCH_SPEC
+fi
+
+# 3. The project itself (editable, with its C++ extension and dev tools). Redone only when
+#    the build inputs changed since the last install.
+STAMP=.make/installed
+mkdir -p .make
+inputs=$(cat pyproject.toml setup.py CMakeLists.txt csrc/* | sha256sum | cut -c1-16)
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$inputs" ] \
+   || ! $PY -c "import rela._C, efficientnet_lite_pytorch, pytest" >/dev/null 2>&1; then
+  echo "setup: pip install -e .[dev]"
+  $PY -m pip install -q -e ".[dev]"
+  echo "$inputs" > "$STAMP"
+fi

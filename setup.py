@@ -1,0 +1,42 @@
+"""Build `rela._C` through CMake.
+
+Never import torch here: an isolated build environment would pull a multi-GB torch wheel.
+Set RELA_SKIP_EXT=1 to install without the extension (rela then falls back to numpy/Python).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).parent.resolve()
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str) -> None:
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        import pybind11  # build requirement, present in the build environment
+
+        extdir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        build_temp = Path(self.build_temp).resolve() / ext.name
+        build_temp.mkdir(parents=True, exist_ok=True)
+        args = [
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={extdir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ]
+        subprocess.run(["cmake", str(ROOT), *args], cwd=build_temp, check=True)
+        jobs = str(os.cpu_count() or 1)
+        subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_temp, check=True)
+
+
+ext_modules = [] if os.environ.get("RELA_SKIP_EXT") else [CMakeExtension("rela._C")]
+setup(ext_modules=ext_modules, cmdclass={"build_ext": CMakeBuild})
