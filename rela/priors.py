@@ -88,7 +88,10 @@ class Prior:
         """uint8 H×W×C → normalised float32 3×S×S: resize shorter side, centre crop, normalise."""
         from torchvision.transforms.v2 import functional as F
 
-        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        image = np.ascontiguousarray(image)
+        if not image.flags.writeable:  # PIL and memory maps hand out read-only arrays
+            image = image.copy()
+        t = torch.from_numpy(image).permute(2, 0, 1)
         if t.shape[0] == 1:
             t = t.expand(3, -1, -1)
         t = F.resize(t, self.input_size, antialias=True)
@@ -174,14 +177,19 @@ def load_weights(path: str | Path, trust_pickle: bool = False) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not a pickle of objects: just not a checkpoint
+            raise PriorError(f"{path}: not a readable weights file ({_first_error_line(e)})") from None
         if not trust_pickle:
             raise PriorError(
                 f"{path} holds pickled Python objects (probably a whole model saved with "
                 "torch.save(model)); loading it could run arbitrary code, so rela refused. "
                 "Re-save it with torch.save(model.state_dict(), path) or as .safetensors, "
-                f"or pass --trust-pickle if you trust this file. ({str(e).splitlines()[0]})"
+                "or pass --trust-pickle if you trust this file."
             ) from None
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e2:
+            raise PriorError(f"{path}: not a readable weights file ({_first_error_line(e2)})") from None
     except Exception as e:
         raise PriorError(f"{path}: not a readable weights file ({e})") from None
     if isinstance(obj, nn.Module):
@@ -194,6 +202,11 @@ def load_weights(path: str | Path, trust_pickle: bool = False) -> dict:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise PriorError(f"{path} does not contain a state_dict of tensors")
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _first_error_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
 
 
 def _load_into(model: nn.Module, state: dict, source: str, arch: str) -> None:

@@ -88,7 +88,8 @@ class TargetWriter:
         if bad.any():
             i = int(np.flatnonzero(bad)[0]) + self.rows
             raise StoreError(f"target row {i} contains NaN or inf; refusing to write it to {self.path}")
-        half = rows.astype(TARGET_DTYPE)
+        with np.errstate(over="ignore"):
+            half = rows.astype(TARGET_DTYPE)
         if not np.isfinite(half).all():
             i = int(np.flatnonzero(~np.isfinite(half).all(axis=1))[0]) + self.rows
             raise StoreError(f"target row {i} overflows float16; the targets were not standardised")

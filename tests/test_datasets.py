@@ -1,0 +1,154 @@
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rela.datasets import FASHION_MNIST_ROOT, ArrayDataset, FashionMNIST, ImageFolder, open_dataset
+from rela.errors import CorruptImageError, DatasetError
+from tests.conftest import make_folder, smooth_image
+
+
+def test_image_folder_order_and_labels(image_folder):
+    ds = ImageFolder(image_folder)
+    assert len(ds) == 6
+    assert ds.classes == ["class_0", "class_1"]
+    assert [ds.label(i) for i in range(6)] == [0, 0, 0, 1, 1, 1]
+    assert ds.describe(0).endswith("class_0/img_000.jpg")
+    img = ds.load(4)
+    assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
+
+
+def test_flat_folder_is_unlabeled(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("b.png", "a.png", "c.jpg"):
+        Image.fromarray(smooth_image(rng, 20, 20)).save(tmp_path / name)
+    ds = ImageFolder(tmp_path)
+    assert [ds.describe(i).rsplit("/", 1)[1] for i in range(3)] == ["a.png", "b.png", "c.jpg"]
+    assert all(ds.label(i) == -1 for i in range(3))
+
+
+def test_fingerprint_is_stable_and_sensitive(tmp_path):
+    a = make_folder(tmp_path / "a")
+    fp = ImageFolder(a).fingerprint()
+    # A copy elsewhere is the same dataset (the root path is not part of the identity).
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    assert ImageFolder(b).fingerprint()["digest"] == fp["digest"]
+    # Renaming a file changes the order/identity.
+    (b / "class_1" / "img_002.jpg").rename(b / "class_1" / "img_009.jpg")
+    assert ImageFolder(b).fingerprint()["digest"] != fp["digest"]
+
+
+def test_deep_fingerprint_sees_same_size_edits(tmp_path):
+    root = make_folder(tmp_path / "a", ext=".png")
+    target = root / "class_0" / "img_000.png"
+    shallow, deep = ImageFolder(root).fingerprint(), ImageFolder(root).fingerprint(deep=True)
+    data = bytearray(target.read_bytes())
+    data[-20] ^= 0xFF  # same size, different content
+    target.write_bytes(bytes(data))
+    assert ImageFolder(root).fingerprint()["digest"] == shallow["digest"]
+    assert ImageFolder(root).fingerprint(deep=True)["digest"] != deep["digest"]
+
+
+def test_missing_and_empty(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        open_dataset(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no images found"):
+        open_dataset(tmp_path / "empty")
+    with pytest.raises(DatasetError, match="does not exist"):
+        open_dataset(tmp_path / "nope.npz")
+
+
+def test_npz_and_head(npz_dataset):
+    ds = open_dataset(npz_dataset)
+    assert len(ds) == 300 and ds.load(0).shape == (28, 28, 3)
+    head = open_dataset(npz_dataset, limit=100)
+    assert len(head) == 100
+    assert np.array_equal(head.load(99), ds.load(99))
+    assert head.fingerprint()["digest"] != ds.fingerprint()["digest"]
+    assert head.fingerprint() == open_dataset(npz_dataset, limit=100).fingerprint()
+    with pytest.raises(IndexError):
+        head.load(100)
+
+
+def test_array_dataset_validates():
+    with pytest.raises(DatasetError, match="uint8"):
+        ArrayDataset(np.zeros((2, 4, 4), np.float32))
+    with pytest.raises(DatasetError, match="labels"):
+        ArrayDataset(np.zeros((2, 4, 4), np.uint8), labels=[1])
+
+
+@pytest.mark.skipif(not FASHION_MNIST_ROOT.exists(), reason="dataset-fashion-mnist not installed")
+def test_fashion_mnist():
+    train, test = FashionMNIST("train"), FashionMNIST("test")
+    assert len(train) == 60000 and len(test) == 10000
+    assert train.load(0).shape == (28, 28, 1)
+    assert sorted(set(test.labels().tolist())) == list(range(10))
+    assert open_dataset("fashion-mnist:test").fingerprint() == test.fingerprint()
+
+
+def test_fashion_mnist_missing_says_how_to_install(tmp_path):
+    with pytest.raises(DatasetError, match="apt-get install dataset-fashion-mnist"):
+        FashionMNIST("train", root=tmp_path)
+
+
+# --- decoding of awkward and broken files -----------------------------------------------
+
+def _folder_with(tmp_path, name, writer):
+    d = tmp_path / "f" / "c"
+    d.mkdir(parents=True)
+    Image.fromarray(smooth_image(np.random.default_rng(0), 16, 16)).save(d / "a_ok.png")
+    writer(d / name)
+    return ImageFolder(tmp_path / "f")
+
+
+@pytest.mark.parametrize("mode,channels", [("CMYK", 3), ("L", 1), ("P", 3), ("RGBA", 3), ("LA", 3)])
+def test_unusual_modes_decode(tmp_path, mode, channels):
+    ext = ".jpg" if mode in ("CMYK", "L") else ".png"
+    img = Image.fromarray(smooth_image(np.random.default_rng(0), 16, 16)).convert(mode)
+    ds = _folder_with(tmp_path, "b" + ext, img.save)
+    out = ds.load(1)
+    assert out.dtype == np.uint8 and out.shape == (16, 16, channels)
+
+
+def test_16bit_png_is_scaled(tmp_path):
+    a = (np.arange(256, dtype=np.uint16).reshape(16, 16) * 257)
+    ds = _folder_with(tmp_path, "b.png", lambda p: Image.fromarray(a).save(p))
+    out = ds.load(1)
+    assert out.shape == (16, 16, 1)
+    assert np.array_equal(out[..., 0], np.arange(256, dtype=np.uint8).reshape(16, 16))
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "truncated", "empty"])
+def test_broken_files_name_file_and_index(tmp_path, kind):
+    def write(p):
+        if kind == "empty":
+            p.write_bytes(b"")
+        elif kind == "corrupt":
+            p.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg" * 10)
+        else:
+            Image.fromarray(smooth_image(np.random.default_rng(0), 64, 64)).save(p, quality=90)
+            p.write_bytes(p.read_bytes()[:300])
+
+    ds = _folder_with(tmp_path, "b_bad.jpg", write)
+    with pytest.raises(CorruptImageError) as e:
+        ds.load(1)
+    assert e.value.index == 1 and "b_bad.jpg" in str(e.value)
+
+
+def test_huge_declared_dimensions_are_refused(tmp_path):
+    import struct
+    import zlib
+
+    def write(p):
+        # A valid PNG header claiming 60000 x 60000 pixels, with a tiny body.
+        def chunk(tag, data):
+            return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+        ihdr = struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)
+        p.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
+
+    ds = _folder_with(tmp_path, "b_huge.png", write)
+    with pytest.raises(CorruptImageError, match="exceeds"):
+        ds.load(1)
