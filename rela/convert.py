@@ -63,27 +63,40 @@ def _crashpoint(name: str) -> None:
 
 
 class _PriorInputs(torch.utils.data.Dataset):
-    """Decodes and preprocesses samples in DataLoader workers; a bad sample becomes a flagged row."""
+    """Decodes samples in DataLoader workers; a bad sample becomes a flagged row of zeros.
+
+    Resizing and cropping happen per batch in `collate` (uint8), normalisation in the main process.
+    """
 
     def __init__(self, dataset: RelaDataset, prior: Prior) -> None:
         self.dataset, self.prior = dataset, prior
-        self.shape = (3, prior.input_size, prior.input_size)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
         try:
-            return index, self.prior.preprocess(self.dataset.load(index)), ""
+            return index, self.dataset.load(index), ""
         except CorruptImageError as e:
-            return index, torch.zeros(self.shape), e.reason
-        except Exception as e:  # a decodable but unusable image (e.g. 0×0): same treatment
-            return index, torch.zeros(self.shape), f"{type(e).__name__}: {e}"
+            return index, None, e.reason
 
-
-def _collate(items):
-    idx = torch.tensor([i for i, _, _ in items], dtype=torch.int64)
-    return idx, torch.stack([x for _, x, _ in items]), [err for _, _, err in items]
+    def collate(self, items):
+        idx = torch.tensor([i for i, _, _ in items], dtype=torch.int64)
+        errors = [err for _, _, err in items]
+        images = [im for _, im, _ in items if im is not None]
+        s = self.prior.input_size
+        out = torch.zeros(len(items), 3, s, s, dtype=torch.uint8)
+        ok = [k for k, (_, im, _) in enumerate(items) if im is not None]
+        try:
+            if images:
+                out[ok] = self.prior.resize_crop(images)
+        except Exception:  # a decodable but unusable image (e.g. 0×0): find it, flag it
+            for k in ok:
+                try:
+                    out[k] = self.prior.resize_crop([items[k][1]])[0]
+                except Exception as e:
+                    errors[k] = f"{type(e).__name__}: {e}"
+        return idx, out, errors
 
 
 def _worker_init(_: int) -> None:
@@ -264,10 +277,13 @@ def _extract(dataset, prior, journal, todo, batch_size, num_workers, skip_corrup
 
     batches = [list(range(s, min(s + batch_size, c.stop))) for c in todo for s in range(c.start, c.stop, batch_size)]
     if num_workers is None:
-        num_workers = 0 if len(dataset) < 2048 else min(2, os.cpu_count() or 1)
+        # In-memory arrays need no decoding: worker IPC would cost more than it saves.
+        in_memory = getattr(dataset, "in_memory", False)
+        num_workers = 0 if in_memory or len(dataset) < 2048 else min(2, os.cpu_count() or 1)
+    inputs = _PriorInputs(dataset, prior)
     loader = torch.utils.data.DataLoader(
-        _PriorInputs(dataset, prior), batch_sampler=batches, num_workers=num_workers,
-        collate_fn=_collate, worker_init_fn=_worker_init if num_workers else None,
+        inputs, batch_sampler=batches, num_workers=num_workers,
+        collate_fn=inputs.collate, worker_init_fn=_worker_init if num_workers else None,
         timeout=600 if num_workers else 0,
     )
     bar = tqdm(total=len(dataset), initial=done_rows, unit="img", desc="prior features",
@@ -284,7 +300,7 @@ def _extract(dataset, prior, journal, todo, batch_size, num_workers, skip_corrup
             if bad and not skip_corrupt:
                 i, reason = bad[0]
                 raise CorruptImageError(i, dataset.describe(i), reason)
-            f = prior(x).numpy()
+            f = prior(prior.normalize(x)).numpy()
             rows = idx.numpy() - chunk.start
             for i, reason in bad:
                 errors[i] = reason

@@ -80,6 +80,7 @@ class RelaDataset(ABC):
 class _Head(RelaDataset):
     def __init__(self, base: RelaDataset, n: int) -> None:
         self.base, self.n, self.kind = base, n, base.kind
+        self.in_memory = getattr(base, "in_memory", False)
 
     def __len__(self) -> int:
         return self.n
@@ -109,6 +110,7 @@ class ArrayDataset(RelaDataset):
     """Images held in a numpy array [N, H, W] or [N, H, W, C] (uint8), with optional labels."""
 
     kind = "array"
+    in_memory = True  # decoding is a memory copy: no need for decode workers
 
     def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, name: str = "array") -> None:
         images = np.asarray(images)

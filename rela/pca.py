@@ -5,7 +5,7 @@ Mean and covariance are accumulated in float64 over chunks with Chan et al.'s pa
 cancellation of the textbook sum-of-squares formula. Memory does not depend on N:
 
     state   = 8·D (mean) + 8·D² (scatter)                 bytes
-    per chunk ≈ 4·C·D (float32 rows) + 8·C·D (centred float64) bytes
+    per chunk ≈ 4·C·D (float32 rows) + 8·C·D (centred float64 copy) bytes
     eigh    ≈ 16·D² bytes (copy + eigenvectors)
 
 For D = 2048, C = 8192: 34 MB state + 200 MB per chunk + 67 MB for eigh ≈ 0.3 GB.
@@ -29,11 +29,11 @@ class StreamingMoments:
     def update(self, x: np.ndarray) -> None:
         if len(x) == 0:
             return
-        x = np.asarray(x, dtype=np.float64)
-        nb = len(x)
-        mean_b = x.mean(axis=0)
-        xc = x - mean_b
-        scatter_b = xc.T @ xc
+        xc = np.array(x, dtype=np.float64)  # a private float64 copy, centred in place
+        nb = len(xc)
+        mean_b = xc.mean(axis=0)
+        xc -= mean_b
+        scatter_b = xc.T @ xc  # numpy runs this as a symmetric rank-k update (syrk)
         n = self.n + nb
         delta = mean_b - self.mean
         self.scatter += scatter_b + np.outer(delta, delta) * (self.n * nb / n)

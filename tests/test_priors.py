@@ -104,3 +104,15 @@ def test_garbage_weights_file(tmp_path):
     path.write_bytes(b"definitely not a checkpoint")
     with pytest.raises(PriorError, match="not a readable weights file"):
         load_prior(f"state_dict:{path}", arch="resnet18")
+
+
+def test_batched_resize_equals_per_image():
+    p = load_prior("random:resnet18", input_size=32)
+    rng = np.random.default_rng(0)
+    same = [(rng.random((28, 28, 1)) * 255).astype(np.uint8) for _ in range(5)]
+    mixed = same[:2] + [(rng.random((40, 30, 3)) * 255).astype(np.uint8)]
+    for imgs in (same, mixed):
+        batch = p.resize_crop(imgs)
+        assert batch.dtype == torch.uint8 and batch.shape == (len(imgs), 3, 32, 32)
+        for k, im in enumerate(imgs):
+            assert torch.equal(batch[k], p.resize_crop([im])[0])
