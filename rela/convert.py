@@ -135,13 +135,15 @@ class _Journal:
                 done[rec["chunk"]] = rec
         return done
 
-    def commit(self, k: int, features: np.ndarray, valid: np.ndarray, errors: dict, seconds: float) -> None:
+    def commit(self, k: int, features: np.ndarray, valid: np.ndarray, errors: dict, seconds: float,
+               infer_seconds: float) -> None:
         buf = io.BytesIO()
         np.savez(buf, features=features, valid=valid)
         data = buf.getvalue()
         atomic_write_bytes(self.chunk_path(k), data)
         _crashpoint("before-journal")
         rec = {"chunk": k, "rows": len(features), "sha256": _sha256(data), "seconds": seconds,
+               "infer_seconds": infer_seconds,
                "skipped": {str(i): r for i, r in errors.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -293,14 +295,16 @@ def _extract(dataset, prior, journal, todo, batch_size, num_workers, skip_corrup
     feats = np.zeros((chunk.stop - chunk.start, prior.dim), np.float32)
     valid = np.ones(chunk.stop - chunk.start, bool)
     errors: dict[int, str] = {}
-    t0 = time.perf_counter()
+    t0, infer_s = time.perf_counter(), 0.0
     try:
         for idx, x, errs in loader:
             bad = [(int(i), e) for i, e in zip(idx.tolist(), errs, strict=True) if e]
             if bad and not skip_corrupt:
                 i, reason = bad[0]
                 raise CorruptImageError(i, dataset.describe(i), reason)
+            t_inf = time.perf_counter()
             f = prior(prior.normalize(x)).numpy()
+            infer_s += time.perf_counter() - t_inf
             rows = idx.numpy() - chunk.start
             for i, reason in bad:
                 errors[i] = reason
@@ -314,7 +318,7 @@ def _extract(dataset, prior, journal, todo, batch_size, num_workers, skip_corrup
             feats[rows] = f
             bar.update(len(idx))
             if idx[-1].item() + 1 == chunk.stop:
-                journal.commit(chunk.k, feats, valid, errors, time.perf_counter() - t0)
+                journal.commit(chunk.k, feats, valid, errors, time.perf_counter() - t0, infer_s)
                 _crashpoint("chunk-written")
                 chunk = next(chunk_iter, None)
                 if chunk is None:
@@ -322,7 +326,7 @@ def _extract(dataset, prior, journal, todo, batch_size, num_workers, skip_corrup
                 feats = np.zeros((chunk.stop - chunk.start, prior.dim), np.float32)
                 valid = np.ones(chunk.stop - chunk.start, bool)
                 errors = {}
-                t0 = time.perf_counter()
+                t0, infer_s = time.perf_counter(), 0.0
     finally:
         bar.close()
 
@@ -362,6 +366,7 @@ def _finalize(out, dataset, prior, journal, chunks, done, dim, fp, keep_raw, t_s
     _crashpoint("before-manifest")
 
     extract_s = sum(rec.get("seconds", 0.0) for rec in done.values())
+    infer_s = sum(rec.get("infer_seconds", 0.0) for rec in done.values())
     finalize_s = time.perf_counter() - t0
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -378,7 +383,8 @@ def _finalize(out, dataset, prior, journal, chunks, done, dim, fp, keep_raw, t_s
                       "explained_variance_ratio": white.explained_variance_ratio},
         "skipped": skipped,
         "skipped_reasons": {str(i): r for rec in done.values() for i, r in rec.get("skipped", {}).items()},
-        "cost": {"extract_seconds": round(extract_s, 3), "finalize_seconds": round(finalize_s, 3),
+        "cost": {"extract_seconds": round(extract_s, 3), "inference_seconds": round(infer_s, 3),
+                 "finalize_seconds": round(finalize_s, 3),
                  "seconds": round(extract_s + finalize_s, 3),
                  "images_per_second": round(len(dataset) / extract_s, 2) if extract_s else None},
     }
