@@ -21,3 +21,4 @@ lint: setup
 
 bench: setup
 	$(PYTHON) bench/convert.py
+	$(PYTHON) bench/kernels.py
