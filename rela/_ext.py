@@ -6,6 +6,7 @@ depend on whether the extension was built; it is only slower, and says so once.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -88,3 +89,52 @@ def permutation(n: int, seed: int) -> np.ndarray:
         j = rng.below(i + 1)
         out[i], out[j] = out[j], out[i]
     return np.asarray(out, dtype=np.int64)
+
+
+def uniform_subset(n: int, k: int, seed: int) -> np.ndarray:
+    """k distinct items of range(n), uniformly, in draw order; identical with or without the extension."""
+    if not 0 <= k <= n:
+        raise ValueError(f"uniform_subset: need 0 <= k <= n, got n={n}, k={k}")
+    if _C is not None:
+        return _C.uniform_subset(int(n), int(k), int(seed) & _MASK)
+    _warn_once()
+    pool = list(range(n))
+    rng = _Xoshiro256(seed)
+    for i in range(k):
+        j = i + rng.below(n - i)
+        pool[i], pool[j] = pool[j], pool[i]
+    return np.asarray(pool[:k], dtype=np.int64)
+
+
+def _splitmix_at(seed: int, counters: np.ndarray) -> np.ndarray:
+    """splitmix64 output at each counter (vectorised twin of csrc/sampling.cpp's exp_variate)."""
+    with np.errstate(over="ignore"):
+        # state after (counter + 1) steps of splitmix64 started at `seed`
+        z = np.uint64(seed) + (counters.astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def weighted_subset(weights: np.ndarray, k: int, seed: int, threads: int | None = None) -> np.ndarray:
+    """k distinct indices drawn without replacement with probability ∝ weights (successive
+    sampling), sorted. O(N) in the extension; the numpy fallback runs the same key stream."""
+    w = np.ascontiguousarray(weights, dtype=np.float32)
+    if w.ndim != 1 or not 0 <= k <= len(w):
+        raise ValueError("weighted_subset: weights must be 1-d and 0 <= k <= len(weights)")
+    if _C is not None:
+        threads = threads or min(8, os.cpu_count() or 1)  # the result does not depend on it
+        return _C.weighted_subset(w, int(k), int(seed) & _MASK, int(threads))
+    _warn_once()
+    mixed = int(_splitmix_at(int(seed) & _MASK, np.zeros(1, np.int64))[0])  # one splitmix64 step
+    ok = (w > 0) & np.isfinite(w)
+    if int(ok.sum()) < k:
+        raise ValueError("weighted_subset: fewer than k weights are positive and finite")
+    x = _splitmix_at(mixed, np.arange(len(w)))
+    u = ((x >> np.uint64(11)) + np.uint64(1)).astype(np.float64) * 2.0**-53
+    with np.errstate(divide="ignore", over="ignore"):
+        keys = ((-np.log(u)).astype(np.float32) + np.float32(0)) / np.where(ok, w, np.float32(1))
+    code = keys.view(np.uint32).copy()
+    code[~ok] = 0xFFFFFFFF
+    chosen = np.lexsort((np.arange(len(w)), code))[:k]
+    return np.sort(chosen).astype(np.int64)
