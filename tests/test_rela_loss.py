@@ -44,7 +44,7 @@ def _check(pred, target, path, dtype, single=False):
     assert loss.dtype == torch.float32 or dtype == torch.float64
     assert torch.isfinite(loss).all() and torch.isfinite(p.grad).all()
     fwd_tol = 1e-12 if dtype == torch.float64 else 1e-5
-    assert float((loss.double() - ref.detach()).abs().max()) <= fwd_tol
+    assert float((loss.detach().double() - ref.detach()).abs().max()) <= fwd_tol
     # Natural size of a gradient entry: |upstream| / |pred row|.
     scale = float(up.abs().max() / pred.double().norm(dim=-1).clamp_min(1e-8).min())
     assert _rel_err(p.grad, pd.grad, scale) <= TOL[dtype]
