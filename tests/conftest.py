@@ -62,3 +62,20 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "rela", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=REPO)
+
+
+def spy_on_kernels(monkeypatch, module, *names: str) -> list:
+    """Wrap Triton kernels so each launch (`kernel[grid](...)`) is recorded; returns the log."""
+    calls: list = []
+
+    class Spy:
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            calls.append((self.name, grid))
+            return self.fn[grid]
+
+    for name in names:
+        monkeypatch.setattr(module, name, Spy(name, getattr(module, name)))
+    return calls

@@ -8,6 +8,7 @@ import rela.kernels.rela_loss as rl
 from rela.kernels import _dispatch
 from rela.kernels.rela_loss import RelaLoss, rela_loss, rela_loss_reference
 from rela.loss import rela_loss as public_rela_loss
+from tests.conftest import spy_on_kernels
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: 1e-12}
 SHAPES = [(1, 1), (1, 7), (3, 2), (37, 100), (130, 256), (64, 1000)]
@@ -157,18 +158,7 @@ def test_dispatch_rule(monkeypatch):
 
 
 def test_the_triton_path_really_launches(monkeypatch):
-    calls = []
-
-    class Spy:
-        def __init__(self, fn):
-            self.fn = fn
-
-        def __getitem__(self, grid):
-            calls.append(grid)
-            return self.fn[grid]
-
-    monkeypatch.setattr(rl, "_rela_loss_fwd_kernel", Spy(rl._rela_loss_fwd_kernel))
-    monkeypatch.setattr(rl, "_rela_loss_bwd_kernel", Spy(rl._rela_loss_bwd_kernel))
+    calls = spy_on_kernels(monkeypatch, rl, "_rela_loss_fwd_kernel", "_rela_loss_bwd_kernel")
     pred, target = _inputs(2, 8, 4, torch.float32, torch.float32, seed=0)
     pred.requires_grad_(True)
     monkeypatch.setenv("RELA_KERNELS", "auto")

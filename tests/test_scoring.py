@@ -11,6 +11,7 @@ from rela.kernels.scoring import (
     update_scores,
     update_scores_reference,
 )
+from tests.conftest import spy_on_kernels
 
 
 @pytest.fixture(params=["triton", "torch"])
@@ -131,18 +132,7 @@ def test_inclusion_probabilities_and_unbiased_scale():
 
 
 def test_scoring_triton_path_launches(monkeypatch):
-    calls = []
-
-    class Spy:
-        def __init__(self, fn):
-            self.fn = fn
-
-        def __getitem__(self, grid):
-            calls.append(grid)
-            return self.fn[grid]
-
-    monkeypatch.setattr(sc, "_score_update_kernel", Spy(sc._score_update_kernel))
-    monkeypatch.setattr(sc, "_score_weights_kernel", Spy(sc._score_weights_kernel))
+    calls = spy_on_kernels(monkeypatch, sc, "_score_update_kernel", "_score_weights_kernel")
     monkeypatch.setenv("RELA_KERNELS", "auto")
     score, seen = _table(100)
     update_scores(score, seen, torch.tensor([1, 2, 2]), torch.tensor([0.1, 0.2, 0.3]))
