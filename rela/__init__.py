@@ -1,6 +1,6 @@
 """rela: RELA (Representation Learning Accelerator) for cheaper self-supervised learning.
 
-Data flows one way: dataset → target store (`rela.convert`) → loader → training step.
+Data flows one way: dataset → target store (`rela.convert`) → loader (`rela.Loader`) → training step.
 Public names are imported lazily, so `import rela.pca` or `rela --help` does not load torch.
 """
 
@@ -26,6 +26,9 @@ _EXPORTS = {
     "Prior": "rela.priors",
     "load_prior": "rela.priors",
     "TargetStore": "rela.store",
+    "Loader": "rela.loader",
+    "Subset": "rela.subset",
+    "ViewSpec": "rela.views",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,0 +1,178 @@
+"""Backend-neutral view specs: what augmentations a training view gets, not how a backend runs them.
+
+Three families are built in:
+- `rela`: the RELA phase's view — RandomResizedCrop(scale 0.5–1), flip 0.5,
+  ColorJitter(0.8, 0.8, 0.8, 0.2) with p 0.8, grayscale 0.2, normalise; no blur, no solarise.
+  The RELA phase uses two of them.
+- `byol`: BYOL's two asymmetric views, as lightly's BYOLView1/2Transform: crop 0.08–1, flip 0.5,
+  jitter 0.4/0.4/0.2/0.1 with p 0.8, grayscale 0.2, blur p 1.0 / 0.1 (σ 0.1–2), solarise p 0 / 0.2.
+- `eval`: resize the shorter side, centre crop, normalise (deterministic).
+
+A backend turns a `ViewSpec` into its own operators; `apply_view` here is the torchvision
+(transforms.v2 functional, uint8 tensors) implementation used by the `torch` backend. All random
+choices come from an explicit `torch.Generator`, so a sample's views depend only on the seed,
+the epoch and its index — never on worker count or global RNG state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from rela.errors import RelaError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    size: int
+    crop: str = "random"  # "random": RandomResizedCrop; "center": resize shorter side + centre crop
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: float = 0.0
+    jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.0
+    gray_p: float = 0.0
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.crop not in ("random", "center"):
+            raise RelaError(f"crop must be 'random' or 'center', not {self.crop!r}")
+        if self.size < 1:
+            raise RelaError(f"view size must be positive, got {self.size}")
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise RelaError(f"crop scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
+
+
+def rela_view(size: int, **kw) -> ViewSpec:
+    return ViewSpec(size, scale=(0.5, 1.0), flip=0.5, jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8,
+                    gray_p=0.2, **kw)
+
+
+def byol_views(size: int, **kw) -> tuple[ViewSpec, ViewSpec]:
+    base = ViewSpec(size, scale=(0.08, 1.0), flip=0.5, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
+                    gray_p=0.2, **kw)
+    return replace(base, blur_p=1.0, solarize_p=0.0), replace(base, blur_p=0.1, solarize_p=0.2)
+
+
+def eval_view(size: int, **kw) -> ViewSpec:
+    return ViewSpec(size, crop="center", **kw)
+
+
+def resolve_views(views: str | ViewSpec | Sequence[ViewSpec], size: int | None = None,
+                  mean=None, std=None) -> tuple[ViewSpec, ...]:
+    """Turn 'rela' / 'byol' / 'eval' (with an image size), a spec or a list of specs into a tuple."""
+    if isinstance(views, ViewSpec):
+        return (views,)
+    if isinstance(views, str):
+        if size is None:
+            raise RelaError(f"views={views!r} needs an image size (image_size=...)")
+        kw = {}
+        if mean is not None:
+            kw["mean"] = tuple(mean)
+        if std is not None:
+            kw["std"] = tuple(std)
+        if views == "rela":
+            return (rela_view(size, **kw), rela_view(size, **kw))
+        if views == "byol":
+            return byol_views(size, **kw)
+        if views == "eval":
+            return (eval_view(size, **kw),)
+        raise RelaError(f"unknown views {views!r}: use 'rela', 'byol', 'eval' or ViewSpec objects")
+    specs = tuple(views)
+    if not specs or not all(isinstance(v, ViewSpec) for v in specs):
+        raise RelaError("views must be 'rela', 'byol', 'eval', a ViewSpec or a non-empty list of ViewSpecs")
+    return specs
+
+
+# --- the torchvision implementation ---------------------------------------------------------
+
+def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=g))
+
+
+def crop_params(g: torch.Generator, height: int, width: int, scale, ratio) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (top, left, h, w): torchvision's algorithm on our generator."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * _uniform(g, scale[0], scale[1])
+        aspect = math.exp(_uniform(g, *log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=g))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=g))
+            return top, left, h, w
+    in_ratio = width / height  # fallback: central crop at the nearest allowed aspect
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def apply_view(spec: ViewSpec, image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """uint8 C×H×W (C = 1 or 3) → normalised float32 3×S×S, all randomness from `g`."""
+    from torchvision.transforms.v2 import functional as F
+
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    s = spec.size
+    if spec.crop == "center":
+        x = F.center_crop(F.resize(image, s, antialias=True), [s, s])
+    else:
+        top, left, h, w = crop_params(g, image.shape[1], image.shape[2], spec.scale, spec.ratio)
+        x = F.resized_crop(image, top, left, h, w, [s, s], antialias=True)
+    if spec.flip and float(torch.rand((), generator=g)) < spec.flip:
+        x = F.horizontal_flip(x)
+    if spec.jitter_p and float(torch.rand((), generator=g)) < spec.jitter_p:
+        x = _color_jitter(x, spec.jitter, g)
+    if spec.gray_p and float(torch.rand((), generator=g)) < spec.gray_p:
+        x = F.rgb_to_grayscale(x, num_output_channels=3)
+    if spec.blur_p and float(torch.rand((), generator=g)) < spec.blur_p:
+        sigma = _uniform(g, *spec.blur_sigma)
+        k = min(2 * math.ceil(3 * sigma) + 1, (min(x.shape[-2:]) - 1) | 1)
+        x = F.gaussian_blur(x, [k, k], [sigma, sigma])
+    if spec.solarize_p and float(torch.rand((), generator=g)) < spec.solarize_p:
+        x = F.solarize(x, 128)
+    x = x.float().div_(255.0)
+    return F.normalize(x, list(spec.mean), list(spec.std))
+
+
+def _color_jitter(x: torch.Tensor, strength, g: torch.Generator) -> torch.Tensor:
+    """ColorJitter: brightness/contrast/saturation/hue in a random order (as torchvision does)."""
+    from torchvision.transforms.v2 import functional as F
+
+    b, c, s, h = strength
+    ops = []
+    if b:
+        ops.append((F.adjust_brightness, (max(0.0, 1 - b), 1 + b)))
+    if c:
+        ops.append((F.adjust_contrast, (max(0.0, 1 - c), 1 + c)))
+    if s:
+        ops.append((F.adjust_saturation, (max(0.0, 1 - s), 1 + s)))
+    if h:
+        ops.append((F.adjust_hue, (-h, h)))
+    for k in torch.randperm(len(ops), generator=g).tolist():
+        fn, (lo, hi) = ops[k]
+        x = fn(x, _uniform(g, lo, hi))
+    return x
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator for one sample's views in one epoch."""
+    from rela.subset import stream_seed
+
+    return torch.Generator().manual_seed(stream_seed(seed, epoch, 1000 + int(index)) & (2**63 - 1))
