@@ -1,0 +1,226 @@
+"""rela.Loader: DataLoader parity, determinism, resume, subsets across ranks, view switching, bad input."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from rela import Loader, Subset, convert, open_dataset
+from rela.datasets import ArrayDataset, ImageFolder
+from rela.errors import CorruptImageError, RelaError, StoreMismatchError
+from rela.views import apply_view, eval_view, sample_generator
+from tests.conftest import make_folder, smooth_image
+
+
+@pytest.fixture(scope="module")
+def arrays():
+    rng = np.random.default_rng(0)
+    images = np.stack([smooth_image(rng, 28, 28) for _ in range(203)])
+    return ArrayDataset(images, rng.integers(0, 10, 203), name="arrays")
+
+
+def _indices(loader):
+    return [b["index"].tolist() for b in loader]
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_batch_count_matches_dataloader(arrays, drop_last):
+    loader = Loader(arrays, 16, image_size=16, drop_last=drop_last, num_workers=0)
+    reference = torch.utils.data.DataLoader(range(len(arrays)), batch_size=16, drop_last=drop_last)
+    batches = list(loader)
+    assert len(batches) == len(loader) == len(reference)
+    assert sum(len(b["index"]) for b in batches) == sum(len(b) for b in reference)
+
+
+def test_batch_structure(arrays):
+    b = next(iter(Loader(arrays, 8, image_size=20, views="byol", num_workers=0)))
+    assert set(b) == {"views", "label", "index"}
+    assert len(b["views"]) == 2 and all(v.shape == (8, 3, 20, 20) and v.dtype == torch.float32 for v in b["views"])
+    assert b["label"].dtype == torch.int64 and b["index"].dtype == torch.int64
+    assert torch.equal(b["label"], torch.as_tensor(arrays.labels()[b["index"].numpy()]))
+
+
+def test_epoch_is_a_shuffled_pass_and_deterministic(arrays):
+    a = Loader(arrays, 10, image_size=16, drop_last=False, num_workers=0, seed=3)
+    idx = sum(_indices(a), [])
+    assert sorted(idx) == list(range(len(arrays))) and idx != sorted(idx)
+    again = sum(_indices(Loader(arrays, 10, image_size=16, drop_last=False, num_workers=0, seed=3)), [])
+    assert idx == again
+    a.set_epoch(1)
+    assert sum(_indices(a), []) != idx
+
+
+def test_workers_do_not_change_the_batches(arrays):
+    b0 = list(Loader(arrays, 16, image_size=16, num_workers=0, seed=1))
+    b2 = list(Loader(arrays, 16, image_size=16, num_workers=2, seed=1))
+    assert len(b0) == len(b2)
+    for x, y in zip(b0, b2, strict=True):
+        assert torch.equal(x["index"], y["index"])
+        for vx, vy in zip(x["views"], y["views"], strict=True):
+            assert torch.equal(vx, vy)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mid_epoch_resume_replays_the_remaining_batches(arrays, workers):
+    full = Loader(arrays, 16, image_size=16, subset=0.7, num_workers=workers, seed=5)
+    full.set_epoch(2)
+    expected = list(full)
+    run = Loader(arrays, 16, image_size=16, subset=0.7, num_workers=workers, seed=5)
+    run.set_epoch(2)
+    it = iter(run)
+    for _ in range(3):
+        next(it)
+    state = run.state_dict()
+    resumed = Loader(arrays, 16, image_size=16, subset=0.7, num_workers=workers, seed=5)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(rest) == len(expected) - 3
+    for x, y in zip(rest, expected[3:], strict=True):
+        assert torch.equal(x["index"], y["index"]) and torch.equal(x["views"][0], y["views"][0])
+
+
+def test_subset_is_fresh_each_epoch_and_sized(arrays):
+    loader = Loader(arrays, 10, image_size=16, subset=0.5, drop_last=False, num_workers=0)
+    seen = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        idx = sum(_indices(loader), [])
+        assert len(idx) == len(set(idx)) == 101
+        seen.append(set(idx))
+    assert seen[0] != seen[1] != seen[2]
+
+
+def test_shards_are_disjoint_and_equal():
+    order = Subset(1003, 0.5, seed=1).epoch_indices(0)
+    for world, bs, drop in [(2, 8, True), (3, 5, False), (4, 7, True)]:
+        shards = [Subset.shard(order, r, world, bs, drop) for r in range(world)]
+        assert len({len(s) for s in shards}) == 1
+        flat = np.concatenate(shards)
+        assert len(np.unique(flat)) == len(flat)
+        assert set(flat) <= set(order)
+
+
+def test_loader_ranks_have_equal_batch_counts(arrays):
+    per_rank = [_indices(Loader(arrays, 16, image_size=16, subset=0.9, rank=r, world_size=3, num_workers=0))
+                for r in range(3)]
+    assert len({len(p) for p in per_rank}) == 1
+    flat = [i for p in per_rank for b in p for i in b]
+    assert len(flat) == len(set(flat))
+
+
+def test_skipped_samples_are_never_drawn(tmp_path):
+    root = make_folder(tmp_path / "imgs", classes=2, per_class=20)
+    (root / "class_0" / "img_003.jpg").write_bytes(b"not a jpeg")
+    store = convert(root, "random:resnet18", tmp_path / "s", dim=4, input_size=32, skip_corrupt=True,
+                    num_workers=0, progress=False, batch_size=16)
+    assert store.manifest["skipped"] == [3]
+    loader = Loader(ImageFolder(root), 4, targets=store, image_size=16, drop_last=False, num_workers=0)
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        idx = sum((b["index"].tolist() for b in batches), [])
+        assert 3 not in idx and len(idx) == 39
+        for b in batches:
+            assert torch.equal(b["target"], torch.from_numpy(store[b["index"].numpy()]))
+
+
+def test_store_for_another_dataset_is_refused(tmp_path, npz_dataset):
+    store = convert(npz_dataset, "random:resnet18", tmp_path / "s", dim=4, input_size=32, num_workers=0,
+                    progress=False, limit=100)
+    with pytest.raises(StoreMismatchError):
+        Loader(open_dataset(npz_dataset), 8, targets=store.path, image_size=16)
+
+
+def test_scored_policy_prefers_high_loss_samples(arrays):
+    loader = Loader(arrays, 10, image_size=16, subset=0.3, policy="scored", num_workers=0, drop_last=False)
+    n = len(arrays)
+    idx = torch.arange(n)
+    loss = torch.where(idx < 50, torch.tensor(5.0), torch.tensor(0.1))  # the first 50 are "hard"
+    loader.update_scores(idx, loss)
+    counts = np.zeros(n)
+    for epoch in range(10):
+        loader.set_epoch(epoch)
+        for b in loader:
+            counts[b["index"].numpy()] += 1
+    assert counts[:50].mean() > 3 * counts[50:].mean()
+    assert (counts[50:] > 0).sum() > 30  # the floor keeps easy samples drawable
+
+
+def test_scored_resume_uses_the_saved_order(arrays):
+    a = Loader(arrays, 10, image_size=16, subset=0.5, policy="scored", num_workers=0)
+    a.update_scores(torch.arange(40), torch.linspace(0, 4, 40))
+    it = iter(a)
+    next(it)
+    state = a.state_dict()
+    expected = [b["index"].tolist() for b in it]
+    b = Loader(arrays, 10, image_size=16, subset=0.5, policy="scored", num_workers=0)
+    b.load_state_dict(state)
+    b.update_scores(torch.arange(40), torch.linspace(4, 0, 40))  # scores moved on: the order must not
+    assert _indices(b) == expected
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_set_views_takes_effect_at_the_next_batch(arrays, workers):
+    loader = Loader(arrays, 8, image_size=16, views="rela", num_workers=workers, prefetch_factor=4 if workers else None)
+    it = iter(loader)
+    first = next(it)
+    assert len(first["views"]) == 2
+    loader.set_views("eval")
+    nxt = next(it)
+    assert len(nxt["views"]) == 1
+    spec = eval_view(16)
+    for k, i in enumerate(nxt["index"].tolist()):
+        img = torch.from_numpy(arrays.load(i)).permute(2, 0, 1)
+        assert torch.equal(nxt["views"][0][k], apply_view(spec, img, sample_generator(0, 0, i)))
+    assert all(len(b["views"]) == 1 for b in it)
+
+
+def test_unsupported_dataloader_arguments_are_explained(arrays):
+    with pytest.raises(TypeError, match="sampler=.*seed"):
+        Loader(arrays, 8, image_size=16, sampler=range(3))
+    with pytest.raises(TypeError, match="unexpected argument 'colour'"):
+        Loader(arrays, 8, image_size=16, colour=1)
+    with pytest.raises(RelaError, match="budget ratio"):
+        Loader(arrays, 8, image_size=16, subset=1.5)
+    with pytest.raises(RelaError, match="image size"):
+        Loader(arrays, 8)
+
+
+def _broken_folder(tmp_path):
+    root = make_folder(tmp_path / "imgs", classes=1, per_class=12)
+    (root / "class_0" / "img_005.jpg").write_bytes(b"\xff\xd8\xff broken")
+    return ImageFolder(root)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_image_raises_with_its_name(tmp_path, workers):
+    loader = Loader(_broken_folder(tmp_path), 4, image_size=16, shuffle=False, num_workers=workers)
+    with pytest.raises(CorruptImageError, match="sample 5 .*img_005.jpg"):
+        list(loader)
+
+
+def test_corrupt_image_skip_replaces_and_reports(tmp_path):
+    loader = Loader(_broken_folder(tmp_path), 4, image_size=16, shuffle=False, num_workers=0, on_error="skip")
+    with pytest.warns(RuntimeWarning, match="1 undecodable samples were replaced"):
+        batches = list(loader)
+    idx = sum((b["index"].tolist() for b in batches), [])
+    assert 5 not in idx and idx.count(6) == 2 and len(idx) == 12
+    assert loader.skipped[0][0] == 5
+
+
+class _DyingDataset(ArrayDataset):
+    def load(self, index):
+        if index == 7 and torch.utils.data.get_worker_info() is not None:
+            os._exit(3)  # a worker crashing hard (OOM-killed, segfault...)
+        return super().load(index)
+
+
+def test_dead_worker_surfaces_quickly(arrays):
+    ds = _DyingDataset(arrays.images, arrays.labels())
+    loader = Loader(ds, 4, image_size=16, shuffle=False, num_workers=2)
+    t = time.perf_counter()
+    with pytest.raises(RuntimeError, match="worker"):
+        list(loader)
+    assert time.perf_counter() - t < 30

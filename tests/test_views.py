@@ -1,0 +1,78 @@
+"""View specs and their torchvision implementation: the presets say what the method says, and
+random views have the intended statistics."""
+
+import numpy as np
+import pytest
+import torch
+
+from rela.errors import RelaError
+from rela.views import (
+    ViewSpec,
+    apply_view,
+    byol_views,
+    crop_params,
+    eval_view,
+    rela_view,
+    resolve_views,
+)
+
+
+def test_presets_follow_the_method():
+    r = rela_view(32)
+    assert (r.scale, r.flip, r.jitter, r.jitter_p, r.gray_p, r.blur_p, r.solarize_p) == \
+        ((0.5, 1.0), 0.5, (0.8, 0.8, 0.8, 0.2), 0.8, 0.2, 0.0, 0.0)
+    v1, v2 = byol_views(224)
+    assert v1.scale == v2.scale == (0.08, 1.0) and v1.jitter == (0.4, 0.4, 0.2, 0.1)
+    assert (v1.blur_p, v1.solarize_p, v2.blur_p, v2.solarize_p) == (1.0, 0.0, 0.1, 0.2)
+    assert len(resolve_views("rela", 32)) == 2 and resolve_views("eval", 32)[0].crop == "center"
+    with pytest.raises(RelaError, match="unknown views"):
+        resolve_views("simclr", 32)
+    with pytest.raises(RelaError, match="crop scale"):
+        ViewSpec(8, scale=(0.0, 1.0))
+
+
+@pytest.mark.parametrize("scale", [(0.08, 1.0), (0.5, 1.0)])
+def test_crop_area_stays_in_the_scale_range(scale):
+    H, W = 350, 400
+    areas = []
+    for s in range(3000):
+        top, left, h, w = crop_params(torch.Generator().manual_seed(s), H, W, scale, (3 / 4, 4 / 3))
+        assert 0 <= top and top + h <= H and 0 <= left and left + w <= W
+        areas.append(h * w / (H * W))
+    areas = np.array(areas)
+    # Rounding of h and w moves the area a little past the bounds.
+    assert areas.min() >= scale[0] * 0.95 and areas.max() <= scale[1] * 1.0001
+    # Same distribution as torchvision's RandomResizedCrop (its rejection step favours small crops).
+    from torchvision.transforms import RandomResizedCrop
+
+    torch.manual_seed(0)
+    ref = np.array([(lambda b: b[2] * b[3] / (H * W))(RandomResizedCrop.get_params(torch.empty(3, H, W), list(scale),
+                                                                                  [3 / 4, 4 / 3]))
+                    for _ in range(3000)])
+    for q in (0.1, 0.5, 0.9):
+        assert abs(np.quantile(areas, q) - np.quantile(ref, q)) < 0.04
+
+
+def test_flip_rate_is_one_half():
+    img = torch.arange(16, dtype=torch.uint8).repeat(3, 16, 1) * 16  # brightness rises left → right
+    spec = ViewSpec(16, crop="center", flip=0.5, mean=(0, 0, 0), std=(1, 1, 1))
+    flips = sum(int(apply_view(spec, img, torch.Generator().manual_seed(s))[0, 0, 0] > 0.5) for s in range(2000))
+    assert abs(flips / 2000 - 0.5) < 0.04
+
+
+def test_eval_view_is_deterministic_and_normalised():
+    img = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (1, 28, 28), dtype=np.uint8))
+    a = apply_view(eval_view(32), img, torch.Generator().manual_seed(1))
+    b = apply_view(eval_view(32), img, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and a.shape == (3, 32, 32)
+    ones = apply_view(eval_view(8, mean=(0.5,) * 3, std=(0.5,) * 3), torch.full((3, 8, 8), 255, dtype=torch.uint8),
+                      torch.Generator())
+    torch.testing.assert_close(ones, torch.ones(3, 8, 8))
+
+
+def test_strong_views_stay_finite_and_vary():
+    img = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (3, 40, 48), dtype=np.uint8))
+    outs = [torch.stack([apply_view(s, img, torch.Generator().manual_seed(k)) for s in byol_views(24)])
+            for k in range(20)]
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert not torch.equal(outs[0], outs[1])
