@@ -1,7 +1,7 @@
 PYTHON ?= python3
 export PYTHON
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench bench-deps
 
 setup:
 	@bash scripts/setup.sh
@@ -22,3 +22,9 @@ lint: setup
 bench: setup
 	$(PYTHON) bench/convert.py
 	$(PYTHON) bench/kernels.py
+	$(PYTHON) bench/resample.py
+	$(PYTHON) bench/loader.py
+
+# Baselines for bench/loader.py: FFCV (with its system libraries) and DALI's CPU pipeline.
+bench-deps: setup
+	@bash scripts/setup.sh --bench

@@ -7,6 +7,10 @@ PY=${PYTHON:-python3}
 
 # 1. Debian packages (only as root; otherwise say what is missing).
 DEB_PKGS="dataset-fashion-mnist"
+BENCH=0
+[ "${1:-}" = "--bench" ] && BENCH=1
+# FFCV builds from source against libjpeg-turbo and OpenCV (about 690 MB of Debian packages).
+[ $BENCH = 1 ] && DEB_PKGS="$DEB_PKGS libturbojpeg0-dev libopencv-dev pkg-config"
 missing=""
 for p in $DEB_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
@@ -35,4 +39,10 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$inputs" ] \
   echo "setup: pip install -e .[dev]"
   $PY -m pip install -q -e ".[dev]"
   echo "$inputs" > "$STAMP"
+fi
+
+# 4. Benchmark baselines, only with --bench: FFCV and DALI (CPU pipelines work without a GPU).
+if [ $BENCH = 1 ]; then
+  $PY -c "import ffcv" >/dev/null 2>&1 || { echo "setup: pip install ffcv"; $PY -m pip install -q "ffcv==1.0.2" numba opencv-python-headless; }
+  $PY -c "import nvidia.dali" >/dev/null 2>&1 || { echo "setup: pip install nvidia-dali-cuda130"; $PY -m pip install -q nvidia-dali-cuda130; }
 fi

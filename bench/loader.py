@@ -1,0 +1,269 @@
+"""Benchmark data loading: rela.Loader against torch DataLoader + PIL, FFCV's and DALI's own
+loaders, and the JPEG decode-only limit — same images, same pipeline, one run, same machine.
+
+Data: a realistic JPEG set (default 2000 images of 400×350, quality 90) cut from scikit-image's
+shipped photos by random rescales and crops (no synthetic noise). Built once under bench/out/.
+
+Pipeline for every loader: decode → RandomResizedCrop(224, scale 0.08–1) → horizontal flip →
+normalise → float32 C×H×W, batch 64; "two views" cuts two crops from each decoded image.
+Reported: median img/s over epochs and CPU ms per image (this process + its workers), each
+with its ratio to torch DataLoader + PIL (2 workers). Decode-only limit = 1-thread PIL decode rate
+× cores. FFCV and DALI rows appear when they are installed (`make bench-deps`).
+
+    python bench/loader.py [--images 2000] [--epochs 3] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "bench" / "out"
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+          "cat", "camera", "moon", "grass", "gravel", "brick", "coins", "clock"]
+
+
+def build_jpegs(n: int, root: Path, size=(400, 350), quality: int = 90) -> Path:
+    """n JPEGs cut from scikit-image's photos (random rescale, crop, flip); cached by count."""
+    from PIL import Image
+    from skimage import data
+
+    folder = root / f"jpegs-v2-{n}-{size[0]}x{size[1]}-q{quality}" / "all"
+    if folder.exists() and len(list(folder.iterdir())) == n:
+        return folder.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = []
+    for name in PHOTOS:
+        try:
+            a = getattr(data, name)()
+        except Exception:  # a photo that needs a download: skip it
+            continue
+        img = Image.fromarray(a).convert("RGB")
+        photos.append(img)
+    rng = np.random.default_rng(0)
+    W, H = size
+    for i in range(n):
+        img = photos[i % len(photos)]
+        # Near the photo's own resolution (or below it, for the large ones): keeps real detail,
+        # so files are the size of camera JPEGs (~80 KB at q90), not of smooth upscales.
+        s = max(W / img.width, H / img.height) * rng.uniform(1.0, 1.25)
+        big = img.resize((max(W, round(img.width * s)), max(H, round(img.height * s))), Image.LANCZOS)
+        x, y = rng.integers(0, big.width - W + 1), rng.integers(0, big.height - H + 1)
+        crop = big.crop((x, y, x + W, y + H))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        crop.save(folder / f"{i:05d}.jpg", quality=quality)
+    return folder.parent
+
+
+def cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def measure(name: str, make_epoch, n_images: int, epochs: int) -> dict:
+    """Run `epochs` full passes (after one warm-up pass); median img/s and CPU ms/img."""
+    make_epoch()
+    rates, cpu = [], []
+    for _ in range(epochs):
+        t, c = time.perf_counter(), cpu_seconds()
+        seen = make_epoch()
+        dt, dc = time.perf_counter() - t, cpu_seconds() - c
+        rates.append(seen / dt)
+        cpu.append(1e3 * dc / seen)
+    res = {"name": name, "img_s": statistics.median(rates), "cpu_ms": statistics.median(cpu), "images": n_images}
+    print(f"  {name:44s} {res['img_s']:8.1f} img/s  {res['cpu_ms']:6.2f} CPU ms/img", flush=True)
+    return res
+
+
+# --- the loaders ---------------------------------------------------------------------------
+
+def rela_epoch(folder: Path, views: int, workers: int):
+    from rela import Loader
+    from rela.views import ViewSpec
+
+    spec = ViewSpec(224, scale=(0.08, 1.0), flip=0.5, mean=MEAN, std=STD)
+    loader = Loader(str(folder), 64, views=[spec] * views, num_workers=workers, drop_last=False)
+
+    def run() -> int:
+        return sum(len(b["index"]) for b in loader)
+
+    return run
+
+
+class _PILFolder(torch.utils.data.Dataset):
+    def __init__(self, folder: Path, views: int) -> None:
+        from torchvision import transforms as T
+
+        self.files = sorted((folder / "all").iterdir())
+        self.views = views
+        self.tf = T.Compose([T.RandomResizedCrop(224, scale=(0.08, 1.0)), T.RandomHorizontalFlip(),
+                             T.ToTensor(), T.Normalize(MEAN, STD)])
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            im = im.convert("RGB")
+            return [self.tf(im) for _ in range(self.views)]
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+def torch_epoch(folder: Path, views: int, workers: int):
+    loader = torch.utils.data.DataLoader(_PILFolder(folder, views), batch_size=64, shuffle=True,
+                                         num_workers=workers, worker_init_fn=_worker_init)
+
+    def run() -> int:
+        return sum(len(b[0]) for b in loader)
+
+    return run
+
+
+def ffcv_epoch(folder: Path, views: int, workers: int):
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToTensor, ToTorchImage
+    from ffcv.writer import DatasetWriter
+    from PIL import Image
+
+    # FFCV decodes once per pipeline, and the PyPI release can't point two pipelines at one field:
+    # two views need a file with the image stored twice (and so two decodes).
+    beton = folder / f"data-{views}view.beton"
+    fields = ["image", "image2"][:views]
+    if not beton.exists():
+        files = sorted((folder / "all").iterdir())
+
+        class Src:
+            def __len__(self):
+                return len(files)
+
+            def __getitem__(self, i):
+                img = Image.open(files[i]).convert("RGB")
+                return (*([img] * views), 0)
+
+        spec = {f: RGBImageField(write_mode="jpg", jpeg_quality=90) for f in fields}
+        DatasetWriter(str(beton), {**spec, "label": IntField()}, num_workers=workers).from_indexed_dataset(Src())
+    mean = np.array(MEAN) * 255
+    std = np.array(STD) * 255
+
+    def pipe():
+        return [RandomResizedCropRGBImageDecoder((224, 224), scale=(0.08, 1.0)), RandomHorizontalFlip(),
+                NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
+
+    pipelines = {f: pipe() for f in fields}
+    pipelines["label"] = [IntDecoder(), ToTensor()]
+    loader = Loader(str(beton), batch_size=64, num_workers=workers, order=OrderOption.RANDOM,
+                    pipelines=pipelines, os_cache=True, drop_last=False)
+
+    def run() -> int:
+        return sum(len(b[0]) for b in loader)
+
+    return run
+
+
+def dali_epoch(folder: Path, views: int, workers: int):
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    n = len(list((folder / "all").iterdir()))
+
+    @pipeline_def(batch_size=64, num_threads=workers, device_id=None, exec_dynamic=True)
+    def pipe():
+        jpegs, labels = fn.readers.file(file_root=str(folder), random_shuffle=True, name="r")
+        images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+        outs = []
+        for _ in range(views):  # DALI: one decode, crops cut from it
+            crop = fn.random_resized_crop(images, size=(224, 224), random_area=(0.08, 1.0))
+            outs.append(fn.crop_mirror_normalize(crop, dtype=types.FLOAT, output_layout="CHW",
+                                                 mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD],
+                                                 mirror=fn.random.coin_flip()))
+        return (*outs, labels)
+
+    p = pipe()
+    p.build()
+    it = DALIGenericIterator(p, [f"v{k}" for k in range(views)] + ["label"], reader_name="r",
+                             last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
+
+    def run() -> int:
+        return sum(len(b[0]["label"]) for b in it) if n else 0
+
+    return run
+
+
+def decode_only(folder: Path) -> float:
+    from PIL import Image
+
+    files = sorted((folder / "all").iterdir())[:500]
+    data = [f.read_bytes() for f in files]
+    import io
+
+    t = time.perf_counter()
+    for b in data:
+        with Image.open(io.BytesIO(b)) as im:
+            im.convert("RGB").load()
+    return len(data) / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--views", type=int, nargs="+", default=[1, 2])
+    args = p.parse_args()
+    folder = build_jpegs(args.images, OUT)
+    files = list((folder / "all").iterdir())
+    kb = statistics.mean(f.stat().st_size for f in files) / 1024
+    cores = os.cpu_count() or 1
+    print(f"device: CPU only, {cores} cores; torch {torch.__version__}; {len(files)} JPEGs 400x350 q90, "
+          f"mean {kb:.0f} KB, in page cache; batch 64, {args.workers} workers/threads per loader")
+    torch.set_num_threads(1)
+    limit = decode_only(folder) * cores
+    print(f"decode-only limit (PIL, 1 thread x {cores} cores): {limit:.0f} img/s\n")
+    results = {"decode_limit_img_s": limit, "runs": []}
+    for views in args.views:
+        print(f"{views} view(s):")
+        rows = [measure("torch DataLoader + PIL (baseline)", torch_epoch(folder, views, args.workers), len(files), args.epochs),
+                measure("rela.Loader, torch backend", rela_epoch(folder, views, args.workers), len(files), args.epochs)]
+        for name, fn in (("FFCV 1.x Loader", ffcv_epoch), ("DALI CPU pipeline", dali_epoch)):
+            try:
+                rows.append(measure(name, fn(folder, views, args.workers), len(files), args.epochs))
+            except ImportError as e:
+                print(f"  {name:44s} not installed ({e.name}); `make bench-deps` installs it")
+        base = rows[0]
+        rela = rows[1]
+        for r in rows:
+            r["vs_torch"] = r["img_s"] / base["img_s"]
+        print(f"  ratios: rela/torch x{rela['img_s'] / base['img_s']:.2f}; rela / decode limit "
+              f"{rela['img_s'] / limit:.2f} (goal >= 0.75)", end="")
+        ffcv = next((r for r in rows if r["name"].startswith("FFCV")), None)
+        if ffcv:
+            print(f"; rela/FFCV x{rela['img_s'] / ffcv['img_s']:.2f} (goal >= 1.3)", end="")
+        print("\n")
+        results["runs"].append({"views": views, "rows": rows})
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "loader.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
