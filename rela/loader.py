@@ -31,7 +31,7 @@ from rela.datasets import RelaDataset, open_dataset
 from rela.errors import CorruptImageError, RelaError
 from rela.store import TargetStore
 from rela.subset import Subset
-from rela.views import ViewSpec, apply_view, resolve_views, sample_generator
+from rela.views import ViewSpec, augment, normalize_batch, resolve_views, sample_generator
 
 BACKENDS = ("torch",)
 _UNSUPPORTED = {
@@ -98,13 +98,14 @@ class _BatchBuilder(torch.utils.data.Dataset):
         except CorruptImageError as e:
             return {"error": (e.index, e.source, e.reason), "version": task.version}
         index = torch.tensor([i for i, _ in loaded], dtype=torch.int64)
-        views = [[] for _ in task.views]
-        for (_, img), orig in zip(loaded, task.indices, strict=True):
+        # Augment in uint8 straight into one batch tensor per view, then normalise whole batches.
+        u8 = [torch.empty(len(loaded), 3, v.size, v.size, dtype=torch.uint8) for v in task.views]
+        for row, ((_, img), orig) in enumerate(zip(loaded, task.indices, strict=True)):
             g = sample_generator(self.seed, task.epoch, orig)
             for k, spec in enumerate(task.views):
-                views[k].append(apply_view(spec, img, g))
+                u8[k][row] = augment(spec, img, g)
         batch = {
-            "views": [torch.stack(v) for v in views],
+            "views": [normalize_batch(spec, x) for spec, x in zip(task.views, u8, strict=True)],
             "label": torch.tensor([self.dataset.label(i) for i, _ in loaded], dtype=torch.int64),
             "index": index,
             "version": task.version,

@@ -125,6 +125,18 @@ def crop_params(g: torch.Generator, height: int, width: int, scale, ratio) -> tu
 
 def apply_view(spec: ViewSpec, image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """uint8 C×H×W (C = 1 or 3) → normalised float32 3×S×S, all randomness from `g`."""
+    return normalize_batch(spec, augment(spec, image, g)[None])[0]
+
+
+def normalize_batch(spec: ViewSpec, batch: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, S, S] → float32 (x/255 − mean)/std in two passes over the batch."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in spec.std]).view(1, 3, 1, 1)
+    bias = torch.tensor([-m / s for m, s in zip(spec.mean, spec.std, strict=True)]).view(1, 3, 1, 1)
+    return torch.mul(batch, scale).add_(bias)
+
+
+def augment(spec: ViewSpec, image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The view's geometry and colour operations: uint8 C×H×W → uint8 3×S×S."""
     from torchvision.transforms.v2 import functional as F
 
     if image.shape[0] == 1:
@@ -147,8 +159,7 @@ def apply_view(spec: ViewSpec, image: torch.Tensor, g: torch.Generator) -> torch
         x = F.gaussian_blur(x, [k, k], [sigma, sigma])
     if spec.solarize_p and float(torch.rand((), generator=g)) < spec.solarize_p:
         x = F.solarize(x, 128)
-    x = x.float().div_(255.0)
-    return F.normalize(x, list(spec.mean), list(spec.std))
+    return x
 
 
 def _color_jitter(x: torch.Tensor, strength, g: torch.Generator) -> torch.Tensor:
