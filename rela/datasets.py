@@ -203,9 +203,62 @@ def _read_idx(path: Path) -> np.ndarray:
     return arr.reshape(tuple(dims))
 
 
+# torchvision 0.29 deprecates its image codecs (warning on every call) in favour of TorchCodec;
+# they are still the fastest JPEG decoder installed here. Silence exactly that message; move to
+# TorchCodec once its image decoding is available to us.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, without decoding; None if there is none."""
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _SOF:
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def _decode_jpeg(data: bytes) -> np.ndarray | None:
+    """libjpeg-turbo through torchvision (faster than PIL); None for what it doesn't handle (CMYK)."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    size = jpeg_size(data)
+    if size and size[0] * size[1] > MAX_PIXELS:
+        raise ValueError(f"declared size {size[0]}x{size[1]} exceeds the {MAX_PIXELS:,}-pixel limit")
+    try:
+        t = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+    except RuntimeError as e:
+        raise ValueError(str(e).strip().splitlines()[-1]) from None
+    if t.shape[0] not in (1, 3):
+        return None
+    return t.permute(1, 2, 0).numpy()  # H×W×C view of the C×H×W buffer: no copy
+
+
 def decode_image(path: str | Path) -> np.ndarray:
     """Decode an image file to uint8 H×W×C (C = 1 or 3); raises ValueError with the reason."""
     from PIL import Image, UnidentifiedImageError
+
+    if str(path).lower().endswith((".jpg", ".jpeg")):
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise ValueError(str(e)) from None
+        if not data:
+            raise ValueError("empty file")
+        if data[:2] == b"\xff\xd8":
+            out = _decode_jpeg(data)
+            if out is not None:
+                return out
 
     try:
         with Image.open(path) as im:

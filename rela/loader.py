@@ -82,7 +82,7 @@ class _BatchBuilder(torch.utils.data.Dataset):
                     raise
                 skipped.append((index if step == 0 else i, e.source, e.reason))
                 continue
-            t = torch.from_numpy(np.ascontiguousarray(img) if img.flags.writeable else img.copy())
+            t = torch.from_numpy(img if img.flags.writeable else img.copy())  # strided views are fine
             return i, t.permute(2, 0, 1)
         raise RelaError(f"no decodable sample found near index {index}; the dataset is mostly broken")
 
