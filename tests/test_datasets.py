@@ -152,3 +152,19 @@ def test_huge_declared_dimensions_are_refused(tmp_path):
     ds = _folder_with(tmp_path, "b_huge.png", write)
     with pytest.raises(CorruptImageError, match="exceeds"):
         ds.load(1)
+
+
+def test_jpeg_header_size_and_bomb(tmp_path):
+    import io
+
+    from rela.datasets import jpeg_size
+
+    buf = io.BytesIO()
+    Image.fromarray(smooth_image(np.random.default_rng(0), 30, 50)).save(buf, "JPEG", quality=90)
+    data = bytearray(buf.getvalue())
+    assert jpeg_size(bytes(data)) == (50, 30)
+    i = next(k for k in range(2, len(data) - 1) if data[k] == 0xFF and data[k + 1] == 0xC0)
+    data[i + 5:i + 9] = (60000).to_bytes(2, "big") + (60000).to_bytes(2, "big")
+    ds = _folder_with(tmp_path, "b_bomb.jpg", lambda p: p.write_bytes(bytes(data)))
+    with pytest.raises(CorruptImageError, match="exceeds"):
+        ds.load(1)
