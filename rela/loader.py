@@ -104,8 +104,12 @@ class _BatchBuilder(torch.utils.data.Dataset):
             g = sample_generator(self.seed, task.epoch, orig)
             for k, spec in enumerate(task.views):
                 u8[k][row] = augment(spec, img, g)
+        # In a worker, write the float batches straight into shared memory: handing them to the
+        # main process is then a handle, not a 4-byte-per-pixel copy.
+        in_worker = torch.utils.data.get_worker_info() is not None
+        outs = [torch.empty(x.shape, dtype=torch.float32).share_memory_() if in_worker else None for x in u8]
         batch = {
-            "views": [normalize_batch(spec, x) for spec, x in zip(task.views, u8, strict=True)],
+            "views": [normalize_batch(spec, x, o) for spec, x, o in zip(task.views, u8, outs, strict=True)],
             "label": torch.tensor([self.dataset.label(i) for i, _ in loaded], dtype=torch.int64),
             "index": index,
             "version": task.version,

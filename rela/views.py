@@ -128,11 +128,11 @@ def apply_view(spec: ViewSpec, image: torch.Tensor, g: torch.Generator) -> torch
     return normalize_batch(spec, augment(spec, image, g)[None])[0]
 
 
-def normalize_batch(spec: ViewSpec, batch: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 3, S, S] → float32 (x/255 − mean)/std in two passes over the batch."""
+def normalize_batch(spec: ViewSpec, batch: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 [B, 3, S, S] → float32 (x/255 − mean)/std in two passes over the batch (into `out`)."""
     scale = torch.tensor([1.0 / (255.0 * s) for s in spec.std]).view(1, 3, 1, 1)
     bias = torch.tensor([-m / s for m, s in zip(spec.mean, spec.std, strict=True)]).view(1, 3, 1, 1)
-    return torch.mul(batch, scale).add_(bias)
+    return torch.mul(batch, scale, out=out).add_(bias)
 
 
 def augment(spec: ViewSpec, image: torch.Tensor, g: torch.Generator) -> torch.Tensor:

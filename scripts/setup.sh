@@ -34,7 +34,10 @@ fi
 STAMP=.make/installed
 mkdir -p .make
 inputs=$(cat pyproject.toml setup.py CMakeLists.txt csrc/* | sha256sum | cut -c1-16)
-if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$inputs" ] \
+# Which checkout the installed `rela` points at (asked from outside this folder, so the
+# working directory can't shadow it): another clone's editable install doesn't count.
+installed=$(cd / && $PY -c "import rela, os; print(os.path.dirname(os.path.dirname(rela.__file__)))" 2>/dev/null || true)
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$inputs" ] || [ "$installed" != "$(pwd -P)" ] \
    || ! $PY -c "import rela._C, efficientnet_lite_pytorch, pytest" >/dev/null 2>&1; then
   echo "setup: pip install -e .[dev]"
   $PY -m pip install -q -e ".[dev]"
