@@ -75,7 +75,15 @@ def part1(args) -> dict:
           "rela.convert (decode, resize, inference, chunk journal, PCA, store)")
     pre = torch.stack([prior.preprocess(ds.load(i)) for i in range(n)])
     batches = list(pre.split(args.batch_size))
+    untuned = n / bare_inference(prior, batches)[0]
+    # convert() keeps freed memory in the heap (rela._alloc); give the bare baseline the same.
+    from rela._alloc import keep_freed_memory
+
+    tuned = keep_freed_memory()
     bare_inference(prior, batches[:2])  # warm-up
+    if tuned:
+        print(f"    allocator: bare inference {untuned:.1f} img/s with glibc defaults, "
+              f"{n / bare_inference(prior, batches)[0]:.1f} img/s with rela's malloc settings (both rows below use them)")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):

@@ -277,6 +277,9 @@ def _extract(dataset, prior, journal, todo, batch_size, num_workers, skip_corrup
         return
     from tqdm import tqdm
 
+    from rela._alloc import keep_freed_memory
+
+    keep_freed_memory()  # ~3x faster CPU inference here: no page faults on every activation
     batches = [list(range(s, min(s + batch_size, c.stop))) for c in todo for s in range(c.start, c.stop, batch_size)]
     if num_workers is None:
         # In-memory arrays need no decoding: worker IPC would cost more than it saves.

@@ -235,3 +235,11 @@ def test_bad_inputs_through_the_cli(tmp_path, npz_dataset):
         assert r.returncode == 2, (args, r.stderr)
         assert msg in r.stderr and "Traceback" not in r.stderr
         assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_malloc_tuning_is_applied_and_can_be_turned_off():
+    code = "from rela._alloc import keep_freed_memory; print(keep_freed_memory())"
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "RELA_TUNE_MALLOC": "0"})
+    assert on.stdout.strip() == "True" and off.stdout.strip() == "False"
