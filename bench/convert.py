@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,35 +30,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def device_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return (f"CPU only: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} with "
-            f"{torch.get_num_threads()} intra-op threads, numpy {np.__version__}")
-
-
-def _cpu_s() -> float:
-    """CPU seconds of this process and its reaped children (DataLoader workers)."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+from bench._common import cpu_seconds, device_line  # noqa: E402
 
 
 def bare_inference(prior, batches: list[torch.Tensor]) -> tuple[float, float]:
-    t, c = time.perf_counter(), _cpu_s()
+    t, c = time.perf_counter(), cpu_seconds()
     for x in batches:
         prior(x)
-    return time.perf_counter() - t, _cpu_s() - c
+    return time.perf_counter() - t, cpu_seconds() - c
 
 
 def part1(args) -> dict:
@@ -88,10 +65,10 @@ def part1(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             def run_convert(r: int = r):
-                t, c = time.perf_counter(), _cpu_s()
+                t, c = time.perf_counter(), cpu_seconds()
                 store = convert(ds, prior, Path(tmp) / f"s{r}", dim=args.dim, batch_size=args.batch_size,
                                 num_workers=args.workers, progress=False)
-                return time.perf_counter() - t, _cpu_s() - c, store
+                return time.perf_counter() - t, cpu_seconds() - c, store
 
             # Alternate the order (ABBA...) so drift in this noisy machine's speed cancels out.
             if r % 2 == 0:

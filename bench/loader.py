@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -29,6 +28,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._common import cpu_seconds, device_line  # noqa: E402
+
 OUT = ROOT / "bench" / "out"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
@@ -66,12 +67,6 @@ def build_jpegs(n: int, root: Path, size=(400, 350), quality: int = 90) -> Path:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
         crop.save(folder / f"{i:05d}.jpg", quality=quality)
     return folder.parent
-
-
-def cpu_seconds() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def measure(name: str, make_epoch, n_images: int, epochs: int) -> dict:
@@ -235,7 +230,7 @@ def main() -> None:
     files = list((folder / "all").iterdir())
     kb = statistics.mean(f.stat().st_size for f in files) / 1024
     cores = os.cpu_count() or 1
-    print(f"device: CPU only, {cores} cores; torch {torch.__version__}; {len(files)} JPEGs 400x350 q90, "
+    print(f"device: {device_line()}; {len(files)} JPEGs 400x350 q90, "
           f"mean {kb:.0f} KB, in page cache; batch 64, {args.workers} workers/threads per loader")
     torch.set_num_threads(1)
     limit = decode_only(folder) * cores

@@ -394,4 +394,4 @@ def _finalize(out, dataset, prior, journal, chunks, done, dim, fp, keep_raw, t_s
     atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     if not keep_raw:
         shutil.rmtree(workdir)
-    return TargetStore.open(out, dataset)
+    return TargetStore.open(out)  # the manifest holds this very fingerprint: no need to hash again
