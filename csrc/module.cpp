@@ -4,7 +4,9 @@
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
+#include "jpeg.h"
 #include "sampling.h"
 
 namespace py = pybind11;
@@ -53,6 +55,45 @@ static py::array_t<int64_t> weighted_subset(
   return out;
 }
 
+// Batch of JPEGs -> per view a uint8 [B, S, S, 3] array; errors[i] is "" or libjpeg's message.
+static py::tuple decode_resized_crops(const py::list& jpegs,
+                                     py::array_t<int32_t, py::array::c_style | py::array::forcecast> boxes,
+                                     py::array_t<uint8_t, py::array::c_style | py::array::forcecast> flips,
+                                     int out_size) {
+  const int64_t n = static_cast<int64_t>(jpegs.size());
+  if (boxes.ndim() != 3 || boxes.shape(0) != n || boxes.shape(2) != 4)
+    throw std::invalid_argument("boxes must be [B, views, 4] (top, left, height, width)");
+  const int views = static_cast<int>(boxes.shape(1));
+  if (flips.ndim() != 2 || flips.shape(0) != n || flips.shape(1) != views)
+    throw std::invalid_argument("flips must be [B, views]");
+  if (out_size < 1) throw std::invalid_argument("out_size must be positive");
+  std::vector<std::string> data;
+  data.reserve(static_cast<size_t>(n));
+  for (const auto& item : jpegs) data.emplace_back(item.cast<std::string>());
+  py::list outs;
+  std::vector<uint8_t*> ptrs(static_cast<size_t>(views) * n);
+  for (int k = 0; k < views; ++k) {
+    py::array_t<uint8_t> a({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(out_size),
+                            static_cast<py::ssize_t>(out_size), static_cast<py::ssize_t>(3)});
+    for (int64_t i = 0; i < n; ++i)
+      ptrs[static_cast<size_t>(i) * views + k] = a.mutable_data() + static_cast<size_t>(i) * out_size * out_size * 3;
+    outs.append(a);
+  }
+  std::vector<std::string> errors(static_cast<size_t>(n));
+  const int32_t* b = boxes.data();
+  const uint8_t* f = flips.data();
+  {
+    py::gil_scoped_release release;
+    for (int64_t i = 0; i < n; ++i)
+      errors[i] = rela::decode_resized_crops(reinterpret_cast<const uint8_t*>(data[i].data()), data[i].size(),
+                                             b + i * views * 4, f + i * views, views, out_size,
+                                             ptrs.data() + static_cast<size_t>(i) * views);
+  }
+  py::list errs;
+  for (auto& e : errors) errs.append(e);
+  return py::make_tuple(outs, errs);
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rela's compiled index-sampling helpers";
   m.def("permutation", &permutation, py::arg("n"), py::arg("seed"),
@@ -63,4 +104,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("threads") = 1,
         "k distinct items drawn without replacement with probability proportional to weights "
         "(successive sampling), O(n) by exponential keys + radix select; sorted by index.");
+  m.def("decode_resized_crops", &decode_resized_crops, py::arg("jpegs"), py::arg("boxes"), py::arg("flips"),
+        py::arg("out_size"),
+        "Decode each JPEG once (only the region its views need, DCT-downscaled when possible) and "
+        "resample every view's box to out_size x out_size RGB: ([views x uint8 [B,S,S,3]], errors).");
 }

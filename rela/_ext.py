@@ -24,6 +24,16 @@ def has_extension() -> bool:
     return _C is not None
 
 
+def has_jpeg_decoder() -> bool:
+    """True if rela._C was built against libjpeg-turbo (crop-while-decoding JPEGs)."""
+    return _C is not None and hasattr(_C, "decode_resized_crops")
+
+
+def decode_resized_crops(jpegs, boxes, flips, out_size):
+    """See csrc/jpeg.h; only with has_jpeg_decoder()."""
+    return _C.decode_resized_crops(jpegs, boxes, flips, int(out_size))
+
+
 def _warn_once() -> None:
     global _warned
     if not _warned:

@@ -27,11 +27,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rela.datasets import RelaDataset, open_dataset
+from rela import _ext
+from rela._alloc import keep_freed_memory
+from rela.datasets import MAX_PIXELS, RelaDataset, jpeg_size, open_dataset
 from rela.errors import CorruptImageError, RelaError
 from rela.store import TargetStore
 from rela.subset import Subset
-from rela.views import ViewSpec, augment, normalize_batch, resolve_views, sample_generator
+from rela.views import (
+    ViewSpec,
+    augment,
+    colour,
+    geometry,
+    normalize_batch,
+    resolve_views,
+    sample_generator,
+)
 
 BACKENDS = ("torch",)
 _UNSUPPORTED = {
@@ -91,26 +101,68 @@ class _BatchBuilder(torch.utils.data.Dataset):
             self._skip = set(self.targets.skipped.tolist()) if self.targets is not None else set()
         return self._skip
 
+    def _jpeg_fast_path(self, task: _Task, u8: list[torch.Tensor]) -> list[int]:
+        """Decode JPEG files in C++, reading only what the views' boxes need (rela._C); fills
+        rows of `u8` and returns the rows it could not do (CMYK, corrupt, not a JPEG file)."""
+        rows = list(range(len(task.indices)))
+        sizes = {v.size for v in task.views}
+        if not (_ext.has_jpeg_decoder() and hasattr(self.dataset, "path") and len(sizes) == 1):
+            return rows
+        data, boxes, flips, gens, ok = [], [], [], [], []
+        for row, i in enumerate(task.indices):
+            path = self.dataset.path(i)
+            if path.suffix.lower() not in (".jpg", ".jpeg") or (
+                    self.targets is not None and i in self._skipped_set()):
+                continue
+            try:
+                raw = path.read_bytes()
+            except OSError:
+                continue
+            size = jpeg_size(raw) if raw[:2] == b"\xff\xd8" else None
+            if size is None or size[0] * size[1] > MAX_PIXELS:
+                continue
+            gs = [sample_generator(self.seed, task.epoch, i, k) for k in range(len(task.views))]
+            geo = [geometry(spec, size[1], size[0], g) for spec, g in zip(task.views, gs, strict=True)]
+            data.append(raw)
+            boxes.append([b[:4] for b in geo])
+            flips.append([b[4] for b in geo])
+            gens.append(gs)
+            ok.append(row)
+        if not ok:
+            return rows
+        outs, errors = _ext.decode_resized_crops(data, np.asarray(boxes, np.int32), np.asarray(flips, np.uint8),
+                                                 task.views[0].size)
+        done = set()
+        for j, row in enumerate(ok):
+            if errors[j]:
+                continue  # the general path decodes it again and raises, skips or converts (CMYK)
+            for k, spec in enumerate(task.views):
+                u8[k][row] = colour(spec, torch.from_numpy(outs[k][j]).permute(2, 0, 1), gens[j][k])
+            done.add(row)
+        return [r for r in rows if r not in done]
+
     def build(self, task: _Task) -> dict:
         skipped: list = []
-        try:
-            loaded = [self._load(i, skipped) for i in task.indices]
-        except CorruptImageError as e:
-            return {"error": (e.index, e.source, e.reason), "version": task.version}
-        index = torch.tensor([i for i, _ in loaded], dtype=torch.int64)
+        n = len(task.indices)
         # Augment in uint8 straight into one batch tensor per view, then normalise whole batches.
-        u8 = [torch.empty(len(loaded), 3, v.size, v.size, dtype=torch.uint8) for v in task.views]
-        for row, ((_, img), orig) in enumerate(zip(loaded, task.indices, strict=True)):
-            g = sample_generator(self.seed, task.epoch, orig)
+        u8 = [torch.empty(n, 3, v.size, v.size, dtype=torch.uint8) for v in task.views]
+        index = torch.tensor(task.indices, dtype=torch.int64)
+        for row in self._jpeg_fast_path(task, u8):
+            orig = task.indices[row]
+            try:
+                i, img = self._load(orig, skipped)
+            except CorruptImageError as e:
+                return {"error": (e.index, e.source, e.reason), "version": task.version}
+            index[row] = i
             for k, spec in enumerate(task.views):
-                u8[k][row] = augment(spec, img, g)
+                u8[k][row] = augment(spec, img, sample_generator(self.seed, task.epoch, orig, k))
         # In a worker, write the float batches straight into shared memory: handing them to the
         # main process is then a handle, not a 4-byte-per-pixel copy.
         in_worker = torch.utils.data.get_worker_info() is not None
         outs = [torch.empty(x.shape, dtype=torch.float32).share_memory_() if in_worker else None for x in u8]
         batch = {
             "views": [normalize_batch(spec, x, o) for spec, x, o in zip(task.views, u8, outs, strict=True)],
-            "label": torch.tensor([self.dataset.label(i) for i, _ in loaded], dtype=torch.int64),
+            "label": torch.tensor([self.dataset.label(i) for i in index.tolist()], dtype=torch.int64),
             "index": index,
             "version": task.version,
             "drawn": task.indices,
@@ -123,6 +175,7 @@ class _BatchBuilder(torch.utils.data.Dataset):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
+    keep_freed_memory()  # decode buffers and batches: reuse freed heap instead of page-faulting
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -299,6 +352,7 @@ class Loader:
         self._consumed = start
         self.skipped = []
         tasks = self._tasks(epoch, batches, start)
+        keep_freed_memory()  # normalised batches are tens of MB: reuse freed heap, don't page-fault
         if self.num_workers == 0:
             source = (self._builder.build(t) for t in tasks)
         else:
