@@ -152,9 +152,10 @@ std::string decode_resized_crops(const uint8_t* data, size_t size, const int32_t
     right = std::max(right, b[1] + b[3]);
     min_side = std::min(min_side, std::min(b[2], b[3]));
   }
-  // DCT-domain downscale (1/2, 1/4, 1/8) while every view keeps at least its output resolution.
+  // DCT-domain downscale (1/2, 1/4, 1/8) while every view keeps twice its output resolution, so
+  // the antialiased resample still does the final low-pass (output stays close to a full decode).
   int denom = 1;
-  while (denom < 8 && min_side / (denom * 2) >= out_size) denom *= 2;
+  while (denom < 8 && min_side / (denom * 2) >= 2 * out_size) denom *= 2;
   cinfo.scale_num = 1;
   cinfo.scale_denom = denom;
   jpeg_start_decompress(&cinfo);

@@ -6,7 +6,7 @@
 namespace rela {
 
 // Decode the union of `views` crop boxes of a JPEG once (DCT-domain downscaled when every view
-// keeps its output resolution; only the rows and iMCU columns the boxes touch), then resample
+// keeps twice its output resolution; only the rows and iMCU columns the boxes touch), then resample
 // each box (top, left, height, width in full-resolution pixels) to out_size × out_size RGB with
 // antialiased bilinear, mirrored where flips[k]. outs[k] receives out_size*out_size*3 bytes (HWC).
 // Returns "" on success, else libjpeg's message ("unsupported: CMYK" for CMYK/YCCK files).

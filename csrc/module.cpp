@@ -6,7 +6,9 @@
 #include <string>
 #include <vector>
 
+#ifdef RELA_WITH_JPEG
 #include "jpeg.h"
+#endif
 #include "sampling.h"
 
 namespace py = pybind11;
@@ -55,6 +57,7 @@ static py::array_t<int64_t> weighted_subset(
   return out;
 }
 
+#ifdef RELA_WITH_JPEG
 // Batch of JPEGs -> per view a uint8 [B, S, S, 3] array; errors[i] is "" or libjpeg's message.
 static py::tuple decode_resized_crops(const py::list& jpegs,
                                      py::array_t<int32_t, py::array::c_style | py::array::forcecast> boxes,
@@ -93,6 +96,7 @@ static py::tuple decode_resized_crops(const py::list& jpegs,
   for (auto& e : errors) errs.append(e);
   return py::make_tuple(outs, errs);
 }
+#endif
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rela's compiled index-sampling helpers";
@@ -104,8 +108,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("threads") = 1,
         "k distinct items drawn without replacement with probability proportional to weights "
         "(successive sampling), O(n) by exponential keys + radix select; sorted by index.");
+#ifdef RELA_WITH_JPEG
   m.def("decode_resized_crops", &decode_resized_crops, py::arg("jpegs"), py::arg("boxes"), py::arg("flips"),
         py::arg("out_size"),
         "Decode each JPEG once (only the region its views need, DCT-downscaled when possible) and "
         "resample every view's box to out_size x out_size RGB: ([views x uint8 [B,S,S,3]], errors).");
+#endif
 }

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 # 1. Debian packages (only as root; otherwise say what is missing).
-DEB_PKGS="dataset-fashion-mnist"
+DEB_PKGS="dataset-fashion-mnist libjpeg-dev"  # libjpeg-dev: rela._C's JPEG crop decoder
 BENCH=0
 [ "${1:-}" = "--bench" ] && BENCH=1
 # FFCV builds from source against libjpeg-turbo and OpenCV (about 690 MB of Debian packages).
