@@ -86,12 +86,13 @@ def measure(name: str, make_epoch, n_images: int, epochs: int) -> dict:
 
 # --- the loaders ---------------------------------------------------------------------------
 
-def rela_epoch(folder: Path, views: int, workers: int):
+def rela_epoch(folder: Path, views: int, workers: int, worker_type: str = "process"):
     from rela import Loader
     from rela.views import ViewSpec
 
     spec = ViewSpec(224, scale=(0.08, 1.0), flip=0.5, mean=MEAN, std=STD)
-    loader = Loader(str(folder), 64, views=[spec] * views, num_workers=workers, drop_last=False)
+    loader = Loader(str(folder), 64, views=[spec] * views, num_workers=workers, drop_last=False,
+                    worker_type=worker_type)
 
     def run() -> int:
         return sum(len(b["index"]) for b in loader)
@@ -239,14 +240,17 @@ def main() -> None:
     for views in args.views:
         print(f"{views} view(s):")
         rows = [measure("torch DataLoader + PIL (baseline)", torch_epoch(folder, views, args.workers), len(files), args.epochs),
-                measure("rela.Loader, torch backend", rela_epoch(folder, views, args.workers), len(files), args.epochs)]
+                measure("rela.Loader, torch backend, worker processes", rela_epoch(folder, views, args.workers),
+                        len(files), args.epochs),
+                measure("rela.Loader, torch backend, worker threads",
+                        rela_epoch(folder, views, args.workers, "thread"), len(files), args.epochs)]
         for name, fn in (("FFCV 1.x Loader", ffcv_epoch), ("DALI CPU pipeline", dali_epoch)):
             try:
                 rows.append(measure(name, fn(folder, views, args.workers), len(files), args.epochs))
             except ImportError as e:
                 print(f"  {name:44s} not installed ({e.name}); `make bench-deps` installs it")
         base = rows[0]
-        rela = rows[1]
+        rela = max(rows[1:3], key=lambda r: r["img_s"])
         for r in rows:
             r["vs_torch"] = r["img_s"] / base["img_s"]
         print(f"  ratios: rela/torch x{rela['img_s'] / base['img_s']:.2f}; rela / decode limit "

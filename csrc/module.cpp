@@ -2,7 +2,9 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <stdexcept>
+#include <thread>
 #include <string>
 #include <vector>
 
@@ -62,7 +64,7 @@ static py::array_t<int64_t> weighted_subset(
 static py::tuple decode_resized_crops(const py::list& jpegs,
                                      py::array_t<int32_t, py::array::c_style | py::array::forcecast> boxes,
                                      py::array_t<uint8_t, py::array::c_style | py::array::forcecast> flips,
-                                     int out_size) {
+                                     int out_size, int threads) {
   const int64_t n = static_cast<int64_t>(jpegs.size());
   if (boxes.ndim() != 3 || boxes.shape(0) != n || boxes.shape(2) != 4)
     throw std::invalid_argument("boxes must be [B, views, 4] (top, left, height, width)");
@@ -87,10 +89,17 @@ static py::tuple decode_resized_crops(const py::list& jpegs,
   const uint8_t* f = flips.data();
   {
     py::gil_scoped_release release;
-    for (int64_t i = 0; i < n; ++i)
-      errors[i] = rela::decode_resized_crops(reinterpret_cast<const uint8_t*>(data[i].data()), data[i].size(),
-                                             b + i * views * 4, f + i * views, views, out_size,
-                                             ptrs.data() + static_cast<size_t>(i) * views);
+    auto work = [&](int64_t lo, int64_t step) {
+      for (int64_t i = lo; i < n; i += step)
+        errors[i] = rela::decode_resized_crops(reinterpret_cast<const uint8_t*>(data[i].data()), data[i].size(),
+                                               b + i * views * 4, f + i * views, views, out_size,
+                                               ptrs.data() + static_cast<size_t>(i) * views);
+    };
+    const int t = std::max(1, std::min<int>(threads, static_cast<int>(n)));
+    std::vector<std::thread> pool;
+    for (int k = 1; k < t; ++k) pool.emplace_back(work, k, t);
+    work(0, t);
+    for (auto& th : pool) th.join();
   }
   py::list errs;
   for (auto& e : errors) errs.append(e);
@@ -110,7 +119,7 @@ PYBIND11_MODULE(_C, m) {
         "(successive sampling), O(n) by exponential keys + radix select; sorted by index.");
 #ifdef RELA_WITH_JPEG
   m.def("decode_resized_crops", &decode_resized_crops, py::arg("jpegs"), py::arg("boxes"), py::arg("flips"),
-        py::arg("out_size"),
+        py::arg("out_size"), py::arg("threads") = 1,
         "Decode each JPEG once (only the region its views need, DCT-downscaled when possible) and "
         "resample every view's box to out_size x out_size RGB: ([views x uint8 [B,S,S,3]], errors).");
 #endif

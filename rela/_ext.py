@@ -29,9 +29,9 @@ def has_jpeg_decoder() -> bool:
     return _C is not None and hasattr(_C, "decode_resized_crops")
 
 
-def decode_resized_crops(jpegs, boxes, flips, out_size):
-    """See csrc/jpeg.h; only with has_jpeg_decoder()."""
-    return _C.decode_resized_crops(jpegs, boxes, flips, int(out_size))
+def decode_resized_crops(jpegs, boxes, flips, out_size, threads: int = 1):
+    """See csrc/jpeg.h; only with has_jpeg_decoder(). `threads` images are decoded at a time."""
+    return _C.decode_resized_crops(jpegs, boxes, flips, int(out_size), int(threads))
 
 
 def _warn_once() -> None:

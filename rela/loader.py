@@ -69,8 +69,10 @@ class _Task:
 class _BatchBuilder(torch.utils.data.Dataset):
     """Runs in the workers: decode each sample once, cut every view from that decode."""
 
-    def __init__(self, dataset: RelaDataset, targets: TargetStore | None, seed: int, on_error: str) -> None:
+    def __init__(self, dataset: RelaDataset, targets: TargetStore | None, seed: int, on_error: str,
+                 decode_threads: int = 1) -> None:
         self.dataset, self.targets, self.seed, self.on_error = dataset, targets, seed, on_error
+        self.decode_threads = decode_threads  # C++ JPEG decode threads per batch (thread workers)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -131,7 +133,7 @@ class _BatchBuilder(torch.utils.data.Dataset):
         if not ok:
             return rows
         outs, errors = _ext.decode_resized_crops(data, np.asarray(boxes, np.int32), np.asarray(flips, np.uint8),
-                                                 task.views[0].size)
+                                                 task.views[0].size, self.decode_threads)
         done = set()
         for j, row in enumerate(ok):
             if errors[j]:
@@ -211,6 +213,7 @@ class Loader:
         prefetch_factor: int | None = 2,
         persistent_workers: bool = False,
         on_error: str = "raise",
+        worker_type: str = "process",
         rank: int | None = None,
         world_size: int | None = None,
         timeout: float = 0,
@@ -224,6 +227,9 @@ class Loader:
             raise RelaError(f"batch_size must be positive, got {batch_size}")
         if on_error not in ("raise", "skip"):
             raise RelaError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+        if worker_type not in ("process", "thread"):
+            raise RelaError(f"worker_type must be 'process' or 'thread', not {worker_type!r}")
+        self.worker_type = worker_type
         self.dataset = open_dataset(dataset) if not isinstance(dataset, RelaDataset) else dataset
         if targets is not None and not isinstance(targets, TargetStore):
             targets = TargetStore.open(targets, self.dataset)
@@ -261,7 +267,8 @@ class Loader:
         self.epoch = 0
         self._resume_batch = 0
         self._order_cache: tuple[int, np.ndarray] | None = None
-        self._builder = _BatchBuilder(self.dataset, self.targets, seed, on_error)
+        threads = max(1, num_workers) if worker_type == "thread" else 1
+        self._builder = _BatchBuilder(self.dataset, self.targets, seed, on_error, decode_threads=threads)
         self.skipped: list = []  # (index, source, reason) of samples replaced in the last epoch
         self._consumed = 0
 
@@ -355,6 +362,8 @@ class Loader:
         keep_freed_memory()  # normalised batches are tens of MB: reuse freed heap, don't page-fault
         if self.num_workers == 0:
             source = (self._builder.build(t) for t in tasks)
+        elif self.worker_type == "thread":
+            source = _ThreadedBatches(self._builder, tasks, depth=max(2, self.prefetch_factor or 2))
         else:
             source = iter(torch.utils.data.DataLoader(
                 self._builder, batch_size=None, sampler=_TaskSampler(tasks, len(batches) - start),
@@ -362,6 +371,20 @@ class Loader:
                 prefetch_factor=self.prefetch_factor, persistent_workers=False,
                 pin_memory=self.pin_memory, timeout=self.timeout,
             ))
+        try:
+            yield from self._deliver(source, epoch, start)
+        finally:
+            if isinstance(source, _ThreadedBatches):
+                source.close()
+        if self.skipped:
+            warnings.warn(f"rela.Loader: {len(self.skipped)} undecodable samples were replaced this epoch "
+                          f"(first: index {self.skipped[0][0]}, {self.skipped[0][1]}); see loader.skipped",
+                          RuntimeWarning, stacklevel=2)
+        self._consumed = 0
+        if epoch == self.epoch:
+            self.epoch += 1  # a finished pass moves on, so forgetting set_epoch still gives fresh subsets
+
+    def _deliver(self, source, epoch: int, start: int) -> Iterator[dict]:
         for number, batch in enumerate(source, start):
             if "error" in batch:
                 raise CorruptImageError(*batch["error"])
@@ -373,13 +396,6 @@ class Loader:
             batch.pop("version"), batch.pop("drawn")
             self._consumed = number + 1
             yield self._to_device(batch)
-        if self.skipped:
-            warnings.warn(f"rela.Loader: {len(self.skipped)} undecodable samples were replaced this epoch "
-                          f"(first: index {self.skipped[0][0]}, {self.skipped[0][1]}); see loader.skipped",
-                          RuntimeWarning, stacklevel=2)
-        self._consumed = 0
-        if epoch == self.epoch:
-            self.epoch += 1  # a finished pass moves on, so forgetting set_epoch still gives fresh subsets
 
     def _to_device(self, batch: dict) -> dict:
         if self.device.type == "cpu":
@@ -403,3 +419,57 @@ class _TaskSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.length
+
+
+class _ThreadedBatches:
+    """Builds batches ahead in one background thread (worker_type="thread"): the JPEG decode in
+    rela._C runs `num_workers` threads with the GIL released, so one process does the work
+    without shipping every batch through shared memory. Errors re-raise in the consumer."""
+
+    _END = object()
+
+    def __init__(self, builder: _BatchBuilder, tasks: Iterator[_Task], depth: int) -> None:
+        import queue
+        import threading
+
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(builder, tasks), daemon=True,
+                                       name="rela-loader")
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, builder: _BatchBuilder, tasks: Iterator[_Task]) -> None:
+        try:
+            for task in tasks:
+                if not self._put(builder.build(task)):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            self._put(e)
+            return
+        self._put(self._END)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        item = self.queue.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)

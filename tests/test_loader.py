@@ -224,3 +224,28 @@ def test_dead_worker_surfaces_quickly(arrays):
     with pytest.raises(RuntimeError, match="worker"):
         list(loader)
     assert time.perf_counter() - t < 30
+
+
+@pytest.mark.parametrize("views", ["rela", "eval"])
+def test_thread_workers_give_the_same_batches(tmp_path, views):
+    folder = ImageFolder(make_folder(tmp_path / "imgs", classes=2, per_class=15))
+    ref = list(Loader(folder, 4, image_size=24, views=views, num_workers=0, seed=2))
+    got = list(Loader(folder, 4, image_size=24, views=views, num_workers=2, worker_type="thread", seed=2))
+    assert len(ref) == len(got)
+    for a, b in zip(ref, got, strict=True):
+        assert torch.equal(a["index"], b["index"])
+        assert all(torch.equal(x, y) for x, y in zip(a["views"], b["views"], strict=True))
+
+
+def test_thread_workers_raise_errors_and_stop(tmp_path):
+    loader = Loader(_broken_folder(tmp_path), 4, image_size=16, shuffle=False, num_workers=2, worker_type="thread")
+    with pytest.raises(CorruptImageError, match="img_005.jpg"):
+        list(loader)
+    it = iter(Loader(_broken_folder(tmp_path / "b"), 2, image_size=16, num_workers=2, worker_type="thread",
+                     on_error="skip"))
+    next(it)
+    it.close()  # abandoning the iterator stops its thread
+    import threading
+
+    time.sleep(0.3)
+    assert not any(t.name == "rela-loader" and t.is_alive() for t in threading.enumerate())
