@@ -10,7 +10,8 @@
 
 Pieces, kept apart as in torch.utils.data: the dataset (decode), `rela.subset.Subset` (which
 samples, in which order, on which rank), the view specs (`rela.views`) and a backend that runs
-them. Backends: `torch` (worker processes, torchvision transforms.v2 on uint8 tensors).
+them. Backends: `torch` (worker processes — or one producer thread with `worker_type="thread"` —
+torchvision transforms.v2 on uint8 tensors, JPEG crop-while-decoding in `rela._C`).
 
 Every random choice is a function of (seed, epoch, sample index), so results do not depend on
 the number of workers, a resumed run replays the same remaining batches, and every rank agrees.
