@@ -101,9 +101,10 @@ void resample(const uint8_t* src, int src_w, int stride, double x0, double y0, d
       t[xx * 3 + 2] = b;
     }
   }
+  const size_t plane = static_cast<size_t>(out_size) * out_size;  // output is planar: C×S×S
   for (int yy = 0; yy < out_size; ++yy) {
     const float* k = v.w.data() + static_cast<size_t>(yy) * v.ksize;
-    uint8_t* o = out + static_cast<size_t>(yy) * out_size * 3;
+    uint8_t* o = out + static_cast<size_t>(yy) * out_size;
     for (int xx = 0; xx < out_size; ++xx) {
       float r = 0, g = 0, b = 0;
       for (int i = 0; i < v.count[yy]; ++i) {
@@ -113,9 +114,9 @@ void resample(const uint8_t* src, int src_w, int stride, double x0, double y0, d
         b += k[i] * t[2];
       }
       const int ox = flip ? out_size - 1 - xx : xx;
-      o[ox * 3] = clamp_u8(r);
-      o[ox * 3 + 1] = clamp_u8(g);
-      o[ox * 3 + 2] = clamp_u8(b);
+      o[ox] = clamp_u8(r);
+      o[plane + ox] = clamp_u8(g);
+      o[2 * plane + ox] = clamp_u8(b);
     }
   }
 }

@@ -60,7 +60,7 @@ static py::array_t<int64_t> weighted_subset(
 }
 
 #ifdef RELA_WITH_JPEG
-// Batch of JPEGs -> per view a uint8 [B, S, S, 3] array; errors[i] is "" or libjpeg's message.
+// Batch of JPEGs -> per view a uint8 [B, 3, S, S] array; errors[i] is "" or libjpeg's message.
 static py::tuple decode_resized_crops(const py::list& jpegs,
                                      py::array_t<int32_t, py::array::c_style | py::array::forcecast> boxes,
                                      py::array_t<uint8_t, py::array::c_style | py::array::forcecast> flips,
@@ -78,8 +78,8 @@ static py::tuple decode_resized_crops(const py::list& jpegs,
   py::list outs;
   std::vector<uint8_t*> ptrs(static_cast<size_t>(views) * n);
   for (int k = 0; k < views; ++k) {
-    py::array_t<uint8_t> a({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(out_size),
-                            static_cast<py::ssize_t>(out_size), static_cast<py::ssize_t>(3)});
+    py::array_t<uint8_t> a({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(3),
+                            static_cast<py::ssize_t>(out_size), static_cast<py::ssize_t>(out_size)});
     for (int64_t i = 0; i < n; ++i)
       ptrs[static_cast<size_t>(i) * views + k] = a.mutable_data() + static_cast<size_t>(i) * out_size * out_size * 3;
     outs.append(a);
@@ -121,6 +121,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("decode_resized_crops", &decode_resized_crops, py::arg("jpegs"), py::arg("boxes"), py::arg("flips"),
         py::arg("out_size"), py::arg("threads") = 1,
         "Decode each JPEG once (only the region its views need, DCT-downscaled when possible) and "
-        "resample every view's box to out_size x out_size RGB: ([views x uint8 [B,S,S,3]], errors).");
+        "resample every view's box to out_size x out_size RGB: ([views x uint8 [B,3,S,S]], errors).");
 #endif
 }

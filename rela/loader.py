@@ -140,7 +140,7 @@ class _BatchBuilder(torch.utils.data.Dataset):
             if errors[j]:
                 continue  # the general path decodes it again and raises, skips or converts (CMYK)
             for k, spec in enumerate(task.views):
-                u8[k][row] = colour(spec, torch.from_numpy(outs[k][j]).permute(2, 0, 1), gens[j][k])
+                u8[k][row] = colour(spec, torch.from_numpy(outs[k][j]), gens[j][k])  # planar C×S×S
             done.add(row)
         return [r for r in rows if r not in done]
 
