@@ -104,13 +104,13 @@ class _BatchBuilder(torch.utils.data.Dataset):
             self._skip = set(self.targets.skipped.tolist()) if self.targets is not None else set()
         return self._skip
 
-    def _jpeg_fast_path(self, task: _Task, u8: list[torch.Tensor]) -> list[int]:
-        """Decode JPEG files in C++, reading only what the views' boxes need (rela._C); fills
-        rows of `u8` and returns the rows it could not do (CMYK, corrupt, not a JPEG file)."""
-        rows = list(range(len(task.indices)))
+    def decode(self, task: _Task) -> tuple:
+        """Stage 1: JPEG files through rela._C, reading only what the views' boxes need. Returns
+        (task, rows decoded, planar uint8 views per row, per-view generators); rows it could not
+        do (CMYK, corrupt, not a JPEG file) are left to `finish`, which takes the general path."""
         sizes = {v.size for v in task.views}
         if not (_ext.has_jpeg_decoder() and hasattr(self.dataset, "path") and len(sizes) == 1):
-            return rows
+            return task, [], [], []
         data, boxes, flips, gens, ok = [], [], [], [], []
         for row, i in enumerate(task.indices):
             path = self.dataset.path(i)
@@ -132,25 +132,28 @@ class _BatchBuilder(torch.utils.data.Dataset):
             gens.append(gs)
             ok.append(row)
         if not ok:
-            return rows
+            return task, [], [], []
         outs, errors = _ext.decode_resized_crops(data, np.asarray(boxes, np.int32), np.asarray(flips, np.uint8),
                                                  task.views[0].size, self.decode_threads)
-        done = set()
-        for j, row in enumerate(ok):
-            if errors[j]:
-                continue  # the general path decodes it again and raises, skips or converts (CMYK)
-            for k, spec in enumerate(task.views):
-                u8[k][row] = colour(spec, torch.from_numpy(outs[k][j]), gens[j][k])  # planar C×S×S
-            done.add(row)
-        return [r for r in rows if r not in done]
+        keep = [j for j in range(len(ok)) if not errors[j]]  # failures: the general path decides
+        return task, [ok[j] for j in keep], [[o[j] for o in outs] for j in keep], [gens[j] for j in keep]
 
     def build(self, task: _Task) -> dict:
+        return self.finish(self.decode(task))
+
+    def finish(self, decoded: tuple) -> dict:
+        """Stage 2: colour operations, the rows the fast path didn't do, normalisation."""
+        task, rows, planes, gens = decoded
         skipped: list = []
         n = len(task.indices)
         # Augment in uint8 straight into one batch tensor per view, then normalise whole batches.
         u8 = [torch.empty(n, 3, v.size, v.size, dtype=torch.uint8) for v in task.views]
         index = torch.tensor(task.indices, dtype=torch.int64)
-        for row in self._jpeg_fast_path(task, u8):
+        for row, views, gs in zip(rows, planes, gens, strict=True):
+            for k, spec in enumerate(task.views):
+                u8[k][row] = colour(spec, torch.from_numpy(views[k]), gs[k])  # planar C×S×S
+        done = set(rows)
+        for row in (r for r in range(n) if r not in done):
             orig = task.indices[row]
             try:
                 i, img = self._load(orig, skipped)
