@@ -74,6 +74,8 @@ class _BatchBuilder(torch.utils.data.Dataset):
                  decode_threads: int = 1) -> None:
         self.dataset, self.targets, self.seed, self.on_error = dataset, targets, seed, on_error
         self.decode_threads = decode_threads  # C++ JPEG decode threads per batch (thread workers)
+        # Samples skipped at conversion: never drawn, and never used as a replacement either.
+        self.skip = set(targets.skipped.tolist()) if targets is not None else set()
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -86,7 +88,7 @@ class _BatchBuilder(torch.utils.data.Dataset):
         n = len(self.dataset)
         for step in range(min(n, 64)):
             i = (index + step) % n
-            if self.targets is not None and i in self._skipped_set():
+            if i in self.skip:
                 continue
             try:
                 img = self.dataset.load(i)
@@ -99,11 +101,6 @@ class _BatchBuilder(torch.utils.data.Dataset):
             return i, t.permute(2, 0, 1)
         raise RelaError(f"no decodable sample found near index {index}; the dataset is mostly broken")
 
-    def _skipped_set(self) -> set:
-        if not hasattr(self, "_skip"):
-            self._skip = set(self.targets.skipped.tolist()) if self.targets is not None else set()
-        return self._skip
-
     def decode(self, task: _Task) -> tuple:
         """Stage 1: JPEG files through rela._C, reading only what the views' boxes need. Returns
         (task, rows decoded, planar uint8 views per row, per-view generators); rows it could not
@@ -114,8 +111,7 @@ class _BatchBuilder(torch.utils.data.Dataset):
         data, boxes, flips, gens, ok = [], [], [], [], []
         for row, i in enumerate(task.indices):
             path = self.dataset.path(i)
-            if path.suffix.lower() not in (".jpg", ".jpeg") or (
-                    self.targets is not None and i in self._skipped_set()):
+            if path.suffix.lower() not in (".jpg", ".jpeg") or i in self.skip:
                 continue
             try:
                 raw = path.read_bytes()

@@ -26,9 +26,9 @@ from rela.kernels.scoring import loss_scale, scores_to_weights, update_scores
 POLICIES = ("uniform", "scored")
 
 
-def stream_seed(seed: int, epoch: int, stream: int) -> int:
-    """A 64-bit seed for one (seed, epoch, purpose) triple, from numpy's SeedSequence hashing."""
-    return int(np.random.SeedSequence([seed & (2**64 - 1), epoch, stream]).generate_state(1, np.uint64)[0])
+def stream_seed(seed: int, *keys: int) -> int:
+    """A 64-bit seed for (seed, epoch, purpose[, ...]), from numpy's SeedSequence hashing."""
+    return int(np.random.SeedSequence([seed & (2**64 - 1), *map(int, keys)]).generate_state(1, np.uint64)[0])
 
 
 class Subset:

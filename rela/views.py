@@ -206,7 +206,6 @@ def _color_jitter(x: torch.Tensor, strength, g: torch.Generator) -> torch.Tensor
 def sample_generator(seed: int, epoch: int, index: int, view: int = 0) -> torch.Generator:
     """The generator for one view of one sample in one epoch (one per view, so a backend may draw
     every view's crop box before decoding and its colours after, on the same streams)."""
-    import numpy as np
+    from rela.subset import stream_seed
 
-    state = np.random.SeedSequence([seed & (2**64 - 1), epoch, int(index), view, 0x7E1A]).generate_state(1, np.uint64)
-    return torch.Generator().manual_seed(int(state[0]) & (2**63 - 1))
+    return torch.Generator().manual_seed(stream_seed(seed, epoch, index, view, 0x7E1A) & (2**63 - 1))
