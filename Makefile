@@ -1,7 +1,7 @@
 PYTHON ?= python3
 export PYTHON
 
-.PHONY: setup demo test lint bench bench-deps
+.PHONY: setup demo test lint bench
 
 setup:
 	@bash scripts/setup.sh
@@ -24,7 +24,3 @@ bench: setup
 	$(PYTHON) bench/kernels.py
 	$(PYTHON) bench/resample.py
 	$(PYTHON) bench/loader.py
-
-# Baselines for bench/loader.py: FFCV (with its system libraries) and DALI's CPU pipeline.
-bench-deps: setup
-	@bash scripts/setup.sh --bench

@@ -8,7 +8,7 @@ Pipeline for every loader: decode → RandomResizedCrop(224, scale 0.08–1) →
 normalise → float32 C×H×W, batch 64; "two views" cuts two crops from each decoded image.
 Reported: median img/s over epochs and CPU ms per image (this process + its workers), each
 with its ratio to torch DataLoader + PIL (2 workers). Decode-only limit = 1-thread PIL decode rate
-× cores. FFCV and DALI rows appear when they are installed (`make bench-deps`).
+× cores. FFCV and DALI rows appear when they are installed (`bash scripts/setup.sh` installs them).
 
     python bench/loader.py [--images 2000] [--epochs 3] [--workers 2]
 """
@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench._common import cpu_seconds, device_line  # noqa: E402
+from rela.errors import RelaError  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -86,13 +87,13 @@ def measure(name: str, make_epoch, n_images: int, epochs: int) -> dict:
 
 # --- the loaders ---------------------------------------------------------------------------
 
-def rela_epoch(folder: Path, views: int, workers: int, worker_type: str = "process"):
+def rela_epoch(folder: Path, views: int, workers: int, worker_type: str = "process", backend: str = "torch"):
     from rela import Loader
     from rela.views import ViewSpec
 
     spec = ViewSpec(224, scale=(0.08, 1.0), flip=0.5, mean=MEAN, std=STD)
     loader = Loader(str(folder), 64, views=[spec] * views, num_workers=workers, drop_last=False,
-                    worker_type=worker_type)
+                    worker_type=worker_type, backend=backend)
 
     def run() -> int:
         return sum(len(b["index"]) for b in loader)
@@ -244,15 +245,18 @@ def main() -> None:
                         len(files), args.epochs),
                 measure("rela.Loader, torch backend, worker threads",
                         rela_epoch(folder, views, args.workers, "thread"), len(files), args.epochs)]
-        for name, fn in (("FFCV 1.x Loader", ffcv_epoch), ("DALI CPU pipeline", dali_epoch)):
+        for name, fn in (("FFCV 1.x Loader", ffcv_epoch), ("DALI CPU pipeline", dali_epoch),
+                         ("rela.Loader, dali backend", lambda f, v, w: rela_epoch(f, v, w, backend="dali")),
+                         ("rela.Loader, ffcv backend", lambda f, v, w: rela_epoch(f, v, w, backend="ffcv"))):
             try:
                 rows.append(measure(name, fn(folder, views, args.workers), len(files), args.epochs))
-            except ImportError as e:
-                print(f"  {name:44s} not installed ({e.name}); `make bench-deps` installs it")
+            except (ImportError, RelaError) as e:
+                print(f"  {name:44s} not installed ({e}); `bash scripts/setup.sh` installs it")
         base = rows[0]
-        rela = max(rows[1:3], key=lambda r: r["img_s"])
+        rela = max((r for r in rows if r["name"].startswith("rela")), key=lambda r: r["img_s"])
         for r in rows:
             r["vs_torch"] = r["img_s"] / base["img_s"]
+        print(f"  best rela row: {rela['name']}")
         print(f"  ratios: rela/torch x{rela['img_s'] / base['img_s']:.2f}; rela / decode limit "
               f"{rela['img_s'] / limit:.2f} (goal >= 0.75)", end="")
         ffcv = next((r for r in rows if r["name"].startswith("FFCV")), None)

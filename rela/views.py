@@ -170,37 +170,41 @@ def colour(spec: ViewSpec, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """The view's colour operations on a uint8 3×S×S crop, after `geometry` drew from `g`."""
     from torchvision.transforms.v2 import functional as F
 
-    if spec.jitter_p and float(torch.rand((), generator=g)) < spec.jitter_p:
-        x = _color_jitter(x, spec.jitter, g)
-    if spec.gray_p and float(torch.rand((), generator=g)) < spec.gray_p:
+    p = colour_params(spec, g)
+    adjust = {"brightness": F.adjust_brightness, "contrast": F.adjust_contrast,
+              "saturation": F.adjust_saturation, "hue": F.adjust_hue}
+    for name in p["order"]:  # ColorJitter's random order
+        x = adjust[name](x, p[name])
+    if p["gray"]:
         x = F.rgb_to_grayscale(x, num_output_channels=3)
-    if spec.blur_p and float(torch.rand((), generator=g)) < spec.blur_p:
-        sigma = _uniform(g, *spec.blur_sigma)
-        k = min(2 * math.ceil(3 * sigma) + 1, (min(x.shape[-2:]) - 1) | 1)
-        x = F.gaussian_blur(x, [k, k], [sigma, sigma])
-    if spec.solarize_p and float(torch.rand((), generator=g)) < spec.solarize_p:
+    if p["sigma"]:
+        k = min(2 * math.ceil(3 * p["sigma"]) + 1, (min(x.shape[-2:]) - 1) | 1)
+        x = F.gaussian_blur(x, [k, k], [p["sigma"], p["sigma"]])
+    if p["solarize"]:
         x = F.solarize(x, 128)
     return x
 
 
-def _color_jitter(x: torch.Tensor, strength, g: torch.Generator) -> torch.Tensor:
-    """ColorJitter: brightness/contrast/saturation/hue in a random order (as torchvision does)."""
-    from torchvision.transforms.v2 import functional as F
+_JITTER = ("brightness", "contrast", "saturation", "hue")
 
-    b, c, s, h = strength
-    ops = []
-    if b:
-        ops.append((F.adjust_brightness, (max(0.0, 1 - b), 1 + b)))
-    if c:
-        ops.append((F.adjust_contrast, (max(0.0, 1 - c), 1 + c)))
-    if s:
-        ops.append((F.adjust_saturation, (max(0.0, 1 - s), 1 + s)))
-    if h:
-        ops.append((F.adjust_hue, (-h, h)))
-    for k in torch.randperm(len(ops), generator=g).tolist():
-        fn, (lo, hi) = ops[k]
-        x = fn(x, _uniform(g, lo, hi))
-    return x
+
+def colour_params(spec: ViewSpec, g: torch.Generator) -> dict:
+    """The view's colour choices as numbers drawn from `g`, so that backends with colour operators
+    of their own (DALI) make the same choices as `colour`: brightness/contrast/saturation factors,
+    hue as a fraction of a turn, the jitter order, gray, blur sigma (0 = none) and solarize."""
+    p = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0, "order": [],
+         "gray": False, "sigma": 0.0, "solarize": False}
+    if spec.jitter_p and float(torch.rand((), generator=g)) < spec.jitter_p:
+        present = [(name, v) for name, v in zip(_JITTER, spec.jitter, strict=True) if v]
+        for k in torch.randperm(len(present), generator=g).tolist():
+            name, v = present[k]
+            p[name] = _uniform(g, -v, v) if name == "hue" else _uniform(g, max(0.0, 1 - v), 1 + v)
+            p["order"].append(name)
+    p["gray"] = bool(spec.gray_p) and float(torch.rand((), generator=g)) < spec.gray_p
+    if spec.blur_p and float(torch.rand((), generator=g)) < spec.blur_p:
+        p["sigma"] = _uniform(g, *spec.blur_sigma)
+    p["solarize"] = bool(spec.solarize_p) and float(torch.rand((), generator=g)) < spec.solarize_p
+    return p
 
 
 def sample_generator(seed: int, epoch: int, index: int, view: int = 0) -> torch.Generator:

@@ -7,10 +7,12 @@ PY=${PYTHON:-python3}
 
 # 1. Debian packages (only as root; otherwise say what is missing).
 DEB_PKGS="dataset-fashion-mnist libjpeg-dev"  # libjpeg-dev: rela._C's JPEG crop decoder
-BENCH=0
-[ "${1:-}" = "--bench" ] && BENCH=1
+# The ffcv and dali backends (and the benchmark baselines) are installed by default, so the
+# tests exercise them; `--minimal` leaves them out (rela then runs its torch backend only).
+BACKENDS=1
+[ "${1:-}" = "--minimal" ] && BACKENDS=0
 # FFCV builds from source against libjpeg-turbo and OpenCV (about 690 MB of Debian packages).
-[ $BENCH = 1 ] && DEB_PKGS="$DEB_PKGS libturbojpeg0-dev libopencv-dev pkg-config"
+[ $BACKENDS = 1 ] && DEB_PKGS="$DEB_PKGS libturbojpeg0-dev libopencv-dev pkg-config"
 missing=""
 for p in $DEB_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
@@ -44,8 +46,8 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$inputs" ] || [ "$installed" != 
   echo "$inputs" > "$STAMP"
 fi
 
-# 4. Benchmark baselines, only with --bench: FFCV and DALI (CPU pipelines work without a GPU).
-if [ $BENCH = 1 ]; then
+# 4. The FFCV and DALI backends (DALI's CPU pipelines work without a GPU).
+if [ $BACKENDS = 1 ]; then
   $PY -c "import ffcv" >/dev/null 2>&1 || { echo "setup: pip install ffcv"; $PY -m pip install -q "ffcv==1.0.2" numba opencv-python-headless; }
   $PY -c "import nvidia.dali" >/dev/null 2>&1 || { echo "setup: pip install nvidia-dali-cuda130"; $PY -m pip install -q nvidia-dali-cuda130; }
 fi

@@ -1,0 +1,159 @@
+"""The dali and ffcv backends against the torch one: same batches, same eval pixels, intended
+random-view statistics, determinism, view switching, bad input, no leaked threads."""
+
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from rela import Loader
+from rela.backends import available
+from rela.datasets import ArrayDataset, ImageFolder
+from rela.errors import CorruptImageError, RelaError
+from rela.views import ViewSpec, eval_view
+from tests.conftest import make_folder
+
+HAVE = available()
+# CI installs both backends (scripts/setup.sh); there a missing one is a failure, not a skip.
+REQUIRED = bool(os.environ.get("CI"))
+
+
+def _need(backend: str) -> None:
+    if not HAVE[backend]:
+        if REQUIRED:
+            pytest.fail(f"backend {backend} is not installed on CI: scripts/setup.sh should install it")
+        pytest.skip(f"{backend} not installed (bash scripts/setup.sh installs it)")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RELA_CACHE", str(tmp_path / "cache"))  # .beton files per test
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return ImageFolder(make_folder(tmp_path / "imgs", classes=2, per_class=6))
+
+
+def _ramps(n: int = 96, size: int = 64) -> ArrayDataset:
+    """R rises left → right and G top → bottom: a crop's extent and flip can be read off its pixels."""
+    y, x = np.mgrid[0:size, 0:size]
+    img = np.stack([x * 255 / (size - 1), y * 255 / (size - 1), np.full_like(x, 128)], -1).astype(np.uint8)
+    return ArrayDataset(np.repeat(img[None], n, 0), np.arange(n) % 3, name="ramps")
+
+
+def _epoch(loader):
+    return list(loader)
+
+
+@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+def test_eval_view_pixels_match_the_torch_backend(folder, backend):
+    _need(backend)
+    ref = _epoch(Loader(folder, 4, views="eval", image_size=24, shuffle=False, drop_last=False, num_workers=1))
+    got = _epoch(Loader(folder, 4, views="eval", image_size=24, shuffle=False, drop_last=False, num_workers=1,
+                        backend=backend))
+    assert len(got) == len(ref) == 3
+    for a, b in zip(ref, got, strict=True):
+        assert sorted(a) == sorted(b)
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["label"], b["label"])
+        assert b["views"][0].dtype == torch.float32 and b["views"][0].shape == a["views"][0].shape
+        diff = (a["views"][0] - b["views"][0]).abs()
+        # Normalised units (1 grey level ≈ 0.017): DALI resamples the same decode with the same
+        # filter; FFCV re-encodes the JPEG (q95) and resizes with OpenCV's INTER_AREA.
+        assert diff.mean() < (0.02 if backend == "dali" else 0.1), diff.mean()
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali", "ffcv"])
+def test_random_views_have_the_intended_statistics(backend):
+    _need(backend)
+    spec = ViewSpec(32, scale=(0.25, 1.0), flip=0.5, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    loader = Loader(_ramps(), 32, views=[spec], num_workers=1, backend=backend)
+    x = torch.cat([b["views"][0] for b in loader])  # [N, 3, 32, 32] in [0, 1]
+    r, g = x[:, 0], x[:, 1]
+    width = (r[:, :, -1] - r[:, :, 0]).mean(1).abs() * 32 / 31  # crop width / image width
+    height = (g[:, -1, :] - g[:, 0, :]).mean(1) * 32 / 31
+    area = width * height
+    assert area.min() > 0.25 - 0.05 and area.max() < 1.0 + 0.05, (area.min(), area.max())
+    assert area.min() < 0.45 and area.max() > 0.8  # the range is used, not one fixed scale
+    flips = (r[:, :, -1] < r[:, :, 0]).float().mean(1) > 0.5
+    assert 0.3 < flips.float().mean() < 0.7, flips.float().mean()
+
+
+@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+def test_same_batch_structure_and_targets(tmp_path, folder, backend):
+    _need(backend)
+    from rela import convert
+
+    store = convert(folder, "random:resnet18", tmp_path / "store", dim=4, input_size=32)
+    b = next(iter(Loader(folder, 4, targets=store, views="rela", image_size=16, num_workers=1, backend=backend)))
+    assert set(b) == {"views", "target", "label", "index"}
+    assert len(b["views"]) == 2 and all(v.shape == (4, 3, 16, 16) for v in b["views"])
+    assert torch.equal(b["target"], torch.from_numpy(store[b["index"].numpy()]))
+    assert torch.equal(b["label"], torch.tensor([folder.label(i) for i in b["index"].tolist()]))
+
+
+def test_dali_views_are_deterministic_and_resume_exactly(folder):
+    _need("dali")
+
+    def make():
+        return Loader(folder, 4, views="byol", image_size=16, num_workers=1, backend="dali", seed=3)
+
+    full = _epoch(make())
+    assert torch.equal(full[0]["views"][1], _epoch(make())[0]["views"][1])
+    first = make()
+    it = iter(first)
+    next(it)
+    state = first.state_dict()
+    it.close()
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = _epoch(resumed)
+    assert len(rest) == len(full) - 1
+    for a, b in zip(full[1:], rest, strict=True):
+        assert torch.equal(a["index"], b["index"]) and all(torch.equal(u, v) for u, v in zip(a["views"], b["views"], strict=True))
+
+
+@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+def test_set_views_takes_effect_at_the_next_batch(backend):
+    _need(backend)
+    loader = Loader(_ramps(48), 8, views="rela", image_size=16, num_workers=1, backend=backend)
+    it = iter(loader)
+    assert len(next(it)["views"]) == 2
+    loader.set_views([eval_view(12)])
+    rest = list(it)
+    assert rest and all(len(b["views"]) == 1 and b["views"][0].shape[-1] == 12 for b in rest)
+
+
+@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+def test_corrupt_images_raise_or_are_skipped(tmp_path, backend):
+    _need(backend)
+    root = make_folder(tmp_path / "bad", classes=1, per_class=12)
+    p = root / "class_0" / "img_005.jpg"
+    p.write_bytes(p.read_bytes()[:300])  # a sane header, truncated data: the decoder itself fails
+    (root / "class_0" / "img_008.jpg").write_bytes(b"")
+    with pytest.raises(CorruptImageError, match="img_005.jpg"):
+        _epoch(Loader(ImageFolder(root), 4, image_size=16, shuffle=False, num_workers=1, backend=backend))
+    loader = Loader(ImageFolder(root), 4, image_size=16, shuffle=False, num_workers=1, backend=backend,
+                    on_error="skip")
+    with pytest.warns(RuntimeWarning, match="2 undecodable samples"):
+        idx = sum((b["index"].tolist() for b in loader), [])
+    assert len(idx) == 12 and 5 not in idx and 8 not in idx
+
+
+def test_ffcv_iterators_do_not_leak_threads():
+    _need("ffcv")
+    loader = Loader(_ramps(64), 8, views="eval", image_size=16, num_workers=1, backend="ffcv")
+    _epoch(loader)  # compile and write the .beton first
+    before = threading.active_count()
+    for _ in range(3):
+        it = iter(loader)
+        next(it)
+        it.close()  # a loop that breaks early
+    assert threading.active_count() <= before + 1
+
+
+def test_unknown_backend_is_refused(folder):
+    with pytest.raises(RelaError, match="unknown backend 'tf'"):
+        Loader(folder, 4, image_size=16, backend="tf")
