@@ -38,6 +38,7 @@ from rela.subset import Subset
 from rela.views import (
     ViewSpec,
     augment,
+    augment_batch,
     colour,
     geometry,
     normalize_batch,
@@ -160,15 +161,25 @@ class _BatchBuilder(torch.utils.data.Dataset):
             for k, spec in enumerate(task.views):
                 u8[k][row] = colour(spec, torch.from_numpy(views[k]), gs[k])  # planar C×S×S
         done = set(rows)
-        for row in (r for r in range(n) if r not in done):
+        rest, images = [r for r in range(n) if r not in done], []
+        for row in rest:
             orig = task.indices[row]
             try:
                 i, img = self._load(orig, skipped)
             except CorruptImageError as e:
                 return {"error": (e.index, e.source, e.reason), "version": task.version}
             index[row] = i
+            images.append(img)
+        if len(rest) > 1 and len({img.shape for img in images}) == 1:
+            # Many same-size images (in-memory data): one vectorised pass per view.
+            batch = torch.stack(images)
             for k, spec in enumerate(task.views):
-                u8[k][row] = augment(spec, img, sample_generator(self.seed, task.epoch, orig, k))
+                gens = [sample_generator(self.seed, task.epoch, task.indices[r], k) for r in rest]
+                u8[k][rest] = augment_batch(spec, batch, gens)
+        else:
+            for row, img in zip(rest, images, strict=True):
+                for k, spec in enumerate(task.views):
+                    u8[k][row] = augment(spec, img, sample_generator(self.seed, task.epoch, task.indices[row], k))
         # In a worker, write the float batches straight into shared memory: handing them to the
         # main process is then a handle, not a 4-byte-per-pixel copy.
         in_worker = torch.utils.data.get_worker_info() is not None
@@ -285,7 +296,7 @@ class Loader:
         self._order_cache: tuple[int, np.ndarray] | None = None
         threads = max(1, num_workers) if worker_type == "thread" else 1
         self._builder = _BatchBuilder(self.dataset, self.targets, seed, on_error, decode_threads=threads)
-        self._dali = None
+        self._dali = self._ffcv = None
         if self.backend == "dali":
             from rela.backends.dali import DaliBuilder
 
@@ -393,10 +404,12 @@ class Loader:
         if self.backend == "dali":  # DALI's threads decode; one producer thread feeds it ahead
             source = _ThreadedBatches(self._dali, tasks, depth=max(2, self.prefetch_factor or 2))
         elif self.backend == "ffcv":
-            from rela.backends.ffcv import FfcvBatches, write_beton
+            if self._ffcv is None:
+                from rela.backends.ffcv import FfcvBatches, write_beton
 
-            source = iter(FfcvBatches(self._builder, write_beton(self.dataset, self.num_workers), batches, tasks,
-                                      self.num_workers, self.batch_size, self.drop_last))
+                self._ffcv = FfcvBatches(self._builder, write_beton(self.dataset, self.num_workers),
+                                         self.num_workers, self.batch_size, self.drop_last)
+            source = self._ffcv.iterate(batches, tasks)
         elif self.num_workers == 0:
             source = (self._builder.build(t) for t in tasks)
         elif self.worker_type == "thread":

@@ -15,6 +15,7 @@ from rela.views import (
     rela_view,
     resolve_views,
 )
+from tests.conftest import smooth_image
 
 
 def test_presets_follow_the_method():
@@ -76,3 +77,30 @@ def test_strong_views_stay_finite_and_vary():
             for k in range(20)]
     assert all(torch.isfinite(o).all() for o in outs)
     assert not torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("which", ["eval", "rela", "byol0", "byol1"])
+def test_batched_views_match_per_image_views(which):
+    """augment_batch (in-memory data) makes the same random choices as augment; pixels differ by
+    interpolation and rounding only, and not at all for the deterministic eval view."""
+    from rela.views import (
+        augment,
+        augment_batch,
+        byol_views,
+        eval_view,
+        rela_view,
+        sample_generator,
+    )
+
+    spec = {"eval": eval_view(24), "rela": rela_view(24), "byol0": byol_views(24)[0], "byol1": byol_views(24)[1]}[which]
+    rng = np.random.default_rng(0)
+    imgs = torch.from_numpy(np.stack([smooth_image(rng, 40, 40) for _ in range(64)])).permute(0, 3, 1, 2)
+    gens = [sample_generator(1, 2, i, 0) for i in range(64)]
+    got = augment_batch(spec, imgs.contiguous(), gens)
+    ref = torch.stack([augment(spec, imgs[i], sample_generator(1, 2, i, 0)) for i in range(64)])
+    diff = (got.float() - ref.float()).abs()
+    if which == "eval":
+        assert torch.equal(got, ref)
+    else:
+        assert diff.mean() < 3.0, diff.mean()  # grey levels; a wrong flip, crop or colour choice gives ~30+
+        assert (diff.flatten(1).mean(1) < 12).all()

@@ -84,18 +84,30 @@ def _pipeline(spec: ViewSpec) -> list:
     return ops + [ToTensor(), ToTorchImage(channels_last=False)]
 
 
-class FfcvBatches:
-    """Iterates rela's tasks with FFCV loaders (one per view) reading the same fixed order."""
+class _Fixed:
+    """A TraversalOrder (duck-typed) that yields exactly the order rela chose for this pass."""
 
-    def __init__(self, base, beton: Path, batches: list[np.ndarray], tasks, threads: int,
-                 batch_size: int, drop_last: bool) -> None:
+    def __init__(self) -> None:
+        self.order = np.zeros(0, np.int64)
+
+    def sample_order(self, epoch: int):
+        return self.order
+
+
+class FfcvBatches:
+    """Runs rela's tasks with FFCV loaders (one per view) reading the same fixed order. The FFCV
+    loaders are kept per view spec across passes: FFCV compiles a pipeline on its first pass."""
+
+    def __init__(self, base, beton: Path, threads: int, batch_size: int, drop_last: bool) -> None:
         from ffcv.reader import Reader
 
-        self.base, self.beton, self.batches, self.tasks = base, beton, batches, tasks
+        self.base, self.beton = base, beton
         self.threads, self.batch_size, self.drop_last = max(1, threads), batch_size, drop_last
         self.bad = set(np.flatnonzero(Reader(str(beton)).metadata["f2"] == 0).tolist())
+        self.loaders: dict[ViewSpec, object] = {}
         self.views: tuple[ViewSpec, ...] | None = None
         self.iters: list = []
+        self.skipped: dict[int, list] = {}
 
     def _replace(self, i: int, skipped: list) -> int:
         """A drawn sample the .beton holds no image for: raise, or walk to the next good one."""
@@ -112,41 +124,43 @@ class FfcvBatches:
             skipped.append((j, source, "undecodable when the .beton was written"))
         raise RelaError(f"no decodable sample found near index {i}; the dataset is mostly broken")
 
-    def _start(self, number: int, views: tuple[ViewSpec, ...]) -> list:
-        """FFCV loaders over the remaining batches from `number` on, each batch with replacements."""
-        from ffcv.fields.decoders import IntDecoder
-        from ffcv.loader import Loader
-        from ffcv.transforms import ToTensor
-        from ffcv.traversal_order.base import TraversalOrder
+    def _loader(self, spec: ViewSpec):
+        if spec not in self.loaders:
+            from ffcv.fields.decoders import IntDecoder
+            from ffcv.loader import Loader
+            from ffcv.transforms import ToTensor
 
-        self.close()
-        self.skipped: dict[int, list] = {}
-        order = []
-        for b in range(number, len(self.batches)):
-            skipped: list = []
-            order.extend(i if i not in self.bad and i not in self.base.skip else self._replace(i, skipped)
-                         for i in self.batches[b].tolist())
-            self.skipped[b] = skipped
-        order = np.asarray(order, dtype=np.int64)
-
-        class Fixed(TraversalOrder):
-            def sample_order(self, epoch: int):
-                return order
-
-        self.views, self.iters = views, []
-        for spec in views:
             loader = Loader(str(self.beton), batch_size=self.batch_size, num_workers=self.threads,
                             pipelines={"image": _pipeline(spec), "index": [IntDecoder(), ToTensor()], "ok": None},
                             drop_last=self.drop_last, os_cache=True, batches_ahead=2)
-            loader.traversal_order = Fixed(loader)
-            loader.first_traversal_order = order
+            loader.traversal_order = _Fixed()
+            self.loaders[spec] = loader
+        return self.loaders[spec]
+
+    def _start(self, batches: list[np.ndarray], number: int, views: tuple[ViewSpec, ...]) -> None:
+        """FFCV iterators over the remaining batches from `number` on, each batch with replacements."""
+        self.close()
+        self.skipped = {}
+        order = []
+        for b in range(number, len(batches)):
+            skipped: list = []
+            order.extend(i if i not in self.bad and i not in self.base.skip else self._replace(i, skipped)
+                         for i in batches[b].tolist())
+            self.skipped[b] = skipped
+        order = np.asarray(order, dtype=np.int64)
+        self.views = views
+        for spec in views:
+            loader = self._loader(spec)
+            loader.traversal_order.order = order
+            loader.first_traversal_order = order  # FFCV's len() reads it
             self.iters.append(iter(loader))
 
-    def __iter__(self):
+    def iterate(self, batches: list[np.ndarray], tasks):
         try:
-            for task in self.tasks:
+            self.views = None
+            for task in tasks:
                 if task.views != self.views:
-                    self._start(task.number, task.views)
+                    self._start(batches, task.number, task.views)
                 yield self._batch(task, [next(it) for it in self.iters])
         finally:
             self.close()
@@ -155,15 +169,26 @@ class FfcvBatches:
         index = outs[0][1].reshape(-1).to(torch.int64).clone()
         views = []
         for k, (spec, (images, _)) in enumerate(zip(task.views, outs, strict=True)):
-            x = images.clone() if spec.jitter_p or spec.gray_p or spec.blur_p or spec.solarize_p else images
-            for row, i in enumerate(task.indices):
-                if spec.jitter_p or spec.gray_p or spec.blur_p or spec.solarize_p:
+            x = images
+            if spec.jitter_p or spec.gray_p or spec.blur_p or spec.solarize_p:
+                x = images.clone()
+                for row, i in enumerate(task.indices):
                     x[row] = colour(spec, x[row], sample_generator(self.base.seed, task.epoch, i, k))
             views.append(normalize_batch(spec, x))
         return self.base.assemble(task, views, index, self.skipped.get(task.number, []))
 
     def close(self) -> None:
         """Stop FFCV's iterator threads (FFCV leaks one per unfinished iter() otherwise)."""
+        import queue
+        import time
+
         for it in self.iters:
             it.close()
+            # Its thread ends with a blocking put into a full queue: drain until it has gone.
+            deadline = time.monotonic() + 10
+            while it.is_alive() and time.monotonic() < deadline:
+                try:
+                    it.output_queue.get_nowait()
+                except queue.Empty:
+                    it.join(0.05)
         self.iters = []
