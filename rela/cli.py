@@ -65,7 +65,94 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print a target store's manifest and per-component statistics.")
     i.add_argument("store", help="store directory")
     i.add_argument("--json", action="store_true", help="machine-readable output")
+
+    t = sub.add_parser(
+        "train", help="self-supervised training with the RELA phase (ReLA-F)",
+        description="Train a student with the RELA phase (regress prior targets on a dynamic subset) "
+        "handing over to a self-supervised method. Builds the target store if needed, logs per step "
+        "to RUN/steps.csv, checkpoints every epoch; --resume continues exactly.",
+    )
+    t.add_argument("--data", default="fashion-mnist", help="fashion-mnist[:train], an image folder, or an .npz")
+    t.add_argument("--prior", default="efficientnet-lite0",
+                   help="a prior spec (efficientnet-lite0, random:<arch>, ...) converted into RUN/store, or a STORE directory")
+    t.add_argument("--no-rela", action="store_true", help="plain SSL baseline (no prior, no RELA phase)")
+    t.add_argument("--budget", type=float, default=1.0, help="fraction of the data visited per epoch (0, 1]")
+    t.add_argument("--method", default="byol", help="self-supervised method (byol)")
+    t.add_argument("--arch", default="resnet18-cifar", help="resnet18|34|50[-cifar]")
+    t.add_argument("--width", type=float, default=0.125, help="width multiplier of the student")
+    t.add_argument("--epochs", type=_positive_int, default=20)
+    t.add_argument("--batch-size", type=_positive_int, default=128)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--weight-decay", type=float, default=0.01)
+    t.add_argument("--phase", default="fixed:0.5", help="fixed:<fraction> | adaptive | blend (see docs)")
+    t.add_argument("--image-size", type=_positive_int, default=32)
+    t.add_argument("--dim", type=_positive_int, help="target dim when converting (default: student feature dim)")
+    t.add_argument("--prior-input-size", type=_positive_int, help="prior resolution when converting")
+    t.add_argument("--limit", type=_positive_int, help="use only the first N training samples")
+    t.add_argument("--test-data", help="test split for the switch probe and eval (default: fashion-mnist:test)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--workers", type=int, help="loader workers (default: 0 for in-memory data, else 2)")
+    t.add_argument("--backend", default="auto", help="loader backend: auto | torch | dali | ffcv")
+    t.add_argument("--policy", default="uniform", help="subset policy: uniform | scored")
+    t.add_argument("--freeze-transfer", action="store_true", help="frozen random transfer head (reference code)")
+    t.add_argument("--momentum", type=float, default=0.99, help="BYOL EMA momentum")
+    t.add_argument("--cosine-momentum", action="store_true", help="cosine momentum schedule up to 1")
+    t.add_argument("--threads", type=_positive_int, help="torch intra-op threads")
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="start over in an existing run directory")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("eval", help="linear probe and kNN of a trained run",
+                       description="Linear probe on frozen features (Adam 3e-4, 100 epochs, mean of the "
+                       "last 3 epochs' test top-1) and kNN (k=20, cosine). Writes RUN/eval.json.")
+    e.add_argument("run", help="run directory from rela train")
+    e.add_argument("--probe-epochs", type=_positive_int, default=100)
+    e.add_argument("--k", type=_positive_int, default=20)
+    e.add_argument("--test-data", help="test split (default: the run's, or fashion-mnist:test)")
+    e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.add_argument("--quiet", action="store_true")
     return p
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    import torch
+
+    from rela.train import TrainConfig, train
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = TrainConfig(
+        data=a.data, out=a.out, prior=None if a.no_rela else a.prior, budget=a.budget, method=a.method,
+        arch=a.arch, width=a.width, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+        weight_decay=a.weight_decay, phase="off" if a.no_rela else a.phase, image_size=a.image_size, dim=a.dim,
+        prior_input_size=a.prior_input_size, limit=a.limit, test_data=a.test_data, seed=a.seed,
+        num_workers=a.workers, backend=a.backend, policy=a.policy, freeze_transfer=a.freeze_transfer,
+        momentum=a.momentum, cosine_momentum=a.cosine_momentum,
+    )
+    s = train(cfg, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet)
+    sw = s["switch"]
+    print(f"run        {a.out}\n"
+          f"steps      {s['steps']} ({s['images_seen']} images), median {1000 * s['median_step_seconds']:.0f} ms/step\n"
+          f"seconds    training {s['train_seconds']:.1f} + conversion {s['conversion_seconds']:.1f} = {s['total_seconds']:.1f}\n"
+          f"switch     " + (f"step {sw['step']} (epoch {sw['epoch']}), rho {sw['rho']:.4f}"
+                             + (f", kNN {sw['knn_top1']:.4f}" if "knn_top1" in sw else "") if sw else "none") + "\n"
+          f"next       rela eval {a.out}")
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from rela.train import evaluate_run
+
+    r = evaluate_run(a.run, probe_epochs=a.probe_epochs, k=a.k, test_data=a.test_data, progress=not a.quiet)
+    if a.json:
+        print(json.dumps(r, indent=1))
+    else:
+        print(f"run        {r['run']} ({r['epochs_trained']} epochs)\n"
+              f"linear     top-1 {r['linear_top1']:.4f} (mean of last 3 of {r['probe_epochs']} epochs; final {r['linear_final']:.4f})\n"
+              f"kNN        top-1 {r['knn_top1']:.4f} (k={r['k']})\n"
+              f"data       {r['train_samples']} train / {r['test_samples']} test ({r['test_data']})")
+    return 0
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
@@ -120,7 +207,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"convert": cmd_convert, "info": cmd_info}[args.command](args)
+        return {"convert": cmd_convert, "info": cmd_info, "train": cmd_train, "eval": cmd_eval}[args.command](args)
     except RelaError as e:
         print(f"rela: error: {e}", file=sys.stderr)
         return 2

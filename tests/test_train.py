@@ -1,0 +1,177 @@
+"""ReLA-F training: phase modes, the view switch, the transfer head, exact resume, probes, bad arguments."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rela import Loader, convert
+from rela.accelerate import Accelerator
+from rela.datasets import ArrayDataset
+from rela.errors import RelaError, StoreMismatchError
+from rela.evaluate import knn_accuracy, linear_probe
+from rela.train import TrainConfig, evaluate_run, train
+from rela.views import eval_view
+from tests.conftest import run_cli, smooth_image
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """160 small images in an .npz, with a random-prior store made once for the module."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    images = np.stack([smooth_image(rng, 20, 20) for _ in range(160)])
+    path = root / "tiny.npz"
+    np.savez(path, images=images, labels=rng.integers(0, 4, len(images)))
+    store = convert(str(path), "random:resnet18", root / "store", dim=16, input_size=32, progress=False)
+    return {"data": str(path), "store": str(store.path), "root": root}
+
+
+def _cfg(tiny, tmp_path, **kw) -> TrainConfig:
+    base = dict(data=tiny["data"], out=str(tmp_path / "run"), prior=tiny["store"], budget=0.5, epochs=2,
+                batch_size=16, image_size=16, width=0.0625, phase="fixed:0.5", test_data=tiny["data"],
+                num_workers=0, probe_at_switch=True)
+    return TrainConfig(**{**base, **kw})
+
+
+def _steps(run) -> list[dict]:
+    with open(run / "steps.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_fixed_phase_switches_at_the_epoch_and_logs(tiny, tmp_path):
+    s = train(_cfg(tiny, tmp_path), progress=False)
+    rows = _steps(tmp_path / "run")
+    assert s["steps"] == len(rows) == 2 * (80 // 16)
+    assert {r["phase"] for r in rows if r["epoch"] == "0"} == {"rela"}
+    assert {r["phase"] for r in rows if r["epoch"] == "1"} == {"ssl"}
+    assert all(math.isnan(float(r["ssl_loss"])) for r in rows if r["epoch"] == "0")
+    sw = json.loads((tmp_path / "run" / "switch.json").read_text())
+    assert sw["step"] == 5 and sw["epoch"] == 1 and 0 <= sw["knn_top1"] <= 1
+    assert s["images_seen"] == 160 and s["conversion_seconds"] > 0 and s["train_seconds"] > 0
+    assert (tmp_path / "run" / "checkpoint.pt").exists() and (tmp_path / "run" / "epochs.csv").exists()
+
+
+def test_blend_mixes_both_losses(tiny, tmp_path):
+    train(_cfg(tiny, tmp_path, phase="blend"), progress=False)
+    rows = _steps(tmp_path / "run")
+    lams = [float(r["lam"]) for r in rows]
+    assert all(0 < lam < 1 for lam in lams) and lams[-1] < lams[0]  # ρ rises as the RELA loss settles
+    assert all(r["phase"] == "blend" and not math.isnan(float(r["ssl_loss"])) for r in rows)
+
+
+def test_adaptive_phase_runs_rela_until_rho_crosses(tiny, tmp_path):
+    train(_cfg(tiny, tmp_path, phase="adaptive"), progress=False)
+    rows = _steps(tmp_path / "run")
+    # With the reference constants ρ cannot reach 0.995 in ten steps: the whole run is RELA.
+    assert {r["phase"] for r in rows} == {"rela"} and float(rows[-1]["rho"]) < 0.995
+
+
+def test_adaptive_switch_changes_the_loader_views_at_the_next_batch():
+    rng = np.random.default_rng(0)
+    ds = ArrayDataset(np.stack([smooth_image(rng, 20, 20) for _ in range(64)]), np.zeros(64, int), name="a")
+    loader = Loader(ds, 8, views="rela", image_size=16, num_workers=0)
+    acc = Accelerator(32, 8, "adaptive", loader=loader, ssl_views=[eval_view(12)],
+                      fast_momentum=0.5, slow_momentum=0.5, threshold=0.9)
+    it = iter(loader)
+    switched_at = None
+    for step in range(8):
+        batch = next(it)
+        if switched_at is not None:
+            assert len(batch["views"]) == 1 and batch["views"][0].shape[-1] == 12  # the very next batch
+            break
+        assert len(batch["views"]) == 2
+        if acc.step(1.0):  # a flat loss: fast and slow meet, ρ → 1
+            switched_at = step
+    assert switched_at is not None and acc.lam == 0 and acc.switched and int(acc.switch_step) == switched_at + 1
+    state = acc.state_dict()
+    again = Accelerator(32, 8, "adaptive")
+    again.load_state_dict(state)
+    assert again.switched and again.lam == 0 and again.rho == acc.rho
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_transfer_head_gets_gradients_unless_frozen(frozen):
+    acc = Accelerator(32, 8, "fixed:0.5", freeze_transfer=frozen)
+    feats = torch.randn(2, 4, 32, requires_grad=True)
+    acc.loss(feats, torch.randn(4, 8)).backward()
+    assert feats.grad is not None  # the backbone always learns from the RELA loss
+    assert (acc.transfer.weight.grad is None) == frozen
+
+
+def test_frozen_transfer_head_stays_put_in_training(tiny, tmp_path):
+    from rela.train import load_checkpoint
+
+    def head(name, **kw):
+        train(_cfg(tiny, tmp_path / name, phase="fixed:1", **kw), progress=False)  # all RELA
+        return load_checkpoint(tmp_path / name / "run" / "checkpoint.pt")["accelerator"]["transfer.weight"]
+
+    frozen1, frozen2 = head("f1", freeze_transfer=True, epochs=1), head("f2", freeze_transfer=True, epochs=2)
+    trained = head("t1", epochs=1)
+    assert torch.equal(frozen1, frozen2)  # 5 and 10 steps later: still the initial projection
+    assert not torch.equal(frozen1, trained)  # same seed, same init: only the trainable one moved
+
+
+def test_resume_continues_the_identical_loss_sequence(tiny, tmp_path):
+    cfg = _cfg(tiny, tmp_path / "a", epochs=3, phase="fixed:0.5")
+    train(cfg, progress=False)
+    full = [r["loss"] for r in _steps(tmp_path / "a" / "run")]
+    crashed = _cfg(tiny, tmp_path / "b", epochs=3, phase="fixed:0.5")
+    assert train(crashed, progress=False, stop_after_steps=7)["stopped_at_step"] == 7  # mid-epoch 2
+    with pytest.raises(RelaError, match="--resume"):
+        train(crashed, progress=False)
+    s = train(crashed, resume=True, progress=False)
+    resumed = [r["loss"] for r in _steps(tmp_path / "b" / "run")]
+    assert resumed == full and s["steps"] == len(full)
+    with pytest.raises(RelaError, match="different configuration"):
+        train(_cfg(tiny, tmp_path / "b", epochs=3, lr=0.5), resume=True, progress=False)
+
+
+def test_linear_probe_and_knn_separate_separable_data():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 16, generator=g) * 4
+    y = torch.arange(1000) % 5
+    x = centres[y] + torch.randn(1000, 16, generator=g)
+    probe = linear_probe(x[:800], y[:800], x[800:], y[800:], epochs=30, lr=1e-2)
+    assert probe["top1"] > 0.98 and len(probe["curve"]) == 30
+    assert knn_accuracy(x[:800], y[:800], x[800:], y[800:]) > 0.98
+
+
+def test_eval_reports_linear_and_knn(tiny, tmp_path):
+    train(_cfg(tiny, tmp_path, epochs=1), progress=False)
+    r = evaluate_run(tmp_path / "run", probe_epochs=3, progress=False)
+    assert 0 <= r["linear_top1"] <= 1 and 0 <= r["knn_top1"] <= 1 and r["train_samples"] == 160
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["knn_top1"] == r["knn_top1"]
+
+
+def test_bad_arguments_are_refused(tiny, tmp_path):
+    for budget in (0, -0.1, 1.5):
+        with pytest.raises(RelaError, match="budget"):
+            _cfg(tiny, tmp_path, budget=budget)
+    with pytest.raises(RelaError, match="unknown method 'dino'"):
+        _cfg(tiny, tmp_path, method="dino")
+    with pytest.raises(RelaError, match="unknown phase"):
+        _cfg(tiny, tmp_path, phase="sometimes")
+    with pytest.raises(RelaError, match="0 <= c <= 1"):
+        _cfg(tiny, tmp_path, phase="fixed:1.5")
+    other = tmp_path / "other.npz"
+    np.savez(other, images=np.zeros((40, 8, 8, 3), np.uint8), labels=np.zeros(40, int))
+    with pytest.raises(StoreMismatchError):
+        train(_cfg(tiny, tmp_path, data=str(other)), progress=False)
+
+
+def test_cli_train_and_eval(tiny, tmp_path):
+    run = tmp_path / "cli-run"
+    r = run_cli("train", "--data", tiny["data"], "--prior", tiny["store"], "--budget", "0.5", "--epochs", "2",
+                "--batch-size", "16", "--image-size", "16", "--width", "0.0625", "--test-data", tiny["data"],
+                "--out", str(run), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "switch     step 5" in r.stdout and "rela eval" in r.stdout
+    r = run_cli("eval", str(run), "--probe-epochs", "2", "--json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert 0 <= json.loads(r.stdout)["linear_top1"] <= 1
+    r = run_cli("train", "--data", tiny["data"], "--budget", "0", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "--budget must be in (0, 1]" in r.stderr
