@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--momentum", type=float, default=0.99, help="BYOL EMA momentum")
     t.add_argument("--cosine-momentum", action="store_true", help="cosine momentum schedule up to 1")
     t.add_argument("--threads", type=_positive_int, help="torch intra-op threads")
+    t.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda[:N]")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--overwrite", action="store_true", help="start over in an existing run directory")
@@ -128,7 +129,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         weight_decay=a.weight_decay, phase="off" if a.no_rela else a.phase, image_size=a.image_size, dim=a.dim,
         prior_input_size=a.prior_input_size, limit=a.limit, test_data=a.test_data, seed=a.seed,
         num_workers=a.workers, backend=a.backend, policy=a.policy, freeze_transfer=a.freeze_transfer,
-        momentum=a.momentum, cosine_momentum=a.cosine_momentum,
+        momentum=a.momentum, cosine_momentum=a.cosine_momentum, device=a.device,
     )
     s = train(cfg, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet)
     sw = s["switch"]

@@ -19,20 +19,21 @@ from rela.datasets import RelaDataset
 @torch.no_grad()
 def extract_features(backbone: nn.Module, dataset: RelaDataset, image_size: int, batch_size: int = 512,
                      num_workers: int | None = None, progress: bool = False, desc: str = "features",
-                     mean=None, std=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features and labels of every sample under the eval view (resize + centre crop)."""
+                     mean=None, std=None, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features and labels (on the CPU) of every sample under the eval view (resize +
+    centre crop), computed on `device`."""
     from tqdm.auto import tqdm
 
     from rela.loader import Loader
 
     loader = Loader(dataset, batch_size, views="eval", image_size=image_size, shuffle=False, drop_last=False,
-                    num_workers=num_workers, mean=mean, std=std)
+                    num_workers=num_workers, mean=mean, std=std, device=device)
     was_training = backbone.training
     backbone.eval()
     feats, labels = [], []
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        feats.append(backbone(batch["views"][0]).float())
-        labels.append(batch["label"])
+        feats.append(backbone(batch["views"][0]).float().cpu())
+        labels.append(batch["label"].cpu())
     backbone.train(was_training)
     return torch.cat(feats), torch.cat(labels)
 

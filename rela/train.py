@@ -50,6 +50,7 @@ class TrainConfig:
     momentum: float = 0.99
     cosine_momentum: bool = False
     probe_at_switch: bool = True
+    device: str = "auto"  # auto: cuda when available, else cpu
 
     def __post_init__(self) -> None:
         if not 0 < self.budget <= 1:
@@ -66,6 +67,15 @@ class TrainConfig:
     @property
     def uses_rela(self) -> bool:
         return self.prior is not None and not self.phase.startswith("off")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RelaError(f"--device {name}: no CUDA device is available here (use --device cpu)")
+    return device
 
 
 def default_test_data(data: str) -> str | None:
@@ -179,16 +189,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     keep_freed_memory()
 
+    device = resolve_device(cfg.device)
     dataset = open_dataset(cfg.data, cfg.limit)
     backbone, method = build_student(cfg)
+    backbone.to(device), method.to(device)
     store, conversion_s = _open_store(cfg, dataset, backbone.feature_dim, progress) if cfg.uses_rela else (None, 0.0)
     loader = Loader(dataset, cfg.batch_size, targets=store, views="rela" if cfg.uses_rela else method.views,
                     image_size=cfg.image_size, subset=cfg.budget, policy=cfg.policy, seed=cfg.seed,
-                    num_workers=cfg.num_workers, backend=cfg.backend)
+                    num_workers=cfg.num_workers, backend=cfg.backend, device=device, pin_memory=device.type == "cuda")
     acc = None
     if cfg.uses_rela:
         acc = Accelerator(backbone.feature_dim, store.dim, cfg.phase, freeze_transfer=cfg.freeze_transfer,
-                          loader=loader, ssl_views=method.views)
+                          loader=loader, ssl_views=method.views).to(device)
         if acc.mode == "blend":
             loader.set_views(method.views)  # both losses every step, on the SSL method's views
     params = list(backbone.parameters()) + method.online_parameters()
@@ -218,8 +230,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         if cfg.probe_at_switch and test_name:
             from rela.evaluate import extract_features, knn_accuracy
 
-            tr = extract_features(backbone, dataset.head(min(len(dataset), 5000)), cfg.image_size)
-            te = extract_features(backbone, open_dataset(test_name, 2000), cfg.image_size)
+            tr = extract_features(backbone, dataset.head(min(len(dataset), 5000)), cfg.image_size, device=device)
+            te = extract_features(backbone, open_dataset(test_name, 2000), cfg.image_size, device=device)
             info["knn_top1"] = knn_accuracy(*tr, *te)
         (out / "switch.json").write_text(json.dumps(info, indent=1))
         return info
@@ -287,7 +299,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         "config": asdict(cfg), "steps": step, "images_seen": images, "train_seconds": train_s,
         "conversion_seconds": conversion_s, "total_seconds": train_s + conversion_s,
         "median_step_seconds": statistics.median(step_times) if step_times else math.nan,
-        "switch": switch, "device": "cpu", "threads": torch.get_num_threads(),
+        "switch": switch, "device": str(device), "threads": torch.get_num_threads(),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -308,16 +320,18 @@ def evaluate_run(run: str | Path, *, probe_epochs: int = 100, k: int = 20, test_
     run = Path(run)
     cfg = config_from_run(run)
     state = load_checkpoint(run / "checkpoint.pt")
+    device = resolve_device(cfg.device)
     backbone, _ = build_student(cfg)
     backbone.load_state_dict(state["backbone"])
+    backbone.to(device)
     test_name = test_data or cfg.test_data or default_test_data(cfg.data)
     if test_name is None:
         raise RelaError(f"no test split known for {cfg.data!r}: pass --test-data")
     t0 = time.perf_counter()
     train_x, train_y = extract_features(backbone, open_dataset(cfg.data, cfg.limit), cfg.image_size,
-                                        progress=progress, desc="train features")
+                                        progress=progress, desc="train features", device=device)
     test_x, test_y = extract_features(backbone, open_dataset(test_name), cfg.image_size,
-                                      progress=progress, desc="test features")
+                                      progress=progress, desc="test features", device=device)
     probe = linear_probe(train_x, train_y, test_x, test_y, epochs=probe_epochs, seed=cfg.seed)
     result = {"run": str(run), "epochs_trained": state["epoch"] + 1, "linear_top1": probe["top1"],
               "linear_final": probe["final"], "knn_top1": knn_accuracy(train_x, train_y, test_x, test_y, k=k),
