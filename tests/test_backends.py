@@ -157,3 +157,8 @@ def test_ffcv_iterators_do_not_leak_threads():
 def test_unknown_backend_is_refused(folder):
     with pytest.raises(RelaError, match="unknown backend 'tf'"):
         Loader(folder, 4, image_size=16, backend="tf")
+
+
+def test_auto_picks_the_torch_backend_on_the_cpu(folder):
+    # Measured fastest here (bench/loader.py); on CUDA devices auto prefers DALI's GPU decode.
+    assert Loader(folder, 4, image_size=16, backend="auto").backend == "torch"
