@@ -2,7 +2,11 @@
 
 - Linear probe: features of the un-augmented training and test images are computed once and
   cached; a linear layer is trained on them with Adam (lr 3e-4) for 100 epochs; the reported
-  top-1 is the mean test accuracy of the last 3 epochs (as the reference code reports).
+  top-1 is the mean test accuracy of the last 3 epochs (as the reference code reports). Features
+  are standardised with the training set's mean and std (a BatchNorm without affine, as MAE's
+  probe does) and mini-batches are 64: on a 10k-image training set the raw-feature probe with
+  batch 256 was still climbing at epoch 100 (BYOL 100%: 0.692 raw/256, 0.741 standardised/64,
+  kNN 0.747), i.e. it measured the probe's convergence, not the features.
 - kNN: k = 20 nearest training features by cosine similarity, votes weighted by exp(sim / 0.07)
   (the usual SSL kNN monitor, Wu et al. 2018).
 """
@@ -55,10 +59,13 @@ def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 epochs: int = 100, lr: float = 3e-4, batch_size: int = 256, seed: int = 0,
-                 last: int = 3) -> dict:
+                 epochs: int = 100, lr: float = 3e-4, batch_size: int = 64, seed: int = 0,
+                 last: int = 3, standardize: bool = True) -> dict:
     """Train a linear classifier on frozen features; returns the mean test top-1 of the last
     `last` epochs, the final one, and the per-epoch curve."""
+    if standardize:
+        mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
+        train_x, test_x = (train_x - mu) / sd, (test_x - mu) / sd
     g = torch.Generator().manual_seed(seed)
     classes = int(max(train_y.max(), test_y.max())) + 1
     head = nn.Linear(train_x.shape[1], classes)
