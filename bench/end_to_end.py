@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from bench._common import device_line  # noqa: E402
 from rela.convert import convert  # noqa: E402
-from rela.train import TrainConfig, evaluate_run, train  # noqa: E402
+from rela.train import TrainConfig, config_from_run, evaluate_run, train  # noqa: E402
 
 ARMS = {  # name: (prior, budget, phase)
     "byol-100": (None, 1.0, "off"),
@@ -63,7 +63,7 @@ def run_arm(name: str, spec, seed: int, args, stores: dict) -> dict:
         epochs=args.epochs, seed=seed, num_workers=args.workers, width=0.125, arch="resnet18-cifar",
     )
     run = Path(cfg.out)
-    same = (run / "config.json").exists() and json.loads((run / "config.json").read_text()) == cfg.__dict__
+    same = (run / "config.json").exists() and config_from_run(run) == cfg
     if same and (run / "eval.json").exists() and (run / "summary.json").exists():  # done before: reuse
         summary, result = json.loads((run / "summary.json").read_text()), json.loads((run / "eval.json").read_text())
     else:
@@ -107,10 +107,11 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
+    for k, r in enumerate(sorted(rows, key=lambda r: (r["total_s"], r["linear"]))):
         colour = "tab:blue" if r["arm"].startswith("byol") else "tab:red"
         ax.scatter(r["total_s"], r["linear"], c=colour, s=30)
-        ax.annotate(r["arm"], (r["total_s"], r["linear"]), textcoords="offset points", xytext=(4, 3), fontsize=8)
+        ax.annotate(f"{r['arm']} s{r['seed']}", (r["total_s"], r["linear"]), textcoords="offset points",
+                    xytext=(4, 3 if k % 2 == 0 else -11), fontsize=8)  # alternate: neighbours don't overlap
     ax.set_xlabel("total wall-clock seconds (training + conversion), CPU")
     ax.set_ylabel("linear-probe top-1 (Fashion-MNIST test)")
     ax.set_title("RELA vs BYOL: accuracy against cost")

@@ -113,8 +113,8 @@ class Accelerator(nn.Module):
         self.steps += 1
         if loss is None:
             loss = self._last
-        if self.mode not in ("adaptive", "blend") or self.switched:
-            return False
+        if self.mode == "off" or self.switched:
+            return False  # ρ is tracked in every mode while RELA runs (logged); only adaptive acts on it
         value = torch.as_tensor(float(loss), dtype=torch.float64)
         import torch.distributed as dist
 
@@ -126,7 +126,7 @@ class Accelerator(nn.Module):
         if self.mode == "blend":
             self.weight.fill_(1.0 - self.rho)
             return False
-        if self.rho >= self.threshold:
+        if self.mode == "adaptive" and self.rho >= self.threshold:
             self._switch()
             return True
         return False

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, default=128)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--phase", default="fixed:0.5", help="fixed:<fraction> | adaptive | blend (see docs)")
+    t.add_argument("--phase", default="adaptive", help="adaptive (default) | fixed:<fraction> | blend (see README)")
     t.add_argument("--image-size", type=_positive_int, default=32)
     t.add_argument("--dim", type=_positive_int, help="target dim when converting (default: student feature dim)")
     t.add_argument("--prior-input-size", type=_positive_int, help="prior resolution when converting")

@@ -36,7 +36,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.01
-    phase: str = "fixed:0.5"
+    phase: str = "adaptive"  # bench/end_to_end.py: the best arm at 50%; see the README
     image_size: int = 32
     dim: int | None = None  # target dim; default min(student feature dim, prior dim)
     prior_input_size: int | None = None
@@ -181,9 +181,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     out.mkdir(parents=True, exist_ok=True)
     state = load_checkpoint(ckpt_path) if resume else None
     if state is not None:
-        saved = {k: v for k, v in state["config"].items() if k != "out"}
+        saved = {k: v for k, v in _with_defaults(state["config"]).items() if k != "out"}
         now = {k: v for k, v in asdict(cfg).items() if k != "out"}
-        diff = {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k]}
+        diff = {k: (saved[k], now[k]) for k in now if saved[k] != now[k]}
         if diff:
             raise RelaError(f"--resume with a different configuration: {diff}; resume with the original arguments")
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
@@ -305,10 +305,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     return summary
 
 
-def config_from_run(run: str | Path) -> TrainConfig:
-    raw = json.loads((Path(run) / "config.json").read_text())
+def _with_defaults(raw: dict) -> dict:
+    """A saved configuration with the fields added since it was written at their defaults."""
     known = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in raw.items() if k in known})
+    return asdict(TrainConfig(**{k: v for k, v in raw.items() if k in known}))
+
+
+def config_from_run(run: str | Path) -> TrainConfig:
+    return TrainConfig(**_with_defaults(json.loads((Path(run) / "config.json").read_text())))
 
 
 def evaluate_run(run: str | Path, *, probe_epochs: int = 100, k: int = 20, test_data: str | None = None,
