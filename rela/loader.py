@@ -306,8 +306,10 @@ class Loader:
 
     def _pick_backend(self, backend: str, device: torch.device) -> str:
         """`auto`: DALI on a GPU (hardware-assisted decode) when installed; on the CPU rela's own
-        torch backend, which measured fastest there (bench/loader.py: rela threads ≈ 1.07× FFCV,
-        1.3× DALI CPU on 2 cores)."""
+        torch backend — it needs no conversion step and replays crops exactly on resume. In
+        bench/loader.py (2 cores) the ffcv backend was faster for one view (1455 vs 1072 img/s)
+        and slower for two (705 vs 759), DALI's CPU pipeline slower in both; choose `ffcv`
+        explicitly to trade exact replay for that."""
         from rela.backends import available
 
         have = available()
