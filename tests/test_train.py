@@ -166,7 +166,7 @@ def test_bad_arguments_are_refused(tiny, tmp_path):
 def test_cli_train_and_eval(tiny, tmp_path):
     run = tmp_path / "cli-run"
     r = run_cli("train", "--data", tiny["data"], "--prior", tiny["store"], "--budget", "0.5", "--epochs", "2",
-                "--batch-size", "16", "--image-size", "16", "--width", "0.0625", "--test-data", tiny["data"],
+                "--batch-size", "16", "--image-size", "16", "--width", "0.0625", "--test-data", tiny["data"], "--phase", "fixed:0.5",
                 "--out", str(run), "--quiet")
     assert r.returncode == 0, r.stderr
     assert "switch     step 5" in r.stdout and "rela eval" in r.stdout
