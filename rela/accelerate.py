@@ -17,7 +17,8 @@ Phases (`phase=`):
 - `fixed:c` — RELA for the first ⌊c·epochs⌋ epochs, then the SSL method alone (`fixed:1` = RELA only).
 - `adaptive` — the reference rule: fast = 0.999·fast + 0.001·loss, slow = 0.99·slow + 0.01·fast
   (start 1.0 / 2.0), ρ = exp(−max(slow − fast, 0)); switch once ρ ≥ 0.995. Constants are arguments.
-- `blend` — λ = 1 − ρ weights the RELA loss and 1 − λ = ρ the SSL loss, continuously.
+- `blend` — λ = 1 − ρ weights the RELA loss and 1 − λ = ρ the SSL loss, continuously, on the
+  SSL method's views (the accelerator sets them on the loader when it is created).
 - `off` — no RELA at all (the plain SSL baseline).
 
 λ (`acc.lam`) is the RELA loss weight: 1 in the RELA phase, 0 after the switch. At the switch the
@@ -74,7 +75,9 @@ class Accelerator(nn.Module):
         self.register_buffer("weight", torch.tensor(0.0 if self.mode == "off" else 1.0, dtype=torch.float64))
         if self.mode == "blend":
             self.weight.fill_(1.0 - self.rho)
-        self._last = 0.0
+            if loader is not None:
+                loader.set_views(ssl_views)  # both losses every step, on the SSL method's views
+        self.last_loss = 0.0  # the last mean RELA loss, for step() and the logs
 
     # --- the phase --------------------------------------------------------------------------
     @property
@@ -112,10 +115,10 @@ class Accelerator(nn.Module):
         adaptive/blend, λ. Returns True on the step that switched."""
         self.steps += 1
         if loss is None:
-            loss = self._last
+            loss = self.last_loss
         if self.mode == "off" or self.switched:
             return False  # ρ is tracked in every mode while RELA runs (logged); only adaptive acts on it
-        value = torch.as_tensor(float(loss), dtype=torch.float64)
+        value = torch.as_tensor(float(loss), dtype=torch.float64, device=self.fast.device)  # NCCL: on the GPU
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -143,7 +146,7 @@ class Accelerator(nn.Module):
         if index is not None and self.loader is not None and self.loader.subset.policy == "scored":
             self.loader.update_scores(index, per.detach())
         mean = per.mean()
-        self._last = float(mean.detach())
+        self.last_loss = float(mean.detach())
         return mean
 
     def extra_repr(self) -> str:

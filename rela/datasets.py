@@ -211,6 +211,13 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """A `load()` result (uint8 H×W×C, C = 1 or 3) as a contiguous H×W×3 array, for libraries
+    that take only RGB (DALI's external source, FFCV's RGBImageField)."""
+    image = np.asarray(image)
+    return np.ascontiguousarray(np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image)
+
+
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from a JPEG's frame header, without decoding; None if there is none."""
     i = 2

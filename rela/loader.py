@@ -85,23 +85,30 @@ class _BatchBuilder(torch.utils.data.Dataset):
     def __getitem__(self, task: _Task) -> dict:
         return self.build(task)
 
-    def _load(self, index: int, skipped: list) -> tuple[int, torch.Tensor]:
-        """Decode `index`; with on_error='skip', walk forward to the next decodable sample."""
+    def candidates(self, index: int) -> Iterator[int]:
+        """The samples that may stand for `index`, in order: itself, then the next ones (the walk
+        on_error='skip' takes past undecodable samples; samples skipped at conversion never
+        qualify). Every backend replaces samples by this one rule."""
         n = len(self.dataset)
         for step in range(min(n, 64)):
             i = (index + step) % n
-            if i in self.skip:
-                continue
+            if i not in self.skip:
+                yield i
+        raise RelaError(f"no decodable sample found near index {index}; the dataset is mostly broken")
+
+    def _load(self, index: int, skipped: list) -> tuple[int, torch.Tensor]:
+        """Decode `index`; with on_error='skip', walk forward to the next decodable sample."""
+        for i in self.candidates(index):
             try:
                 img = self.dataset.load(i)
             except CorruptImageError as e:
                 if self.on_error == "raise":
                     raise
-                skipped.append((index if step == 0 else i, e.source, e.reason))
+                skipped.append((i, e.source, e.reason))
                 continue
             t = torch.from_numpy(img if img.flags.writeable else img.copy())  # strided views are fine
             return i, t.permute(2, 0, 1)
-        raise RelaError(f"no decodable sample found near index {index}; the dataset is mostly broken")
+        raise AssertionError("unreachable: candidates() raises when it runs out")
 
     def jpeg_file(self, i: int) -> tuple[bytes | None, tuple[int, int] | None]:
         """Sample i's JPEG bytes and (width, height) when a fast decoder may take it: a readable

@@ -135,6 +135,11 @@ class _Log:
             self.tb.close()
 
 
+def _phase_name(lam: float) -> str:
+    """What a step with RELA weight λ is, for the logs."""
+    return "rela" if lam == 1 else "ssl" if lam == 0 else "blend"
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -201,8 +206,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     if cfg.uses_rela:
         acc = Accelerator(backbone.feature_dim, store.dim, cfg.phase, freeze_transfer=cfg.freeze_transfer,
                           loader=loader, ssl_views=method.views).to(device)
-        if acc.mode == "blend":
-            loader.set_views(method.views)  # both losses every step, on the SSL method's views
     params = list(backbone.parameters()) + method.online_parameters()
     if acc is not None and not cfg.freeze_transfer:
         params += list(acc.transfer.parameters())
@@ -226,7 +229,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     test_name = cfg.test_data or default_test_data(cfg.data)
 
     def on_switch(epoch: int) -> dict:
-        info = {"step": step, "epoch": epoch, "rho": acc.rho, "rela_loss": acc._last}
+        info = {"step": step, "epoch": epoch, "rho": acc.rho, "rela_loss": acc.last_loss}
         if cfg.probe_at_switch and test_name:
             from rela.evaluate import extract_features, knn_accuracy
 
@@ -267,7 +270,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
                 dt = time.perf_counter() - t0
                 row = {"step": step, "epoch": epoch, "lam": round(lam, 6),
                        "rho": round(acc.rho, 6) if acc is not None else math.nan,
-                       "phase": "rela" if lam == 1 else "ssl" if lam == 0 else "blend",
+                       "phase": _phase_name(lam),
                        "loss": float(loss.detach()), "rela_loss": rela_l, "ssl_loss": ssl_l, "seconds": round(dt, 5)}
                 log.write(row)
                 step_times.append(dt)
@@ -284,7 +287,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
             epoch_s = time.perf_counter() - t_epoch
             train_s += epoch_s
             images += n_epoch
-            phase = "rela" if acc is not None and acc.lam == 1 else "ssl" if acc is None or acc.lam == 0 else "blend"
+            phase = _phase_name(acc.lam if acc is not None else 0.0)
             with epochs_csv.open("a") as f:
                 f.write(f"{epoch},{epoch_s:.3f},{len(loader)},{n_epoch},{phase}\n")
             _atomic_save({

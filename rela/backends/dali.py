@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from rela.datasets import as_rgb
 from rela.views import ViewSpec, colour_params, geometry, sample_generator
 
 
@@ -98,9 +99,7 @@ class DaliBuilder:
             for row, i in enumerate(task.indices):
                 if i in self.base.skip:
                     continue
-                img = np.asarray(ds.load(i))
-                img = img[:, :, None] if img.ndim == 2 else img
-                img = np.ascontiguousarray(np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img[:, :, :3])
+                img = as_rgb(ds.load(i))
                 rows.append(row), data.append(img), hw.append(img.shape[:2])
             return "array", rows, data, hw
         rows, data, hw = [], [], []
@@ -147,7 +146,8 @@ class DaliBuilder:
         views = [self._to_torch(o, len(rows), spec.size) for o, spec in zip(outs, task.views, strict=True)]
         index = torch.tensor(task.indices, dtype=torch.int64)
         skipped: list = []
-        rest = [r for r in range(len(task.indices)) if r not in set(rows)]
+        given = set(rows)
+        rest = [r for r in range(len(task.indices)) if r not in given]
         if rest:  # rows DALI is not given: the general path, with its on_error handling
             sub = self.base.build(type(task)(task.epoch, task.number, tuple(task.indices[r] for r in rest),
                                              task.views, task.version))

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rela.errors import CorruptImageError, RelaError
+from rela.datasets import as_rgb
+from rela.errors import CorruptImageError
 from rela.views import ViewSpec, colour, normalize_batch, sample_generator
 
 
@@ -43,12 +44,9 @@ class _Source:
 
     def __getitem__(self, i: int):
         try:
-            img = np.asarray(self.dataset.load(i))
+            return as_rgb(self.dataset.load(i)), i, 1
         except CorruptImageError:
             return np.zeros((8, 8, 3), np.uint8), i, 0
-        img = img[:, :, None] if img.ndim == 2 else img
-        img = np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img[:, :, :3]
-        return np.ascontiguousarray(img), i, 1
 
 
 def write_beton(dataset, threads: int = 1) -> Path:
@@ -110,19 +108,16 @@ class FfcvBatches:
         self.skipped: dict[int, list] = {}
 
     def _replace(self, i: int, skipped: list) -> int:
-        """A drawn sample the .beton holds no image for: raise, or walk to the next good one."""
-        n = len(self.base.dataset)
-        for step in range(min(n, 64)):
-            j = (i + step) % n
-            if j in self.base.skip:
-                continue
+        """A drawn sample the .beton holds no image for: raise, or take the loader's walk to the
+        next good one."""
+        for j in self.base.candidates(i):
             if j not in self.bad:
                 return j
             source = self.base.dataset.describe(j)
             if self.base.on_error == "raise":
                 raise CorruptImageError(j, source, "could not be decoded when the .beton was written")
             skipped.append((j, source, "undecodable when the .beton was written"))
-        raise RelaError(f"no decodable sample found near index {i}; the dataset is mostly broken")
+        raise AssertionError("unreachable: candidates() raises when it runs out")
 
     def _loader(self, spec: ViewSpec):
         if spec not in self.loaders:
