@@ -23,3 +23,4 @@ bench: setup
 	$(PYTHON) bench/kernels.py
 	$(PYTHON) bench/resample.py
 	$(PYTHON) bench/loader.py
+	$(PYTHON) bench/end_to_end.py --extra --quiet

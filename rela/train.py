@@ -211,6 +211,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         params += list(acc.transfer.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = len(loader) * cfg.epochs
+    if total_steps == 0:
+        raise RelaError(f"--budget {cfg.budget} of {len(dataset)} samples is {loader.subset.size} per epoch, "
+                        f"fewer than one batch of {cfg.batch_size}: nothing would train. Raise --budget or "
+                        "--limit, or lower --batch-size")
 
     start_epoch, step, train_s, images, step_times, switch = 0, 0, 0.0, 0, [], None
     if state is not None:

@@ -157,6 +157,8 @@ def test_bad_arguments_are_refused(tiny, tmp_path):
         _cfg(tiny, tmp_path, phase="sometimes")
     with pytest.raises(RelaError, match="0 <= c <= 1"):
         _cfg(tiny, tmp_path, phase="fixed:1.5")
+    with pytest.raises(RelaError, match="fewer than one batch of 128"):
+        train(_cfg(tiny, tmp_path, budget=0.1, batch_size=128), progress=False)
     other = tmp_path / "other.npz"
     np.savez(other, images=np.zeros((40, 8, 8, 3), np.uint8), labels=np.zeros(40, int))
     with pytest.raises(StoreMismatchError):
