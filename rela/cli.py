@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--deep", action="store_true", help="fingerprint file contents, not just names and sizes")
     c.add_argument("--trust-pickle", action="store_true",
                    help="allow weights files that contain pickled Python objects (runs their code!)")
+    c.add_argument("--device", default="auto",
+                   help="where the prior runs: auto (this rank's GPU when there is one) | cpu | cuda[:N]")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
 
     i = sub.add_parser("info", help="print a store's manifest and target statistics",
@@ -81,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--arch", default="resnet18-cifar", help="resnet18|34|50[-cifar]")
     t.add_argument("--width", type=float, default=0.125, help="width multiplier of the student")
     t.add_argument("--epochs", type=_positive_int, default=20)
-    t.add_argument("--batch-size", type=_positive_int, default=128)
+    t.add_argument("--batch-size", type=_positive_int, default=128,
+                   help="global batch (default 128); under torchrun each rank takes an equal share")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--weight-decay", type=float, default=0.01)
     t.add_argument("--phase", default="adaptive", help="adaptive (default) | fixed:<fraction> | blend (see README)")
@@ -98,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--momentum", type=float, default=0.99, help="BYOL EMA momentum")
     t.add_argument("--cosine-momentum", action="store_true", help="cosine momentum schedule up to 1")
     t.add_argument("--threads", type=_positive_int, help="torch intra-op threads")
-    t.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda[:N]")
+    t.add_argument("--device", default="auto",
+                   help="auto (cuda when available; under torchrun each rank's own GPU) | cpu | cuda[:N]")
+    t.add_argument("--sync-bn", action="store_true",
+                   help="SyncBatchNorm across ranks under torchrun (CUDA only)")
+    t.add_argument("--switch-threshold", type=float, default=0.995,
+                   help="adaptive phase: switch once rho reaches this (default 0.995, the reference's)")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--overwrite", action="store_true", help="start over in an existing run directory")
@@ -129,9 +137,14 @@ def cmd_train(a: argparse.Namespace) -> int:
         weight_decay=a.weight_decay, phase="off" if a.no_rela else a.phase, image_size=a.image_size, dim=a.dim,
         prior_input_size=a.prior_input_size, limit=a.limit, test_data=a.test_data, seed=a.seed,
         num_workers=a.workers, backend=a.backend, policy=a.policy, freeze_transfer=a.freeze_transfer,
-        momentum=a.momentum, cosine_momentum=a.cosine_momentum, device=a.device,
+        momentum=a.momentum, cosine_momentum=a.cosine_momentum, device=a.device, sync_bn=a.sync_bn,
+        switch_threshold=a.switch_threshold,
     )
     s = train(cfg, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet)
+    from rela import distributed as dist_util
+
+    if not dist_util.is_main():
+        return 0
     sw = s["switch"]
     print(f"run        {a.out}\n"
           f"steps      {s['steps']} ({s['images_seen']} images), median {1000 * s['median_step_seconds']:.0f} ms/step\n"
@@ -165,8 +178,12 @@ def cmd_convert(a: argparse.Namespace) -> int:
         resume=True if a.resume else None, overwrite=a.overwrite, keep_raw=a.keep_raw,
         deep=a.deep, progress=not a.quiet, arch=a.arch, weights=a.weights,
         input_size=a.input_size, mean=a.mean, std=a.std, seed=a.seed, trust_pickle=a.trust_pickle,
+        device=a.device,
     )
-    print(summary(store))
+    from rela import distributed as dist_util
+
+    if dist_util.is_main():
+        print(summary(store))
     return 0
 
 
@@ -206,12 +223,30 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Under torchrun (WORLD_SIZE > 1), `convert` and `train` join the process group first."""
     args = build_parser().parse_args(argv)
+    joined, dist_util = False, None
     try:
-        return {"convert": cmd_convert, "info": cmd_info, "train": cmd_train, "eval": cmd_eval}[args.command](args)
+        if args.command in ("convert", "train"):
+            from rela import distributed as dist_util  # imports torch: not for --help or info
+
+            joined = dist_util.init(args.device)
+        code = {"convert": cmd_convert, "info": cmd_info, "train": cmd_train, "eval": cmd_eval}[args.command](args)
     except RelaError as e:
-        print(f"rela: error: {e}", file=sys.stderr)
-        return 2
+        rank, world = dist_util.rank_world() if dist_util else (0, 1)
+        where = f" (rank {rank} of {world})" if world > 1 else ""
+        print(f"rela: error{where}: {e}", file=sys.stderr, flush=True)
+        return 2  # no clean-up collective: peers may be stuck elsewhere; torchrun stops them
     except KeyboardInterrupt:
         print("rela: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        if not (dist_util and dist_util.active() and dist_util.lost_peer(e)):
+            raise
+        rank, world = dist_util.rank_world()
+        print(f"rela: error (rank {rank} of {world}): another rank stopped (its error is above); "
+              f"this rank's collective failed: {str(e).splitlines()[0][:200]}", file=sys.stderr, flush=True)
+        return 3
+    if joined:
+        dist_util.shutdown()
+    return code

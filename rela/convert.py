@@ -18,7 +18,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -30,8 +29,10 @@ import numpy as np
 import torch
 
 from rela import __version__
+from rela import distributed as dist_util
 from rela.datasets import RelaDataset, open_dataset
 from rela.errors import CorruptImageError, RelaError, StoreError
+from rela.faults import crashpoint as _crashpoint
 from rela.pca import StreamingMoments, fit_whitening
 from rela.priors import Prior, load_prior
 from rela.store import (
@@ -45,21 +46,6 @@ from rela.store import (
     atomic_write_bytes,
     fsync_dir,
 )
-
-_crash_hits: dict[str, int] = {}
-
-
-def _crashpoint(name: str) -> None:
-    """Fault injection for the resume tests: RELA_CRASH_AT=name[:k] SIGKILLs at the k-th hit."""
-    spec = os.environ.get("RELA_CRASH_AT")
-    if not spec:
-        return
-    target, _, k = spec.partition(":")
-    if target != name:
-        return
-    _crash_hits[name] = _crash_hits.get(name, 0) + 1
-    if _crash_hits[name] >= int(k or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _PriorInputs(torch.utils.data.Dataset):
@@ -111,10 +97,15 @@ class _Chunk:
 
 
 class _Journal:
-    """Append-only record of committed chunks: one JSON line each, fsynced after writing."""
+    """Append-only record of committed chunks: one JSON line each, fsynced after writing.
 
-    def __init__(self, workdir: Path) -> None:
-        self.path = workdir / "journal.jsonl"
+    Each rank appends to its own file (`journal.jsonl` for a single process, `journal-rankR.jsonl`
+    under torchrun), so no two processes ever append to one file; `committed()` reads them all,
+    whatever world size wrote them, so a job resumes under any number of ranks."""
+
+    def __init__(self, workdir: Path, rank: int = 0, world: int = 1) -> None:
+        self.workdir, self.world = workdir, world
+        self.path = workdir / ("journal.jsonl" if world == 1 else f"journal-rank{rank}.jsonl")
         self.chunks_dir = workdir / "chunks"
 
     def chunk_path(self, k: int) -> Path:
@@ -123,9 +114,8 @@ class _Journal:
     def committed(self) -> dict[int, dict]:
         """Chunks whose file exists and matches its journal hash (a torn last line is ignored)."""
         done: dict[int, dict] = {}
-        if not self.path.exists():
-            return done
-        for line in self.path.read_text().splitlines():
+        lines = [line for p in sorted(self.workdir.glob("journal*.jsonl")) for line in p.read_text().splitlines()]
+        for line in lines:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
@@ -143,7 +133,7 @@ class _Journal:
         atomic_write_bytes(self.chunk_path(k), data)
         _crashpoint("before-journal")
         rec = {"chunk": k, "rows": len(features), "sha256": _sha256(data), "seconds": seconds,
-               "infer_seconds": infer_seconds,
+               "infer_seconds": infer_seconds, "world": self.world,
                "skipped": {str(i): r for i, r in errors.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -178,6 +168,7 @@ def convert(
     overwrite: bool = False,
     keep_raw: bool = False,
     deep: bool = False,
+    device: str | torch.device = "auto",
     progress: bool = True,
     **prior_kwargs,
 ) -> TargetStore:
@@ -185,9 +176,17 @@ def convert(
 
     resume: None resumes an interrupted conversion of the same job automatically; True
     insists that there is one; False refuses to touch one (use `overwrite` to discard it).
+
+    Under torch.distributed (e.g. `torchrun -m rela convert`) every rank calls this with the same
+    arguments and `out` on a filesystem they share: the uncommitted chunks are dealt round-robin
+    to the ranks, the PCA moments are reduced over ranks in float64 in chunk order, each rank
+    writes its chunks' target rows, and rank 0 writes the manifest. The store is bit-identical to
+    a single-process conversion on the CPU (same batches, same chunk-ordered reduction).
+    device: "auto" is the rank's GPU when there is one, else the CPU.
     """
     t_start = time.perf_counter()
     out = Path(out)
+    rank, world = dist_util.rank_world()
     dataset = open_dataset(data, limit)
     if isinstance(prior, str):
         prior = load_prior(prior, **prior_kwargs)
@@ -199,37 +198,57 @@ def convert(
     chunk_rows = max(batch_size, chunk_rows // batch_size * batch_size)  # batches never straddle chunks
     fp = dataset.fingerprint(deep=deep)
     identity = _job_identity(fp, prior)
+    dist_util.check_same("the dataset and prior", identity)
     workdir = out / WORKDIR
 
-    existing = _prepare_out(out, identity, dim, overwrite, resume)
-    if existing is not None:
-        return existing
-
-    job_path = workdir / "job.json"
-    if job_path.exists():
-        job = json.loads(job_path.read_text())
-        batch_size, chunk_rows = job["batch_size"], job["chunk_rows"]  # same batches as before
-    else:
-        (workdir / "chunks").mkdir(parents=True, exist_ok=True)
-        job = {**identity, "batch_size": batch_size, "chunk_rows": chunk_rows,
-               "library_version": __version__}
-        atomic_write_bytes(job_path, json.dumps(job, indent=1).encode())
-
-    journal = _Journal(workdir)
+    plan = dist_util.main_decides(_plan, out, identity, dim, overwrite, resume,
+                                  {"batch_size": batch_size, "chunk_rows": chunk_rows})
+    if plan is None:
+        return TargetStore.open(out)  # already complete for this dataset, prior and dim
+    job, done = plan
+    batch_size, chunk_rows = job["batch_size"], job["chunk_rows"]  # same batches as before
+    journal = _Journal(workdir, rank, world)
     n = len(dataset)
     chunks = [_Chunk(k, s, min(s + chunk_rows, n)) for k, s in enumerate(range(0, n, chunk_rows))]
-    done = journal.committed()
     todo = [c for c in chunks if c.k not in done]
-    done_rows = sum(c.stop - c.start for c in chunks if c.k in done)
-    if done and todo:
+    if done and todo and rank == 0:
         print(f"resuming {out}: {len(done)}/{len(chunks)} chunks already done", file=sys.stderr)
 
-    _extract(dataset, prior, journal, todo, batch_size, num_workers, skip_corrupt, progress, done_rows)
-    done = journal.committed()
+    prior.to(_conversion_device(device))
+    _extract(dataset, prior, journal, todo[rank::world], batch_size, num_workers, skip_corrupt,
+             progress and rank == 0, n - sum(c.stop - c.start for c in todo), world)
+    done = dist_util.main_decides(journal.committed)  # after every rank's extraction
     missing = [c.k for c in chunks if c.k not in done]
     if missing:
         raise StoreError(f"chunks {missing[:5]} are missing after extraction; rerun to resume")
-    return _finalize(out, dataset, prior, journal, chunks, done, dim, fp, keep_raw, t_start, progress)
+    return _finalize(out, dataset, prior, journal, chunks, done, dim, fp, keep_raw, t_start, progress and rank == 0)
+
+
+def _conversion_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist_util.local_rank() if dist_util.active() else torch.cuda.current_device())
+        return torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RelaError(f"--device {device}: no CUDA device is available here (use --device cpu)")
+    return device
+
+
+def _plan(out: Path, identity: dict, dim: int, overwrite: bool, resume: bool | None, sizes: dict):
+    """Rank 0: settle what is at `out`. None → a finished store to reuse; else (job, committed
+    chunks), with the job's batch and chunk sizes taken from an interrupted run when resuming."""
+    if _prepare_out(out, identity, dim, overwrite, resume) is not None:
+        return None
+    workdir = out / WORKDIR
+    job_path = workdir / "job.json"
+    if job_path.exists():
+        job = json.loads(job_path.read_text())
+    else:
+        (workdir / "chunks").mkdir(parents=True, exist_ok=True)
+        job = {**identity, **sizes, "library_version": __version__}
+        atomic_write_bytes(job_path, json.dumps(job, indent=1).encode())
+    return job, _Journal(workdir).committed()
 
 
 def _prepare_out(out: Path, identity: dict, dim: int, overwrite: bool, resume: bool | None):
@@ -272,7 +291,7 @@ def _prepare_out(out: Path, identity: dict, dim: int, overwrite: bool, resume: b
     return None
 
 
-def _extract(dataset, prior, journal, todo, batch_size, num_workers, skip_corrupt, progress, done_rows):
+def _extract(dataset, prior, journal, todo, batch_size, num_workers, skip_corrupt, progress, done_rows, world=1):
     if not todo:
         return
     from tqdm import tqdm
@@ -291,8 +310,12 @@ def _extract(dataset, prior, journal, todo, batch_size, num_workers, skip_corrup
         collate_fn=inputs.collate, worker_init_fn=_worker_init if num_workers else None,
         timeout=600 if num_workers else 0,
     )
-    bar = tqdm(total=len(dataset), initial=done_rows, unit="img", desc="prior features",
-               disable=not progress, dynamic_ncols=True, smoothing=0.05)
+    if world == 1:
+        bar = tqdm(total=len(dataset), initial=done_rows, unit="img", desc="prior features",
+                   disable=not progress, dynamic_ncols=True, smoothing=0.05)
+    else:  # rank 0's shard; the others run alongside
+        bar = tqdm(total=sum(c.stop - c.start for c in todo), unit="img", dynamic_ncols=True, smoothing=0.05,
+                   desc=f"prior features (rank 0's shard of {world})", disable=not progress)
     chunk_iter: Iterator[_Chunk] = iter(todo)
     chunk = next(chunk_iter)
     feats = np.zeros((chunk.stop - chunk.start, prior.dim), np.float32)
@@ -306,7 +329,7 @@ def _extract(dataset, prior, journal, todo, batch_size, num_workers, skip_corrup
                 i, reason = bad[0]
                 raise CorruptImageError(i, dataset.describe(i), reason)
             t_inf = time.perf_counter()
-            f = prior(prior.normalize(x)).numpy()
+            f = prior(prior.normalize(x.to(prior.device, non_blocking=True))).numpy()
             infer_s += time.perf_counter() - t_inf
             rows = idx.numpy() - chunk.start
             for i, reason in bad:
@@ -334,11 +357,44 @@ def _extract(dataset, prior, journal, todo, batch_size, num_workers, skip_corrup
         bar.close()
 
 
+def _reduce_moments(journal: _Journal, chunks: list[_Chunk], dim: int, progress: bool) -> StreamingMoments:
+    """Float64 mean and scatter of all valid rows, reduced over ranks in chunk order.
+
+    Each rank computes the moments of every world-th chunk (the O(C·D²) part); one all-gather
+    per round of `world` chunks brings them to every rank, which merges them in chunk order.
+    A plain all_reduce would add the shards in an order that depends on the world size; merging
+    in chunk order gives a single process's exact bits. Memory per round: world · 8·D² bytes."""
+    from tqdm import tqdm
+
+    rank, world = dist_util.rank_world()
+    total = StreamingMoments(dim)
+    rounds = range(0, len(chunks), world)
+    for first in tqdm(rounds, desc="covariance", unit="round" if world > 1 else "chunk", disable=not progress):
+        group = chunks[first:first + world]
+        mine = StreamingMoments(dim)
+        if rank < len(group):
+            f, v = journal.load(group[rank].k)
+            mine = StreamingMoments.of(f[v])
+        if world == 1:
+            parts = [mine]
+        else:
+            import torch.distributed as dist
+
+            packed = torch.from_numpy(mine.pack())
+            gathered = [torch.empty_like(packed) for _ in range(world)]
+            dist.all_gather(gathered, packed, group=dist_util.cpu_group())
+            parts = [StreamingMoments.unpack(g.numpy(), dim) for g in gathered]
+        for part in parts[:len(group)]:
+            total.merge(part)
+    return total
+
+
 def _finalize(out, dataset, prior, journal, chunks, done, dim, fp, keep_raw, t_start, progress) -> TargetStore:
     from safetensors.numpy import save_file
     from tqdm import tqdm
 
     t0 = time.perf_counter()
+    rank, world = dist_util.rank_world()
     skipped = sorted(int(i) for rec in done.values() for i in rec.get("skipped", {}))
     n_valid = len(dataset) - len(skipped)
     if n_valid < 2:
@@ -346,31 +402,41 @@ def _finalize(out, dataset, prior, journal, chunks, done, dim, fp, keep_raw, t_s
     if dim > n_valid:
         raise RelaError(f"--dim {dim} exceeds the number of usable samples ({n_valid})")
 
-    moments = StreamingMoments(prior.dim)
-    for c in tqdm(chunks, desc="covariance", unit="chunk", disable=not progress):
-        f, v = journal.load(c.k)
-        moments.update(f[v])
-    white = fit_whitening(moments, dim)
+    moments = _reduce_moments(journal, chunks, prior.dim, progress)
+    white = dist_util.main_decides(fit_whitening, moments, dim)  # one eigendecomposition, for all
 
     workdir = out / WORKDIR
     tmp_targets = workdir / TARGETS
-    writer = TargetWriter(tmp_targets, len(dataset), dim)
-    for c in tqdm(chunks, desc="targets", unit="chunk", disable=not progress):
+    dist_util.main_decides(TargetWriter.create, tmp_targets, len(dataset), dim)  # header, sized file
+    writer = TargetWriter(tmp_targets, len(dataset), dim, create=False)
+    mine = chunks[rank::world]
+    for c in tqdm(mine, desc="targets", unit="chunk", disable=not progress):
         f, v = journal.load(c.k)
         z = white.transform(f)
         z[~v] = 0.0
-        writer.write(z)
-    writer.close()
-    save_file(white.tensors(), str(workdir / PCA))
-    _crashpoint("targets-written")
-    os.replace(workdir / PCA, out / PCA)
-    os.replace(tmp_targets, out / TARGETS)
-    fsync_dir(out)
-    _crashpoint("before-manifest")
+        writer.write(z, start=c.start)
+    writer.close(expect_rows=sum(c.stop - c.start for c in mine))
+    dist_util.barrier()  # every rank's rows are on disk
+    if rank == 0:
+        save_file(white.tensors(), str(workdir / PCA))
+        _crashpoint("targets-written")
+        os.replace(workdir / PCA, out / PCA)
+        os.replace(tmp_targets, out / TARGETS)
+        fsync_dir(out)
+        _crashpoint("before-manifest")
+        _write_manifest(out, dataset, prior, done, dim, fp, white, skipped, time.perf_counter() - t0, world)
+        if not keep_raw:
+            shutil.rmtree(workdir)
+    dist_util.barrier()  # the manifest exists
+    return TargetStore.open(out)  # the manifest holds this very fingerprint: no need to hash again
 
-    extract_s = sum(rec.get("seconds", 0.0) for rec in done.values())
-    infer_s = sum(rec.get("infer_seconds", 0.0) for rec in done.values())
-    finalize_s = time.perf_counter() - t0
+
+def _write_manifest(out, dataset, prior, done, dim, fp, white, skipped, finalize_s, world) -> None:
+    # Wall-clock estimate: each chunk's seconds over the number of ranks that ran alongside it
+    # (a job may have been resumed under another world size). process_seconds is their sum.
+    process_s = sum(rec.get("seconds", 0.0) for rec in done.values())
+    extract_s = sum(rec.get("seconds", 0.0) / rec.get("world", 1) for rec in done.values())
+    infer_s = sum(rec.get("infer_seconds", 0.0) / rec.get("world", 1) for rec in done.values())
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "library": {"name": "rela", "version": __version__, "torch": torch.__version__},
@@ -389,9 +455,8 @@ def _finalize(out, dataset, prior, journal, chunks, done, dim, fp, keep_raw, t_s
         "cost": {"extract_seconds": round(extract_s, 3), "inference_seconds": round(infer_s, 3),
                  "finalize_seconds": round(finalize_s, 3),
                  "seconds": round(extract_s + finalize_s, 3),
+                 "process_seconds": round(process_s, 3), "processes": world,
+                 "device": str(prior.device),
                  "images_per_second": round(len(dataset) / extract_s, 2) if extract_s else None},
     }
     atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
-    if not keep_raw:
-        shutil.rmtree(workdir)
-    return TargetStore.open(out)  # the manifest holds this very fingerprint: no need to hash again

@@ -31,7 +31,8 @@ def extract_features(backbone: nn.Module, dataset: RelaDataset, image_size: int,
     from rela.loader import Loader
 
     loader = Loader(dataset, batch_size, views="eval", image_size=image_size, shuffle=False, drop_last=False,
-                    num_workers=num_workers, mean=mean, std=std, device=device)
+                    num_workers=num_workers, mean=mean, std=std, device=device,
+                    rank=0, world_size=1)  # every sample, also when called on one rank of several
     was_training = backbone.training
     backbone.eval()
     feats, labels = [], []

@@ -26,19 +26,23 @@ class StreamingMoments:
         self.mean = np.zeros(dim, dtype=np.float64)
         self.scatter = np.zeros((dim, dim), dtype=np.float64)
 
-    def update(self, x: np.ndarray) -> None:
+    @classmethod
+    def of(cls, x: np.ndarray) -> StreamingMoments:
+        """The moments of one chunk of rows: its mean and centred scatter, float64."""
+        m = cls(x.shape[1])
         if len(x) == 0:
-            return
+            return m
         xc = np.array(x, dtype=np.float64)  # a private float64 copy, centred in place
-        nb = len(xc)
-        mean_b = xc.mean(axis=0)
-        xc -= mean_b
-        scatter_b = xc.T @ xc  # numpy runs this as a symmetric rank-k update (syrk)
-        n = self.n + nb
-        delta = mean_b - self.mean
-        self.scatter += scatter_b + np.outer(delta, delta) * (self.n * nb / n)
-        self.mean += delta * (nb / n)
-        self.n = n
+        m.n = len(xc)
+        m.mean = xc.mean(axis=0)
+        xc -= m.mean
+        m.scatter = xc.T @ xc  # numpy runs this as a symmetric rank-k update (syrk)
+        return m
+
+    def update(self, x: np.ndarray) -> None:
+        """Fold in a chunk of rows. Exactly `merge(of(x))`: a sharded conversion computes `of` on
+        each rank and merges in chunk order, and gets the same bits as one process."""
+        self.merge(StreamingMoments.of(x))
 
     def merge(self, other: StreamingMoments) -> None:
         """Fold in moments from another shard (same pairwise formula)."""
@@ -49,6 +53,18 @@ class StreamingMoments:
         self.scatter += other.scatter + np.outer(delta, delta) * (self.n * other.n / n)
         self.mean += delta * (other.n / n)
         self.n = n
+
+    def pack(self) -> np.ndarray:
+        """[n, mean, scatter] as one float64 vector (n < 2**53 is exact), for collectives."""
+        return np.concatenate([[float(self.n)], self.mean, self.scatter.ravel()])
+
+    @classmethod
+    def unpack(cls, packed: np.ndarray, dim: int) -> StreamingMoments:
+        m = cls(dim)
+        m.n = int(packed[0])
+        m.mean = np.array(packed[1:1 + dim])
+        m.scatter = np.array(packed[1 + dim:]).reshape(dim, dim)
+        return m
 
     def covariance(self) -> np.ndarray:
         """Population covariance (divides by n): whitened targets then have unit variance."""

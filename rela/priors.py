@@ -104,10 +104,21 @@ class Prior:
         return torch.cat([prep(t[None]) for t in tensors]).contiguous()
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, 3, S, S] → float32 scaled to [0, 1] and normalised with the prior's mean/std."""
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        """uint8 [B, 3, S, S] → float32 scaled to [0, 1] and normalised with the prior's mean/std
+        (on the batch's device)."""
+        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
         return batch.float().div_(255.0).sub_(mean).div_(std)
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> Prior:
+        """Run the prior on `device` (the conversion moves uint8 batches there, features back)."""
+        self.model.to(device)
+        return self
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """uint8 H×W×C → normalised float32 3×S×S (resize_crop + normalize for one image)."""
@@ -115,7 +126,8 @@ class Prior:
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.model(batch).float()
+        """Features of a normalised batch, float32 on the CPU (computed on the prior's device)."""
+        return self.model(batch.to(self.device)).float().cpu()
 
 
 def _writable(image: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ store against a dataset compares fingerprints and refuses a store made from othe
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -64,42 +65,66 @@ def fingerprint_differences(stored: dict, actual: dict) -> list[str]:
 
 
 class TargetWriter:
-    """Writes float16 rows to `targets.npy` sequentially with plain file writes.
+    """Writes float16 rows into `targets.npy` at their row offsets with plain file writes.
 
-    A writable memory map would keep every written page in this process's RSS; sequential
-    writes keep memory bounded by one chunk. Rows with NaN/inf are refused.
+    `create=True` writes the .npy header and sizes the file once; then one writer per rank
+    (`create=False`) fills its own disjoint row ranges, so a sharded conversion writes the same
+    bytes as a single process. A writable memory map would keep every written page in this
+    process's RSS; plain writes keep memory bounded by one chunk. Rows with NaN/inf are refused.
     """
 
-    def __init__(self, path: Path, n: int, dim: int) -> None:
+    def __init__(self, path: Path, n: int, dim: int, *, create: bool = True) -> None:
         self.path, self.n, self.dim = Path(path), n, dim
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(TARGET_DTYPE)),
-                  "fortran_order": False, "shape": (n, dim)}
-        self.f = open(self.path, "wb")
-        np.lib.format.write_array_header_1_0(self.f, header)
-        self.rows = 0
+        self.offset = len(self._header(n, dim))
+        self.row_bytes = dim * np.dtype(TARGET_DTYPE).itemsize
+        if create:
+            self.create(path, n, dim)
+        self.f = open(self.path, "r+b")
+        self.next = 0  # where a write without `start` goes
+        self.rows = 0  # rows this writer wrote
 
-    def write(self, rows: np.ndarray) -> None:
+    @staticmethod
+    def _header(n: int, dim: int) -> bytes:
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(TARGET_DTYPE)),
+                                                   "fortran_order": False, "shape": (n, dim)})
+        return buf.getvalue()
+
+    @classmethod
+    def create(cls, path: Path, n: int, dim: int) -> None:
+        """Write the header and size the file to hold all n rows (once, before any writer)."""
+        header = cls._header(n, dim)
+        with open(path, "wb") as f:
+            f.write(header)
+            f.truncate(len(header) + n * dim * np.dtype(TARGET_DTYPE).itemsize)
+
+    def write(self, rows: np.ndarray, start: int | None = None) -> None:
         rows = np.asarray(rows)
+        start = self.next if start is None else int(start)
         if rows.ndim != 2 or rows.shape[1] != self.dim:
             raise StoreError(f"target rows must be [*, {self.dim}], got {rows.shape}")
-        if self.rows + len(rows) > self.n:
+        if start < 0 or start + len(rows) > self.n:
             raise StoreError(f"more than {self.n} target rows written")
         bad = ~np.isfinite(rows).all(axis=1)
         if bad.any():
-            i = int(np.flatnonzero(bad)[0]) + self.rows
+            i = int(np.flatnonzero(bad)[0]) + start
             raise StoreError(f"target row {i} contains NaN or inf; refusing to write it to {self.path}")
         with np.errstate(over="ignore"):
             half = rows.astype(TARGET_DTYPE)
         if not np.isfinite(half).all():
-            i = int(np.flatnonzero(~np.isfinite(half).all(axis=1))[0]) + self.rows
+            i = int(np.flatnonzero(~np.isfinite(half).all(axis=1))[0]) + start
             raise StoreError(f"target row {i} overflows float16; the targets were not standardised")
+        self.f.seek(self.offset + start * self.row_bytes)
         self.f.write(np.ascontiguousarray(half).tobytes())
+        self.next = start + len(rows)
         self.rows += len(rows)
 
-    def close(self) -> None:
-        if self.rows != self.n:
+    def close(self, expect_rows: int | None = None) -> None:
+        """Flush and fsync; `expect_rows` (default: all n) is what this writer had to write."""
+        expect = self.n if expect_rows is None else expect_rows
+        if self.rows != expect:
             self.f.close()
-            raise StoreError(f"{self.path}: wrote {self.rows} of {self.n} rows")
+            raise StoreError(f"{self.path}: wrote {self.rows} of {expect} rows")
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()

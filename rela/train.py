@@ -14,11 +14,13 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from rela.errors import RelaError
 
@@ -50,7 +52,9 @@ class TrainConfig:
     momentum: float = 0.99
     cosine_momentum: bool = False
     probe_at_switch: bool = True
-    device: str = "auto"  # auto: cuda when available, else cpu
+    device: str = "auto"  # auto: cuda when available (this rank's GPU under torchrun), else cpu
+    sync_bn: bool = False  # SyncBatchNorm over ranks (CUDA only, as PyTorch's SyncBatchNorm)
+    switch_threshold: float = 0.995  # adaptive/blend: switch once ρ reaches this (the reference's)
 
     def __post_init__(self) -> None:
         if not 0 < self.budget <= 1:
@@ -61,6 +65,8 @@ class TrainConfig:
         from rela.ssl import METHODS
 
         parse_phase(self.phase)
+        if not 0 < self.switch_threshold <= 1:
+            raise RelaError(f"--switch-threshold must be in (0, 1], got {self.switch_threshold}")
         if self.method not in METHODS:
             raise RelaError(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")
 
@@ -70,12 +76,32 @@ class TrainConfig:
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto: CUDA when available, else the CPU. Under torchrun a bare "cuda"/"auto" is the rank's
+    own GPU (cuda:LOCAL_RANK)."""
+    from rela import distributed as dist_util
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RelaError(f"--device {name}: no CUDA device is available here (use --device cpu)")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", dist_util.local_rank() if dist_util.active() else torch.cuda.current_device())
     return device
+
+
+def per_rank_batch(batch_size: int, world: int) -> int:
+    """--batch-size is the global batch; every rank takes an equal share of each one.
+
+    The loader deals each epoch's order to the ranks by stride, so global batch j is the same
+    samples under any world size that divides it: a run resumes under another number of ranks
+    on the same sample sequence. A world size that does not divide it is refused."""
+    if batch_size % world:
+        raise RelaError(f"--batch-size {batch_size} is the global batch and must split evenly over the "
+                        f"{world} ranks (a run resumes under a different number of ranks only where it does): "
+                        f"use a number of ranks that divides {batch_size}, or start a new run with another "
+                        "--batch-size")
+    return batch_size // world
 
 
 def default_test_data(data: str) -> str | None:
@@ -129,6 +155,13 @@ class _Log:
                 if isinstance(row[key], float) and not math.isnan(row[key]):
                     self.tb.add_scalar(f"train/{key}", row[key], row["step"])
 
+    def flush(self) -> None:
+        """Before each checkpoint: a resumed run keeps exactly the rows up to the checkpoint."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        if self.tb is not None:
+            self.tb.flush()
+
     def close(self) -> None:
         self.file.close()
         if self.tb is not None:
@@ -165,33 +198,119 @@ def build_student(cfg: TrainConfig):
     return backbone, method
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          stop_after_steps: int | None = None) -> dict:
-    """Train as configured; returns the summary (also written to RUN/summary.json).
+class _Student(nn.Module):
+    """Everything that trains, in one module, so DistributedDataParallel sees every gradient:
+    the backbone, the SSL method's heads (its target networks ride along without gradients) and
+    the accelerator's transfer head. forward() returns the step's loss and its two parts."""
 
-    `stop_after_steps` ends the run early without finishing the epoch (tests simulate a crash)."""
-    from tqdm.auto import tqdm
+    def __init__(self, backbone: nn.Module, method: nn.Module, acc: nn.Module | None) -> None:
+        super().__init__()
+        self.backbone, self.method, self.acc = backbone, method, acc
 
-    from rela._alloc import keep_freed_memory
-    from rela.accelerate import Accelerator
-    from rela.datasets import open_dataset
-    from rela.loader import Loader
+    def forward(self, views: list[torch.Tensor], target, index, lam: float, step: int, total_steps: int):
+        feats = self.backbone(torch.cat(views)).view(len(views), len(index), -1)
+        nan = torch.full((), math.nan, device=feats.device)
+        loss, rela_l, ssl_l = feats.new_zeros(()), nan, nan
+        if lam > 0:
+            rela_l = self.acc.loss(feats, target, index)
+            loss = loss + lam * rela_l
+        if lam < 1:
+            ssl_l = self.method.loss(feats, views, step, total_steps)
+            loss = loss + (1 - lam) * ssl_l
+        return loss, rela_l.detach(), ssl_l.detach()
 
-    out = Path(cfg.out)
+
+def _wrap(student: _Student, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """DDP over the process group (gloo on CPU, NCCL on GPU); unused parameters are expected
+    (the SSL heads during the RELA phase, the transfer head after it)."""
+    from rela import distributed as dist_util
+
+    if cfg.sync_bn:
+        if dist_util.active() and device.type != "cuda":
+            raise RelaError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm runs on CUDA only. On CPU ranks "
+                            "BatchNorm statistics stay per-rank (drop --sync-bn)")
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)  # in place below the top module
+    if not dist_util.active():
+        return student
+    from torch.nn.parallel import DistributedDataParallel
+
+    switching = student.acc is not None and student.acc.mode != "blend"  # blend uses every head each step
+    return DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=switching)
+
+
+def _parameter_checksum(module: nn.Module) -> float:
+    with torch.no_grad():
+        return float(sum(p.detach().double().sum() for p in module.parameters()).item())
+
+
+def _check_in_sync(student: _Student, acc, epoch: int) -> list[dict]:
+    """Every rank's parameters and phase state after an epoch; raises if ranks diverged (they
+    never should under DDP: a divergence means a rank trained on something the others did not)."""
+    from rela import distributed as dist_util
+
+    rank = dist_util.rank_world()[0]
+    mine = {"rank": rank, "params": _parameter_checksum(student),
+            "switch_step": int(acc.switch_step) if acc is not None else -1,
+            "lam": acc.lam if acc is not None else 0.0, "rho": acc.rho if acc is not None else math.nan}
+    states = dist_util.all_gather_object(mine)
+    keys = ("params", "switch_step", "lam")
+    if any(tuple(st[k] for k in keys) != tuple(states[0][k] for k in keys) for st in states):
+        raise RelaError(f"ranks diverged by the end of epoch {epoch}: {states}. Every rank must run the "
+                        "same steps on the same configuration; rerun with --resume from the last checkpoint")
+    return states
+
+
+def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists() and not (resume or overwrite):
         raise RelaError(f"{out} already holds a run: pass --resume to continue it or --overwrite to start over")
     if resume and not ckpt_path.exists():
         raise RelaError(f"--resume: no checkpoint in {out} (nothing to resume; drop --resume to start)")
     out.mkdir(parents=True, exist_ok=True)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          stop_after_steps: int | None = None) -> dict:
+    """Train as configured; returns the summary (also written to RUN/summary.json).
+
+    Under torch.distributed (`torchrun -m rela train`) every rank calls this with the same
+    configuration; the run directory must be on a filesystem all ranks share. Rank 0 alone
+    writes checkpoints, logs and summaries. `stop_after_steps` ends the run early without
+    finishing the epoch (tests simulate a crash)."""
+    from tqdm.auto import tqdm
+
+    from rela import distributed as dist_util
+    from rela._alloc import keep_freed_memory
+    from rela.accelerate import Accelerator
+    from rela.datasets import open_dataset
+    from rela.faults import crashpoint
+    from rela.loader import Loader
+
+    rank, world = dist_util.rank_world()
+    main = rank == 0
+    progress = progress and main
+    batch_size = per_rank_batch(cfg.batch_size, world)
+    dist_util.check_same("the training configuration", {k: v for k, v in asdict(cfg).items()})
+    out = Path(cfg.out)
+    ckpt_path = out / "checkpoint.pt"
+    dist_util.main_decides(_check_out, out, resume, overwrite)
     state = load_checkpoint(ckpt_path) if resume else None
+    dist_util.check_same("the checkpoint's step (is --out on a filesystem every node shares?)",
+                         state["step"] if state else None)
     if state is not None:
         saved = {k: v for k, v in _with_defaults(state["config"]).items() if k != "out"}
         now = {k: v for k, v in asdict(cfg).items() if k != "out"}
         diff = {k: (saved[k], now[k]) for k in now if saved[k] != now[k]}
         if diff:
             raise RelaError(f"--resume with a different configuration: {diff}; resume with the original arguments")
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        was = state.get("world_size", 1)
+        if was != world and main and not cfg.sync_bn:
+            print(f"resuming a {was}-rank run on {world} ranks: the same samples per global batch of "
+                  f"{cfg.batch_size}; BatchNorm statistics are now per {batch_size} samples instead of "
+                  f"{cfg.batch_size // was}", file=sys.stderr)
+    if main:
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     keep_freed_memory()
 
     device = resolve_device(cfg.device)
@@ -199,13 +318,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     backbone, method = build_student(cfg)
     backbone.to(device), method.to(device)
     store, conversion_s = _open_store(cfg, dataset, backbone.feature_dim, progress) if cfg.uses_rela else (None, 0.0)
-    loader = Loader(dataset, cfg.batch_size, targets=store, views="rela" if cfg.uses_rela else method.views,
+    loader = Loader(dataset, batch_size, targets=store, views="rela" if cfg.uses_rela else method.views,
                     image_size=cfg.image_size, subset=cfg.budget, policy=cfg.policy, seed=cfg.seed,
                     num_workers=cfg.num_workers, backend=cfg.backend, device=device, pin_memory=device.type == "cuda")
     acc = None
     if cfg.uses_rela:
         acc = Accelerator(backbone.feature_dim, store.dim, cfg.phase, freeze_transfer=cfg.freeze_transfer,
-                          loader=loader, ssl_views=method.views).to(device)
+                          loader=loader, ssl_views=method.views, threshold=cfg.switch_threshold).to(device)
+    student = _Student(backbone, method, acc)
+    model = _wrap(student, cfg, device)
     params = list(backbone.parameters()) + method.online_parameters()
     if acc is not None and not cfg.freeze_transfer:
         params += list(acc.transfer.parameters())
@@ -226,14 +347,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
             acc.load_state_dict(state["accelerator"])
         start_epoch, step, train_s = state["epoch"] + 1, state["step"], state["train_seconds"]
         images, step_times, switch = state["images"], list(state["step_seconds"]), state.get("switch")
-    log = _Log(out / "steps.csv", step)
+    log = _Log(out / "steps.csv", step) if main else None
     epochs_csv = out / "epochs.csv"
-    if state is None:
-        epochs_csv.write_text("epoch,seconds,steps,images,phase\n")
+    if main:  # rows of epochs after the checkpoint (a crash between the two writes) go
+        kept = epochs_csv.read_text().splitlines()[1:] if state is not None and epochs_csv.exists() else []
+        kept = [row for row in kept if int(row.split(",")[0]) < start_epoch]
+        epochs_csv.write_text("\n".join(["epoch,seconds,steps,images,phase", *kept]) + "\n")
     test_name = cfg.test_data or default_test_data(cfg.data)
 
     def on_switch(epoch: int) -> dict:
         info = {"step": step, "epoch": epoch, "rho": acc.rho, "rela_loss": acc.last_loss}
+        if not main:
+            return info
         if cfg.probe_at_switch and test_name:
             from rela.evaluate import extract_features, knn_accuracy
 
@@ -243,7 +368,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         (out / "switch.json").write_text(json.dumps(info, indent=1))
         return info
 
-    backbone.train(), method.train()
+    model.train()
+    ranks: list[dict] = []
     try:
         for epoch in range(start_epoch, cfg.epochs):
             loader.set_epoch(epoch)
@@ -253,18 +379,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
             t0 = time.perf_counter()
             for batch in bar:
-                views = batch["views"]
-                feats = backbone(torch.cat(views)).view(len(views), len(batch["index"]), -1)
                 lam = acc.lam if acc is not None else 0.0
-                loss, rela_l, ssl_l = 0.0, math.nan, math.nan
-                if lam > 0:
-                    r = acc.loss(feats, batch["target"], batch["index"])
-                    loss, rela_l = loss + lam * r, float(r.detach())
-                if lam < 1:
-                    s = method.loss(feats, views, step, total_steps)
-                    loss, ssl_l = loss + (1 - lam) * s, float(s.detach())
-                if not torch.isfinite(loss):
-                    raise RelaError(f"the loss became {float(loss)} at step {step} (epoch {epoch}); lower --lr "
+                loss, rela_l, ssl_l = model(batch["views"], batch.get("target"), batch["index"], lam, step,
+                                            total_steps)
+                # The logged and checked values are the means over ranks: every rank stops together.
+                values = torch.stack([loss.detach(), rela_l, ssl_l]).double()
+                if world > 1:
+                    import torch.distributed as dist
+
+                    dist.all_reduce(values)
+                    values /= world
+                loss_v, rela_v, ssl_v = values.tolist()
+                if not math.isfinite(loss_v):
+                    raise RelaError(f"the loss became {loss_v} at step {step} (epoch {epoch}); lower --lr "
                                     "or check the targets (rela info STORE)")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -272,15 +399,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
                 method.update_target(step, total_steps)
                 switched = acc.step() if acc is not None and lam > 0 else False
                 dt = time.perf_counter() - t0
-                row = {"step": step, "epoch": epoch, "lam": round(lam, 6),
-                       "rho": round(acc.rho, 6) if acc is not None else math.nan,
-                       "phase": _phase_name(lam),
-                       "loss": float(loss.detach()), "rela_loss": rela_l, "ssl_loss": ssl_l, "seconds": round(dt, 5)}
-                log.write(row)
+                if log is not None:
+                    log.write({"step": step, "epoch": epoch, "lam": round(lam, 6),
+                               "rho": round(acc.rho, 6) if acc is not None else math.nan,
+                               "phase": _phase_name(lam), "loss": loss_v, "rela_loss": rela_v,
+                               "ssl_loss": ssl_v, "seconds": round(dt, 5)})
                 step_times.append(dt)
                 step += 1
-                n_epoch += len(batch["index"])
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lam=f"{lam:.2f}")
+                n_epoch += len(batch["index"]) * world
+                bar.set_postfix(loss=f"{loss_v:.4f}", lam=f"{lam:.2f}")
                 if switched:
                     t_probe = time.perf_counter()
                     switch = on_switch(epoch)
@@ -291,24 +418,32 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
             epoch_s = time.perf_counter() - t_epoch
             train_s += epoch_s
             images += n_epoch
-            phase = _phase_name(acc.lam if acc is not None else 0.0)
-            with epochs_csv.open("a") as f:
-                f.write(f"{epoch},{epoch_s:.3f},{len(loader)},{n_epoch},{phase}\n")
-            _atomic_save({
-                "epoch": epoch, "step": step, "config": asdict(cfg), "train_seconds": train_s, "images": images,
-                "step_seconds": step_times, "switch": switch,
-                "backbone": backbone.state_dict(), "method": method.state_dict(), "optimizer": opt.state_dict(),
-                "loader": loader.state_dict(), "accelerator": acc.state_dict() if acc is not None else {},
-            }, ckpt_path)
+            ranks = _check_in_sync(student, acc, epoch)
+            if main:
+                phase = _phase_name(acc.lam if acc is not None else 0.0)
+                with epochs_csv.open("a") as f:
+                    f.write(f"{epoch},{epoch_s:.3f},{len(loader)},{n_epoch},{phase}\n")
+                log.flush()
+                _atomic_save({
+                    "epoch": epoch, "step": step, "config": asdict(cfg), "train_seconds": train_s,
+                    "images": images, "step_seconds": step_times, "switch": switch, "world_size": world,
+                    "backbone": backbone.state_dict(), "method": method.state_dict(), "optimizer": opt.state_dict(),
+                    "loader": loader.state_dict(), "accelerator": acc.state_dict() if acc is not None else {},
+                }, ckpt_path)
+                crashpoint("checkpoint-written")
+            dist_util.barrier()  # no rank runs ahead of a checkpoint it might be resumed from
     finally:
-        log.close()
+        if log is not None:
+            log.close()
     summary = {
         "config": asdict(cfg), "steps": step, "images_seen": images, "train_seconds": train_s,
         "conversion_seconds": conversion_s, "total_seconds": train_s + conversion_s,
         "median_step_seconds": statistics.median(step_times) if step_times else math.nan,
         "switch": switch, "device": str(device), "threads": torch.get_num_threads(),
+        "world_size": world, "per_rank_batch_size": batch_size, "ranks": ranks,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
