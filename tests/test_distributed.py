@@ -67,3 +67,178 @@ def test_two_ranks_scored_stay_in_sync(tmp_path):
     for epoch in range(3):
         a, b = (sum(res[r]["epochs"][epoch], []) for r in range(2))
         assert len(a) == len(b) and not set(a) & set(b)
+
+
+# --- torchrun: the commands users run, as real process groups ------------------------------------
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from rela import convert  # noqa: E402
+from rela import distributed as dist_util  # noqa: E402
+from rela.errors import RelaError  # noqa: E402
+from rela.train import TrainConfig, _check_in_sync, _Student, _wrap, per_rank_batch  # noqa: E402
+from tests.conftest import REPO, make_folder, run_cli  # noqa: E402
+
+
+def torchrun(*args: str, nproc: int = 2, env: dict | None = None, timeout: float = 300):
+    """`torchrun --standalone --nproc-per-node N -m rela ...` (a free port each time)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "rela", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                          timeout=timeout, cwd=REPO)
+
+
+def _files(store: Path) -> dict:
+    return {name: (store / name).read_bytes() for name in ("targets.npy", "pca.safetensors")}
+
+
+def test_torchrun_conversion_matches_one_process_and_resumes_after_a_killed_rank(tmp_path, npz_dataset):
+    # One intra-op thread per process on both sides (torchrun's default, and conftest's): the
+    # prior's convolutions round differently with another thread count.
+    ref = convert(str(npz_dataset), "random:resnet18", tmp_path / "ref", dim=16, input_size=32,
+                  batch_size=16, chunk_rows=32, progress=False)
+    args = ["convert", "--data", str(npz_dataset), "--prior", "random:resnet18", "--dim", "16",
+            "--input-size", "32", "--batch-size", "16", "--chunk-rows", "32", "--quiet", "--out"]
+
+    r = torchrun(*args, str(tmp_path / "two"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _files(tmp_path / "two") == _files(ref.path)  # 10 chunks over 2 ranks, bit for bit
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["cost"]["processes"] == 2 and manifest["n"] == 300
+    assert r.stdout.count("store ") == 1  # rank 0 alone prints the summary
+
+    killed = tmp_path / "killed"
+    r = torchrun(*args, str(killed), env={"RELA_CRASH_AT": "chunk-written:2@1"})  # rank 1 dies mid-way
+    assert r.returncode != 0
+    assert not (killed / "manifest.json").exists()
+    journals = sorted(p.name for p in (killed / ".convert").glob("journal*.jsonl"))
+    assert journals == ["journal-rank0.jsonl", "journal-rank1.jsonl"]
+    r = run_cli(*args, str(killed))  # resumed by ONE process: another world size
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" in r.stderr
+    assert _files(killed) == _files(ref.path)
+
+
+def test_a_rank_that_fails_stops_the_whole_job(tmp_path):
+    folder = make_folder(tmp_path / "folder", classes=2, per_class=20)
+    bad = folder / "class_1" / "img_007.jpg"  # sample 27: chunk 3 of 8 rows, dealt to rank 1
+    bad.write_bytes(bad.read_bytes()[:200])
+    args = ["--data", str(folder), "--quiet"]
+    t0 = time.monotonic()
+    r = torchrun("convert", *args, "--prior", "random:resnet18", "--input-size", "32", "--dim", "8",
+                 "--batch-size", "8", "--chunk-rows", "8", "--workers", "0", "--out", str(tmp_path / "s"))
+    assert r.returncode != 0 and time.monotonic() - t0 < 120
+    assert "rela: error (rank 1 of 2): cannot decode sample 27" in r.stderr and str(bad) in r.stderr
+    assert not (tmp_path / "s" / "manifest.json").exists()
+
+    # Training: the rank that draws the file raises; its peer, waiting in DDP, exits too.
+    t0 = time.monotonic()
+    r = torchrun("train", *args, "--no-rela", "--epochs", "2", "--batch-size", "8", "--image-size", "16",
+                 "--width", "0.0625", "--workers", "0", "--out", str(tmp_path / "run"))
+    assert r.returncode != 0 and time.monotonic() - t0 < 120
+    assert "cannot decode sample 27" in r.stderr and "another rank stopped" in r.stderr
+
+
+def _steps(run: Path) -> list[dict]:
+    import csv
+
+    with open(run / "steps.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_torchrun_training_stays_in_sync_switches_together_and_resumes(tmp_path, npz_dataset):
+    args = ["train", "--data", str(npz_dataset), "--prior", "random:resnet18", "--prior-input-size", "32",
+            "--dim", "16", "--budget", "0.5", "--epochs", "3", "--batch-size", "16", "--image-size", "16",
+            "--width", "0.0625", "--phase", "adaptive", "--switch-threshold", "0.45",
+            "--test-data", str(npz_dataset), "--workers", "0", "--quiet", "--out"]
+    full = tmp_path / "full"
+    r = torchrun(*args, str(full))
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((full / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["per_rank_batch_size"] == 8
+    assert s["steps"] == 3 * (150 // 16) and s["images_seen"] == s["steps"] * 16
+    a, b = s["ranks"]
+    assert (a["rank"], b["rank"]) == (0, 1)
+    assert a["params"] == b["params"] and a["rho"] == b["rho"]  # bit-identical weights and ρ on both ranks
+    assert a["switch_step"] == b["switch_step"] == s["switch"]["step"] > 0  # switched together, mid-run
+    rows = _steps(full)
+    phases = [r["phase"] for r in rows]
+    assert phases == ["rela"] * s["switch"]["step"] + ["ssl"] * (len(rows) - s["switch"]["step"])
+    assert (full / "store" / "manifest.json").exists()  # converted by both ranks inside train
+
+    crashed = tmp_path / "crashed"
+    r = torchrun(*args, str(crashed), env={"RELA_CRASH_AT": "checkpoint-written:1@0"})
+    assert r.returncode != 0 and (crashed / "checkpoint.pt").exists()
+    shutil.copytree(crashed, tmp_path / "one")
+    r = torchrun(*args, str(crashed), "--resume")  # same world size: exactly the uninterrupted run
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [(x["loss"], x["phase"]) for x in _steps(crashed)] == [(x["loss"], x["phase"]) for x in rows]
+
+    r = run_cli(*args, str(tmp_path / "one"), "--resume")  # one process: same samples, per-rank BN changes
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming a 2-rank run on 1 ranks" in r.stderr
+    one = [(x["loss"], x["phase"]) for x in _steps(tmp_path / "one")]
+    assert len(one) == len(rows)
+    assert one[:9] == [(x["loss"], x["phase"]) for x in rows[:9]]  # epoch 0: the checkpointed 2-rank epoch
+    assert {phase for _, phase in one} == {"rela", "ssl"}
+
+
+def test_global_batch_must_split_over_the_ranks():
+    assert per_rank_batch(128, 4) == 32
+    with pytest.raises(RelaError, match="must split evenly over the 3 ranks"):
+        per_rank_batch(16, 3)
+
+
+def _checks_worker(rank: int, world: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    res = {}
+    try:
+        def refuse():
+            raise RelaError("rank 0 says no")
+
+        try:
+            dist_util.main_decides(refuse)
+            res["decides"] = "returned"
+        except RelaError as e:
+            res["decides"] = str(e)
+        torch.manual_seed(0)
+        student = _Student(nn.Linear(3, 2), nn.Module(), None)
+        res["in_sync"] = len(_check_in_sync(student, None, 0))
+        if rank == 1:
+            with torch.no_grad():
+                student.backbone.weight[0, 0] += 1e-3
+        try:
+            _check_in_sync(student, None, 1)
+            res["diverged"] = "not caught"
+        except RelaError as e:
+            res["diverged"] = str(e)
+        try:
+            _wrap(student, TrainConfig(sync_bn=True), torch.device("cpu"))
+            res["sync_bn"] = "accepted"
+        except RelaError as e:
+            res["sync_bn"] = str(e)
+        res["ddp"] = type(_wrap(student, TrainConfig(), torch.device("cpu"))).__name__
+        Path(out, f"rank{rank}.json").write_text(json.dumps(res))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_rank_agreement_checks_in_a_real_group(tmp_path):
+    mp.spawn(_checks_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert res["decides"] == "rank 0 says no"  # rank 0's error reaches every rank
+        assert res["in_sync"] == 2
+        assert res["diverged"].startswith("ranks diverged by the end of epoch 1")
+        assert "SyncBatchNorm runs on CUDA only" in res["sync_bn"]
+        assert res["ddp"] == "DistributedDataParallel"
