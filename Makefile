@@ -23,4 +23,5 @@ bench: setup
 	$(PYTHON) bench/kernels.py
 	$(PYTHON) bench/resample.py
 	$(PYTHON) bench/loader.py
+	$(PYTHON) bench/scaling.py
 	$(PYTHON) bench/end_to_end.py --extra --quiet

@@ -119,9 +119,11 @@ class Accelerator(nn.Module):
         if self.mode == "off" or self.switched:
             return False  # ρ is tracked in every mode while RELA runs (logged); only adaptive acts on it
         value = torch.as_tensor(float(loss), dtype=torch.float64, device=self.fast.device)  # NCCL: on the GPU
-        import torch.distributed as dist
+        from rela import distributed as dist_util
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist_util.active():
+            import torch.distributed as dist
+
             dist.all_reduce(value)  # every rank takes the same decision at the same step
             value /= dist.get_world_size()
         self.fast.mul_(self.fast_momentum).add_((1 - self.fast_momentum) * value)

@@ -103,8 +103,8 @@ class _Journal:
     under torchrun), so no two processes ever append to one file; `committed()` reads them all,
     whatever world size wrote them, so a job resumes under any number of ranks."""
 
-    def __init__(self, workdir: Path, rank: int = 0, world: int = 1) -> None:
-        self.workdir, self.world = workdir, world
+    def __init__(self, workdir: Path, rank: int = 0, world: int = 1, session: str = "") -> None:
+        self.workdir, self.rank, self.world, self.session = workdir, rank, world, session
         self.path = workdir / ("journal.jsonl" if world == 1 else f"journal-rank{rank}.jsonl")
         self.chunks_dir = workdir / "chunks"
 
@@ -133,7 +133,7 @@ class _Journal:
         atomic_write_bytes(self.chunk_path(k), data)
         _crashpoint("before-journal")
         rec = {"chunk": k, "rows": len(features), "sha256": _sha256(data), "seconds": seconds,
-               "infer_seconds": infer_seconds, "world": self.world,
+               "infer_seconds": infer_seconds, "rank": self.rank, "world": self.world, "session": self.session,
                "skipped": {str(i): r for i, r in errors.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -205,14 +205,17 @@ def convert(
                                   {"batch_size": batch_size, "chunk_rows": chunk_rows})
     if plan is None:
         return TargetStore.open(out)  # already complete for this dataset, prior and dim
-    job, done = plan
+    job, done, session = plan
     batch_size, chunk_rows = job["batch_size"], job["chunk_rows"]  # same batches as before
-    journal = _Journal(workdir, rank, world)
+    journal = _Journal(workdir, rank, world, session)
     n = len(dataset)
     chunks = [_Chunk(k, s, min(s + chunk_rows, n)) for k, s in enumerate(range(0, n, chunk_rows))]
     todo = [c for c in chunks if c.k not in done]
     if done and todo and rank == 0:
         print(f"resuming {out}: {len(done)}/{len(chunks)} chunks already done", file=sys.stderr)
+    if 0 < len(todo) < world and rank == 0:
+        print(f"only {len(todo)} chunks of --chunk-rows {chunk_rows} to convert for {world} ranks: "
+              f"{world - len(todo)} ranks will idle (lower --chunk-rows)", file=sys.stderr)
 
     prior.to(_conversion_device(device))
     _extract(dataset, prior, journal, todo[rank::world], batch_size, num_workers, skip_corrupt,
@@ -248,7 +251,8 @@ def _plan(out: Path, identity: dict, dim: int, overwrite: bool, resume: bool | N
         (workdir / "chunks").mkdir(parents=True, exist_ok=True)
         job = {**identity, **sizes, "library_version": __version__}
         atomic_write_bytes(job_path, json.dumps(job, indent=1).encode())
-    return job, _Journal(workdir).committed()
+    session = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%f")  # this invocation, for the cost
+    return job, _Journal(workdir).committed(), session
 
 
 def _prepare_out(out: Path, identity: dict, dim: int, overwrite: bool, resume: bool | None):
@@ -431,12 +435,22 @@ def _finalize(out, dataset, prior, journal, chunks, done, dim, fp, keep_raw, t_s
     return TargetStore.open(out)  # the manifest holds this very fingerprint: no need to hash again
 
 
+def _session_wall(done: dict, key: str) -> float:
+    per: dict[tuple, float] = {}
+    for rec in done.values():
+        rank = (rec.get("session", ""), rec.get("rank", 0))
+        per[rank] = per.get(rank, 0.0) + rec.get(key, 0.0)
+    sessions = {session for session, _ in per}
+    return sum(max(v for (s, _), v in per.items() if s == session) for session in sessions)
+
+
 def _write_manifest(out, dataset, prior, done, dim, fp, white, skipped, finalize_s, world) -> None:
-    # Wall-clock estimate: each chunk's seconds over the number of ranks that ran alongside it
-    # (a job may have been resumed under another world size). process_seconds is their sum.
+    # Wall clock: within one invocation (session) the ranks ran side by side, so it lasted as long
+    # as its busiest rank's chunks; sessions (a killed run, its resumption) add up. A session's
+    # chunk seconds start when its rank starts extracting, so loader start-up is included.
+    # process_seconds is the sum over every rank: what the conversion cost in device time.
     process_s = sum(rec.get("seconds", 0.0) for rec in done.values())
-    extract_s = sum(rec.get("seconds", 0.0) / rec.get("world", 1) for rec in done.values())
-    infer_s = sum(rec.get("infer_seconds", 0.0) / rec.get("world", 1) for rec in done.values())
+    extract_s, infer_s = (_session_wall(done, key) for key in ("seconds", "infer_seconds"))
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "library": {"name": "rela", "version": __version__, "torch": torch.__version__},

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from rela import _ext
+from rela import distributed as dist_util
 from rela._alloc import keep_freed_memory
 from rela.datasets import MAX_PIXELS, RelaDataset, jpeg_size, open_dataset
 from rela.errors import CorruptImageError, RelaError
@@ -214,14 +215,6 @@ def _worker_init(_: int) -> None:
     keep_freed_memory()  # decode buffers and batches: reuse freed heap instead of page-faulting
 
 
-def _dist_rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class Loader:
     """Drop-in for `torch.utils.data.DataLoader` in RELA training loops (see module doc)."""
 
@@ -294,7 +287,7 @@ class Loader:
                           "epoch (cheap with fork) and views switch without restarting them",
                           UserWarning, stacklevel=2)
         self.on_error = on_error
-        dr, dw = _dist_rank_world()
+        dr, dw = dist_util.rank_world()
         self.rank = dr if rank is None else rank
         self.world_size = dw if world_size is None else world_size
         self.timeout = timeout
@@ -369,11 +362,11 @@ class Loader:
 
         index = torch.as_tensor(index).detach().reshape(-1).cpu()
         loss = torch.as_tensor(loss).detach().reshape(-1).float().cpu()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered = [torch.empty_like(t) for t in (index, loss) for _ in range(dist.get_world_size())]
+        if dist_util.active():  # CPU tensors: gloo (the default group, or a gloo side group under NCCL)
             w = dist.get_world_size()
-            dist.all_gather(gathered[:w], index)
-            dist.all_gather(gathered[w:], loss)
+            gathered = [torch.empty_like(t) for t in (index, loss) for _ in range(w)]
+            dist.all_gather(gathered[:w], index, group=dist_util.cpu_group())
+            dist.all_gather(gathered[w:], loss, group=dist_util.cpu_group())
             index, loss = torch.cat(gathered[:w]), torch.cat(gathered[w:])
         self.subset.update(index, loss)
 

@@ -108,7 +108,7 @@ def default_test_data(data: str) -> str | None:
     return "fashion-mnist:test" if str(data).split(":")[0] == "fashion-mnist" else None
 
 
-def _open_store(cfg: TrainConfig, dataset, feature_dim: int, progress: bool):
+def _open_store(cfg: TrainConfig, dataset, feature_dim: int, progress: bool, device: torch.device):
     """The target store: a given store directory (checked against the dataset), or a conversion
     into RUN/store (reused when complete, resumed when interrupted)."""
     from rela.convert import convert
@@ -122,7 +122,7 @@ def _open_store(cfg: TrainConfig, dataset, feature_dim: int, progress: bool):
 
         prior = load_prior(cfg.prior, input_size=cfg.prior_input_size, seed=cfg.seed)
         dim = min(cfg.dim or feature_dim, prior.dim)
-        store = convert(dataset, prior, Path(cfg.out) / "store", dim=dim, progress=progress)
+        store = convert(dataset, prior, Path(cfg.out) / "store", dim=dim, progress=progress, device=device)
     return store, float(store.manifest.get("cost", {}).get("seconds", 0.0))
 
 
@@ -317,7 +317,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     dataset = open_dataset(cfg.data, cfg.limit)
     backbone, method = build_student(cfg)
     backbone.to(device), method.to(device)
-    store, conversion_s = _open_store(cfg, dataset, backbone.feature_dim, progress) if cfg.uses_rela else (None, 0.0)
+    store, conversion_s = _open_store(cfg, dataset, backbone.feature_dim, progress, device) if cfg.uses_rela else (None, 0.0)
     loader = Loader(dataset, batch_size, targets=store, views="rela" if cfg.uses_rela else method.views,
                     image_size=cfg.image_size, subset=cfg.budget, policy=cfg.policy, seed=cfg.seed,
                     num_workers=cfg.num_workers, backend=cfg.backend, device=device, pin_memory=device.type == "cuda")
