@@ -36,6 +36,7 @@ from rela.faults import crashpoint as _crashpoint
 from rela.pca import StreamingMoments, fit_whitening
 from rela.priors import Prior, load_prior
 from rela.store import (
+    IDENTITY_FIELDS,
     MANIFEST,
     PCA,
     SCHEMA_VERSION,
@@ -198,7 +199,8 @@ def convert(
     chunk_rows = max(batch_size, chunk_rows // batch_size * batch_size)  # batches never straddle chunks
     fp = dataset.fingerprint(deep=deep)
     identity = _job_identity(fp, prior)
-    dist_util.check_same("the dataset and prior", identity)
+    dist_util.check_same("the dataset and prior",  # not the data's path: nodes may mount it elsewhere
+                         {**identity, "dataset": {k: fp.get(k) for k in IDENTITY_FIELDS}})
     workdir = out / WORKDIR
 
     plan = dist_util.main_decides(_plan, out, identity, dim, overwrite, resume,
@@ -220,7 +222,8 @@ def convert(
     prior.to(_conversion_device(device))
     _extract(dataset, prior, journal, todo[rank::world], batch_size, num_workers, skip_corrupt,
              progress and rank == 0, n - sum(c.stop - c.start for c in todo), world)
-    done = dist_util.main_decides(journal.committed)  # after every rank's extraction
+    dist_util.barrier()  # every rank's chunks are committed before rank 0 reads the journals
+    done = dist_util.main_decides(journal.committed)
     missing = [c.k for c in chunks if c.k not in done]
     if missing:
         raise StoreError(f"chunks {missing[:5]} are missing after extraction; rerun to resume")

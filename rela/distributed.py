@@ -128,7 +128,8 @@ def main_decides(fn: Callable[..., T], *args, **kwargs) -> T:
     with the same message on the other ranks).
 
     For decisions with side effects that must happen once (deleting, creating, reading many
-    files): the other ranks wait here instead of racing rank 0."""
+    files): the other ranks wait here instead of racing rank 0. It does not wait for them before
+    `fn` runs: put a `barrier()` first when `fn` must see what the other ranks did."""
     if not active():
         return fn(*args, **kwargs)
     result, error, message = None, None, None

@@ -1,14 +1,17 @@
-"""Fault injection for the crash/resume tests: `RELA_CRASH_AT=name[:k][@rank]`.
+"""Fault injection for the crash/resume tests.
 
-Long jobs (conversion, training) call `crashpoint(name)` where a real crash would hurt most; the
-tests set the variable to SIGKILL the process there and check that a rerun resumes exactly. With
-the variable unset (always, outside the tests) a crashpoint is one environment lookup.
+Long jobs (conversion, training) call `crashpoint(name)` where a real crash would hurt most.
+`RELA_CRASH_AT=name[:k][@rank]` SIGKILLs the process at the k-th hit (tests then check that a
+rerun resumes exactly); `RELA_SLEEP_AT=name[@rank]=seconds` sleeps at every hit (tests make one
+rank slow to expose races between ranks). With the variables unset (always, outside the tests) a
+crashpoint is two environment lookups.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 from rela.distributed import rank_world
 
@@ -16,8 +19,13 @@ _crash_hits: dict[str, int] = {}
 
 
 def crashpoint(name: str) -> None:
-    """Fault injection for the resume tests: RELA_CRASH_AT=name[:k][@rank] SIGKILLs at the k-th
-    hit (on that rank only, when given)."""
+    """A place where the tests may kill or slow this process (see the module doc)."""
+    slow = os.environ.get("RELA_SLEEP_AT")
+    if slow:
+        where, _, seconds = slow.partition("=")
+        target, _, only_rank = where.partition("@")
+        if target == name and (not only_rank or int(only_rank) == rank_world()[0]):
+            time.sleep(float(seconds))
     spec = os.environ.get("RELA_CRASH_AT")
     if not spec:
         return

@@ -30,7 +30,7 @@ PCA = "pca.safetensors"
 WORKDIR = ".convert"
 TARGET_DTYPE = np.float16
 # Fingerprint fields that must agree; the others (root path, name) are informational.
-_IDENTITY_FIELDS = ("kind", "n", "digest", "split", "limit", "shape", "classes")
+IDENTITY_FIELDS = ("kind", "n", "digest", "split", "limit", "shape", "classes")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -55,7 +55,7 @@ def fsync_dir(path: Path) -> None:
 def fingerprint_differences(stored: dict, actual: dict) -> list[str]:
     """Human-readable list of identity fields that differ between two dataset fingerprints."""
     diffs = []
-    for key in _IDENTITY_FIELDS:
+    for key in IDENTITY_FIELDS:
         if key == "digest" and stored.get("deep") != actual.get("deep"):
             continue  # a deep and a shallow digest can't be compared; n/kind still are
         a, b = stored.get(key), actual.get(key)

@@ -109,7 +109,8 @@ def test_torchrun_conversion_matches_one_process_and_resumes_after_a_killed_rank
     args = ["convert", "--data", str(npz_dataset), "--prior", "random:resnet18", "--dim", "16",
             "--input-size", "32", "--batch-size", "16", "--chunk-rows", "32", "--quiet", "--out"]
 
-    r = torchrun(*args, str(tmp_path / "two"))
+    # Rank 1 made slow (and given the bigger share): rank 0 must wait for its chunks.
+    r = torchrun(*args, str(tmp_path / "two"), env={"RELA_SLEEP_AT": "chunk-written@1=0.5"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert _files(tmp_path / "two") == _files(ref.path)  # 10 chunks over 2 ranks, bit for bit
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
