@@ -216,8 +216,8 @@ def convert(
     if done and todo and rank == 0:
         print(f"resuming {out}: {len(done)}/{len(chunks)} chunks already done", file=sys.stderr)
     if 0 < len(todo) < world and rank == 0:
-        print(f"only {len(todo)} chunks of --chunk-rows {chunk_rows} to convert for {world} ranks: "
-              f"{world - len(todo)} ranks will idle (lower --chunk-rows)", file=sys.stderr)
+        print(f"{len(todo)} chunk(s) of {chunk_rows} rows to convert on {world} ranks: {world - len(todo)} "
+              "rank(s) will idle (a smaller --chunk-rows spreads the work)", file=sys.stderr)
 
     prior.to(_conversion_device(device))
     _extract(dataset, prior, journal, todo[rank::world], batch_size, num_workers, skip_corrupt,

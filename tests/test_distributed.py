@@ -130,6 +130,8 @@ def test_torchrun_conversion_matches_one_process_and_resumes_after_a_killed_rank
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming" in r.stderr
     assert _files(killed) == _files(ref.path)
+    cost = json.loads((killed / "manifest.json").read_text())["cost"]  # two sessions: 2 ranks, then 1
+    assert cost["processes"] == 1 and 0 < cost["extract_seconds"] <= cost["process_seconds"]
 
 
 def test_a_rank_that_fails_stops_the_whole_job(tmp_path):
