@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adaptive phase: switch once rho reaches this (default 0.995, the reference's)")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--auto-resume", action="store_true",
+                   help="continue the run in --out if it has a checkpoint, else start it (for torchrun "
+                   "--max-restarts and schedulers that rerun the same command)")
     t.add_argument("--overwrite", action="store_true", help="start over in an existing run directory")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -140,7 +143,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         momentum=a.momentum, cosine_momentum=a.cosine_momentum, device=a.device, sync_bn=a.sync_bn,
         switch_threshold=a.switch_threshold,
     )
-    s = train(cfg, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet)
+    s = train(cfg, resume="auto" if a.auto_resume else a.resume, overwrite=a.overwrite, progress=not a.quiet)
     from rela import distributed as dist_util
 
     if not dist_util.is_main():

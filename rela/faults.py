@@ -2,7 +2,8 @@
 
 Long jobs (conversion, training) call `crashpoint(name)` where a real crash would hurt most.
 `RELA_CRASH_AT=name[:k][@rank]` SIGKILLs the process at the k-th hit (tests then check that a
-rerun resumes exactly); `RELA_SLEEP_AT=name[@rank]=seconds` sleeps at every hit (tests make one
+rerun resumes exactly; with `RELA_CRASH_ONCE=file` only while that file does not exist yet, for
+launcher restarts); `RELA_SLEEP_AT=name[@rank]=seconds` sleeps at every hit (tests make one
 rank slow to expose races between ranks). With the variables unset (always, outside the tests) a
 crashpoint is two environment lookups.
 """
@@ -35,4 +36,9 @@ def crashpoint(name: str) -> None:
         return
     _crash_hits[name] = _crash_hits.get(name, 0) + 1
     if _crash_hits[name] >= int(k or 1):
+        once = os.environ.get("RELA_CRASH_ONCE")  # a marker file: crash in the first attempt only
+        if once:
+            if os.path.exists(once):
+                return
+            open(once, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)

@@ -261,18 +261,28 @@ def _check_in_sync(student: _Student, acc, epoch: int) -> list[dict]:
     return states
 
 
-def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
+def _check_out(out: Path, resume: bool | str, overwrite: bool) -> bool:
+    """Whether to resume (resume="auto": when there is a checkpoint); refuses to clobber a run."""
     ckpt_path = out / "checkpoint.pt"
+    if resume == "auto":
+        if overwrite:
+            raise RelaError("--auto-resume and --overwrite contradict each other: pick one")
+        resume = ckpt_path.exists()
     if ckpt_path.exists() and not (resume or overwrite):
         raise RelaError(f"{out} already holds a run: pass --resume to continue it or --overwrite to start over")
     if resume and not ckpt_path.exists():
         raise RelaError(f"--resume: no checkpoint in {out} (nothing to resume; drop --resume to start)")
     out.mkdir(parents=True, exist_ok=True)
+    return bool(resume)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+def train(cfg: TrainConfig, *, resume: bool | str = False, overwrite: bool = False, progress: bool = True,
           stop_after_steps: int | None = None) -> dict:
     """Train as configured; returns the summary (also written to RUN/summary.json).
+
+    resume: True continues the run in cfg.out (refused without a checkpoint); "auto" continues it
+    when there is a checkpoint and starts otherwise — for launchers that rerun the same command
+    after a failure (`torchrun --max-restarts`, job schedulers).
 
     Under torch.distributed (`torchrun -m rela train`) every rank calls this with the same
     configuration; the run directory must be on a filesystem all ranks share. Rank 0 alone
@@ -294,7 +304,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     dist_util.check_same("the training configuration", {k: v for k, v in asdict(cfg).items()})
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
-    dist_util.main_decides(_check_out, out, resume, overwrite)
+    resume = dist_util.main_decides(_check_out, out, resume, overwrite)
     state = load_checkpoint(ckpt_path) if resume else None
     dist_util.check_same("the checkpoint's step (is --out on a filesystem every node shares?)",
                          state["step"] if state else None)

@@ -181,13 +181,22 @@ def test_torchrun_training_stays_in_sync_switches_together_and_resumes(tmp_path,
     assert phases == ["rela"] * s["switch"]["step"] + ["ssl"] * (len(rows) - s["switch"]["step"])
     assert (full / "store" / "manifest.json").exists()  # converted by both ranks inside train
 
+    # Elastic: rank 0 is killed after the first checkpoint; torchrun restarts both ranks, which
+    # pick the run up from the checkpoint (--auto-resume) and finish it with the same losses.
+    elastic = tmp_path / "elastic"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        "--max-restarts=1", "-m", "rela", *args, str(elastic), "--auto-resume"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300,
+                       env={**os.environ, "RELA_CRASH_AT": "checkpoint-written:1@0",
+                            "RELA_CRASH_ONCE": str(tmp_path / "crashed-once")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "crashed-once").exists()  # it did crash once
+    assert [(x["loss"], x["phase"]) for x in _steps(elastic)] == [(x["loss"], x["phase"]) for x in rows]
+
     crashed = tmp_path / "crashed"
     r = torchrun(*args, str(crashed), env={"RELA_CRASH_AT": "checkpoint-written:1@0"})
     assert r.returncode != 0 and (crashed / "checkpoint.pt").exists()
     shutil.copytree(crashed, tmp_path / "one")
-    r = torchrun(*args, str(crashed), "--resume")  # same world size: exactly the uninterrupted run
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert [(x["loss"], x["phase"]) for x in _steps(crashed)] == [(x["loss"], x["phase"]) for x in rows]
 
     r = run_cli(*args, str(tmp_path / "one"), "--resume")  # one process: same samples, per-rank BN changes
     assert r.returncode == 0, r.stderr[-3000:]
@@ -202,6 +211,18 @@ def test_global_batch_must_split_over_the_ranks():
     assert per_rank_batch(128, 4) == 32
     with pytest.raises(RelaError, match="must split evenly over the 3 ranks"):
         per_rank_batch(16, 3)
+
+
+def test_auto_resume_decides_from_the_checkpoint(tmp_path):
+    from rela.train import _check_out
+
+    assert _check_out(tmp_path / "run", "auto", False) is False  # nothing yet: start
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")
+    assert _check_out(tmp_path / "run", "auto", False) is True
+    with pytest.raises(RelaError, match="already holds a run"):
+        _check_out(tmp_path / "run", False, False)
+    with pytest.raises(RelaError, match="contradict"):
+        _check_out(tmp_path / "run", "auto", True)
 
 
 def _checks_worker(rank: int, world: int, port: int, out: str) -> None:
