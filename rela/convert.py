@@ -219,7 +219,7 @@ def convert(
         print(f"{len(todo)} chunk(s) of {chunk_rows} rows to convert on {world} ranks: {world - len(todo)} "
               "rank(s) will idle (a smaller --chunk-rows spreads the work)", file=sys.stderr)
 
-    prior.to(_conversion_device(device))
+    prior.to(dist_util.resolve_device(str(device)))
     _extract(dataset, prior, journal, todo[rank::world], batch_size, num_workers, skip_corrupt,
              progress and rank == 0, n - sum(c.stop - c.start for c in todo), world)
     dist_util.barrier()  # every rank's chunks are committed before rank 0 reads the journals
@@ -228,17 +228,6 @@ def convert(
     if missing:
         raise StoreError(f"chunks {missing[:5]} are missing after extraction; rerun to resume")
     return _finalize(out, dataset, prior, journal, chunks, done, dim, fp, keep_raw, t_start, progress and rank == 0)
-
-
-def _conversion_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist_util.local_rank() if dist_util.active() else torch.cuda.current_device())
-        return torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RelaError(f"--device {device}: no CUDA device is available here (use --device cpu)")
-    return device
 
 
 def _plan(out: Path, identity: dict, dim: int, overwrite: bool, resume: bool | None, sizes: dict):

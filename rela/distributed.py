@@ -53,6 +53,19 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def resolve_device(name: str) -> torch.device:
+    """auto: CUDA when available, else the CPU. Under torchrun a bare "cuda"/"auto" is the rank's
+    own GPU (cuda:LOCAL_RANK)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RelaError(f"--device {name}: no CUDA device is available here (use --device cpu)")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank() if active() else torch.cuda.current_device())
+    return device
+
+
 def timeout() -> timedelta:
     """Collective timeout: RELA_DIST_TIMEOUT seconds (default 1800, PyTorch's gloo default).
 

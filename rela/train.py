@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rela.distributed import resolve_device
 from rela.errors import RelaError
 
 
@@ -73,21 +74,6 @@ class TrainConfig:
     @property
     def uses_rela(self) -> bool:
         return self.prior is not None and not self.phase.startswith("off")
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto: CUDA when available, else the CPU. Under torchrun a bare "cuda"/"auto" is the rank's
-    own GPU (cuda:LOCAL_RANK)."""
-    from rela import distributed as dist_util
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RelaError(f"--device {name}: no CUDA device is available here (use --device cpu)")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", dist_util.local_rank() if dist_util.active() else torch.cuda.current_device())
-    return device
 
 
 def per_rank_batch(batch_size: int, world: int) -> int:
