@@ -2,7 +2,6 @@
 and scored subsets stay identical on every rank after `update_scores`."""
 
 import json
-import socket
 
 import numpy as np
 import torch.distributed as dist
@@ -12,14 +11,13 @@ from rela import Loader
 from rela.datasets import ArrayDataset
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rendezvous(tmp_path) -> str:
+    """A file store per test: no TCP port to pick (and possibly lose to another process)."""
+    return f"file://{tmp_path / 'rendezvous'}"
 
 
-def _worker(rank: int, world: int, port: int, out: str, policy: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _worker(rank: int, world: int, init: str, out: str, policy: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         rng = np.random.default_rng(0)
         ds = ArrayDataset(rng.integers(0, 255, (101, 12, 12), dtype=np.uint8), rng.integers(0, 3, 101))
@@ -47,7 +45,7 @@ def _worker(rank: int, world: int, port: int, out: str, policy: str) -> None:
 
 def _run(tmp_path, policy):
     out = tmp_path / f"{policy}.json"
-    mp.spawn(_worker, args=(2, _free_port(), str(out), policy), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _rendezvous(tmp_path), str(out), policy), nprocs=2, join=True)
     return json.loads(out.read_text())
 
 
@@ -225,8 +223,8 @@ def test_auto_resume_decides_from_the_checkpoint(tmp_path):
         _check_out(tmp_path / "run", "auto", True)
 
 
-def _checks_worker(rank: int, world: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _checks_worker(rank: int, world: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     res = {}
     try:
         def refuse():
@@ -261,7 +259,7 @@ def _checks_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_rank_agreement_checks_in_a_real_group(tmp_path):
-    mp.spawn(_checks_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_checks_worker, args=(2, _rendezvous(tmp_path), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         res = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert res["decides"] == "rank 0 says no"  # rank 0's error reaches every rank
