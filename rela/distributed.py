@@ -89,7 +89,15 @@ def init(device: str = "auto") -> bool:
             raise RelaError(f"LOCAL_RANK {local_rank()} but only {torch.cuda.device_count()} GPUs here: "
                             "lower --nproc-per-node")
         torch.cuda.set_device(local_rank())
-    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timeout())
+    from torch.distributed.rendezvous import rendezvous
+
+    store, rank, world = next(rendezvous("env://", timeout=timeout()))
+    # torchrun's agent keeps one store across restarts (--max-restarts): without a prefix per
+    # attempt, restarted ranks can read the dead ranks' addresses and fail or hang connecting.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"rela/attempt-{attempt}", store)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
+                            timeout=timeout())
     return True
 
 
