@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed for random:<arch> priors (default 0)")
     c.add_argument("--batch-size", type=_positive_int, default=256)
     c.add_argument("--chunk-rows", type=_positive_int, default=4096, help="rows per committed chunk")
-    c.add_argument("--workers", type=int, help="decode worker processes (default: 2, 0 for small data)")
+    c.add_argument("--workers", type=int, help="decode worker processes per rank (default: 2, fewer if the node has fewer cores "
+                   "per rank; 0 for small or in-memory data)")
     c.add_argument("--skip-corrupt", action="store_true",
                    help="record undecodable samples as skipped instead of stopping")
     c.add_argument("--resume", action="store_true", help="require an interrupted conversion to resume")
@@ -94,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--limit", type=_positive_int, help="use only the first N training samples")
     t.add_argument("--test-data", help="test split for the switch probe and eval (default: fashion-mnist:test)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--workers", type=int, help="loader workers (default: 0 for in-memory data, else 2)")
+    t.add_argument("--workers", type=int, help="loader workers per rank (default: 0 for in-memory data, else 2, fewer if the node "
+                   "has fewer cores per rank)")
     t.add_argument("--backend", default="auto", help="loader backend: auto | torch | dali | ffcv")
     t.add_argument("--policy", default="uniform", help="subset policy: uniform | scored")
     t.add_argument("--freeze-transfer", action="store_true", help="frozen random transfer head (reference code)")

@@ -299,7 +299,7 @@ def _extract(dataset, prior, journal, todo, batch_size, num_workers, skip_corrup
     if num_workers is None:
         # In-memory arrays need no decoding: worker IPC would cost more than it saves.
         in_memory = getattr(dataset, "in_memory", False)
-        num_workers = 0 if in_memory or len(dataset) < 2048 else min(2, os.cpu_count() or 1)
+        num_workers = 0 if in_memory or len(dataset) < 2048 else min(2, dist_util.cpu_share())
     inputs = _PriorInputs(dataset, prior)
     loader = torch.utils.data.DataLoader(
         inputs, batch_sampler=batches, num_workers=num_workers,

@@ -20,7 +20,6 @@ the number of workers, a resumed run replays the same remaining batches, and eve
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -276,7 +275,7 @@ class Loader:
                                  seed=seed, valid=valid)
         self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
         if num_workers is None:
-            num_workers = 0 if getattr(self.dataset, "in_memory", False) else min(2, os.cpu_count() or 1)
+            num_workers = 0 if getattr(self.dataset, "in_memory", False) else min(2, dist_util.cpu_share())
         self.num_workers = num_workers
         self.device = torch.device(device)
         self.backend = self._pick_backend(backend, self.device)
