@@ -175,6 +175,8 @@ def test_torchrun_training_stays_in_sync_switches_together_and_resumes(tmp_path,
     assert a["params"] == b["params"] and a["rho"] == b["rho"]  # bit-identical weights and ρ on both ranks
     assert a["switch_step"] == b["switch_step"] == s["switch"]["step"] > 0  # switched together, mid-run
     rows = _steps(full)
+    assert len(rows) == s["steps"]  # one writer (rank 0): no interleaved or doubled rows
+    assert len((full / "epochs.csv").read_text().splitlines()) == 1 + 3
     phases = [r["phase"] for r in rows]
     assert phases == ["rela"] * s["switch"]["step"] + ["ssl"] * (len(rows) - s["switch"]["step"])
     assert (full / "store" / "manifest.json").exists()  # converted by both ranks inside train
