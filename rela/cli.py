@@ -110,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--switch-threshold", type=float, default=0.995,
                    help="adaptive phase: switch once rho reaches this (default 0.995, the reference's)")
     t.add_argument("--out", required=True, help="run directory")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    t.add_argument("--auto-resume", action="store_true",
+    again = t.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    again.add_argument("--auto-resume", action="store_true",
                    help="continue the run in --out if it has a checkpoint, else start it (for torchrun "
                    "--max-restarts and schedulers that rerun the same command)")
     t.add_argument("--overwrite", action="store_true", help="start over in an existing run directory")

@@ -287,7 +287,7 @@ def train(cfg: TrainConfig, *, resume: bool | str = False, overwrite: bool = Fal
     main = rank == 0
     progress = progress and main
     batch_size = per_rank_batch(cfg.batch_size, world)
-    dist_util.check_same("the training configuration", {k: v for k, v in asdict(cfg).items()})
+    dist_util.check_same("the training configuration", asdict(cfg))
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
     resume = dist_util.main_decides(_check_out, out, resume, overwrite)
