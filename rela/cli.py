@@ -207,7 +207,9 @@ def summary(store) -> str:
         f"skipped    {len(m['skipped'])}",
         f"stats      component mean in [{st['mean'].min():+.4f}, {st['mean'].max():+.4f}], "
         f"std in [{st['std'].min():.4f}, {st['std'].max():.4f}], NaN {st['nan']}, inf {st['inf']}",
-        f"cost       {cost.get('seconds')} s ({cost.get('images_per_second')} img/s extraction)",
+        f"cost       {cost.get('seconds')} s ({cost.get('images_per_second')} img/s extraction"
+        + (f"; {cost['processes']} processes, {cost['process_seconds']} process-s" if cost.get("processes", 1) > 1 else "")
+        + (f"; prior on {cost['device']}" if "device" in cost else "") + ")",
         f"created    {m['created']} by rela {m['library']['version']}",
     ]
     return "\n".join(lines)
