@@ -1,14 +1,29 @@
-"""Real 2-process gloo groups on this machine: subsets split disjointly with equal batch counts,
-and scored subsets stay identical on every rank after `update_scores`."""
+"""Real process groups on this machine (gloo, 2 ranks): the loader's sharding and score sync in
+spawned groups, and the commands users run — `torchrun -m rela convert|train` — end to end:
+bit-identical sharded conversion, resume after a killed rank, a failing rank stopping the job,
+ranks staying in sync and switching together, exact and cross-world-size resume."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
-from rela import Loader
+from rela import Loader, convert
+from rela import distributed as dist_util
 from rela.datasets import ArrayDataset
+from rela.errors import RelaError
+from rela.train import TrainConfig, _check_in_sync, _Student, _wrap, per_rank_batch
+from tests.conftest import REPO, make_folder, run_cli
 
 
 def _rendezvous(tmp_path) -> str:
@@ -68,23 +83,6 @@ def test_two_ranks_scored_stay_in_sync(tmp_path):
 
 
 # --- torchrun: the commands users run, as real process groups ------------------------------------
-
-import os  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from rela import convert  # noqa: E402
-from rela import distributed as dist_util  # noqa: E402
-from rela.errors import RelaError  # noqa: E402
-from rela.train import TrainConfig, _check_in_sync, _Student, _wrap, per_rank_batch  # noqa: E402
-from tests.conftest import REPO, make_folder, run_cli  # noqa: E402
 
 
 def torchrun(*args: str, nproc: int = 2, env: dict | None = None, timeout: float = 300):
