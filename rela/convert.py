@@ -185,7 +185,6 @@ def convert(
     a single-process conversion on the CPU (same batches, same chunk-ordered reduction).
     device: "auto" is the rank's GPU when there is one, else the CPU.
     """
-    t_start = time.perf_counter()
     out = Path(out)
     rank, world = dist_util.rank_world()
     dataset = open_dataset(data, limit)
@@ -227,7 +226,7 @@ def convert(
     missing = [c.k for c in chunks if c.k not in done]
     if missing:
         raise StoreError(f"chunks {missing[:5]} are missing after extraction; rerun to resume")
-    return _finalize(out, dataset, prior, journal, chunks, done, dim, fp, keep_raw, t_start, progress and rank == 0)
+    return _finalize(out, dataset, prior, journal, chunks, done, dim, fp, keep_raw, progress and rank == 0)
 
 
 def _plan(out: Path, identity: dict, dim: int, overwrite: bool, resume: bool | None, sizes: dict):
@@ -385,7 +384,7 @@ def _reduce_moments(journal: _Journal, chunks: list[_Chunk], dim: int, progress:
     return total
 
 
-def _finalize(out, dataset, prior, journal, chunks, done, dim, fp, keep_raw, t_start, progress) -> TargetStore:
+def _finalize(out, dataset, prior, journal, chunks, done, dim, fp, keep_raw, progress) -> TargetStore:
     from safetensors.numpy import save_file
     from tqdm import tqdm
 
@@ -428,12 +427,13 @@ def _finalize(out, dataset, prior, journal, chunks, done, dim, fp, keep_raw, t_s
 
 
 def _session_wall(done: dict, key: str) -> float:
-    per: dict[tuple, float] = {}
+    """Sum over sessions of the busiest rank's total `key` seconds in that session."""
+    per_session: dict[str, dict[int, float]] = {}
     for rec in done.values():
-        rank = (rec.get("session", ""), rec.get("rank", 0))
-        per[rank] = per.get(rank, 0.0) + rec.get(key, 0.0)
-    sessions = {session for session, _ in per}
-    return sum(max(v for (s, _), v in per.items() if s == session) for session in sessions)
+        ranks = per_session.setdefault(rec.get("session", ""), {})
+        rank = rec.get("rank", 0)
+        ranks[rank] = ranks.get(rank, 0.0) + rec.get(key, 0.0)
+    return sum(max(ranks.values()) for ranks in per_session.values())
 
 
 def _write_manifest(out, dataset, prior, done, dim, fp, white, skipped, finalize_s, world) -> None:

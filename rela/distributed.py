@@ -112,8 +112,7 @@ def shutdown() -> None:
     """Leave the group cleanly (a barrier first: a rank tearing gloo down early can abort a peer)."""
     global _cpu_group
     if dist.is_available() and dist.is_initialized():
-        if dist.get_world_size() > 1:
-            dist.barrier(group=cpu_group())
+        barrier()
         dist.destroy_process_group()
     _cpu_group = None
 

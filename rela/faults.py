@@ -19,20 +19,20 @@ from rela.distributed import rank_world
 _crash_hits: dict[str, int] = {}
 
 
+def _here(where: str, name: str) -> bool:
+    """Whether `where` ("point" or "point@rank") names this crashpoint on this rank."""
+    target, _, only_rank = where.partition("@")
+    return target == name and (not only_rank or int(only_rank) == rank_world()[0])
+
+
 def crashpoint(name: str) -> None:
     """A place where the tests may kill or slow this process (see the module doc)."""
-    slow = os.environ.get("RELA_SLEEP_AT")
-    if slow:
-        where, _, seconds = slow.partition("=")
-        target, _, only_rank = where.partition("@")
-        if target == name and (not only_rank or int(only_rank) == rank_world()[0]):
-            time.sleep(float(seconds))
-    spec = os.environ.get("RELA_CRASH_AT")
-    if not spec:
-        return
-    spec, _, only_rank = spec.partition("@")
-    target, _, k = spec.partition(":")
-    if target != name or (only_rank and int(only_rank) != rank_world()[0]):
+    where, _, seconds = os.environ.get("RELA_SLEEP_AT", "").partition("=")
+    if where and _here(where, name):
+        time.sleep(float(seconds))
+    head, at, only_rank = os.environ.get("RELA_CRASH_AT", "").partition("@")
+    point, _, k = head.partition(":")  # "point:k@rank" → "point", "k"
+    if not point or not _here(point + at + only_rank, name):
         return
     _crash_hits[name] = _crash_hits.get(name, 0) + 1
     if _crash_hits[name] >= int(k or 1):
