@@ -1,7 +1,7 @@
 PYTHON ?= python3
 export PYTHON
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test wheel lint bench
 
 setup:
 	@bash scripts/setup.sh
@@ -14,6 +14,11 @@ demo: setup
 
 test: setup
 	$(PYTHON) -m pytest -q
+
+# The wheel alone: built from a clean copy, installed into a fresh venv, used from outside the
+# checkout (also part of `make test`).
+wheel: setup
+	$(PYTHON) -m pytest -q tests/test_wheel.py
 
 lint: setup
 	$(PYTHON) -m ruff check .

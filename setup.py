@@ -1,4 +1,8 @@
-"""Build `rela._C` through CMake.
+"""The packages, and `rela._C` built through CMake.
+
+Packages are discovered, never listed by hand (a hand-written list once left `rela.backends` out of
+the wheel): every package under rela/, plus the top-level kernels/ folder shipped as rela.kernels
+(no top-level `kernels` module is installed: that name is taken on PyPI).
 
 Never import torch here: an isolated build environment would pull a multi-GB torch wheel.
 Set RELA_SKIP_EXT=1 to install without the extension (rela then falls back to numpy/Python).
@@ -9,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
@@ -39,4 +43,9 @@ class CMakeBuild(build_ext):
 
 
 ext_modules = [] if os.environ.get("RELA_SKIP_EXT") else [CMakeExtension("rela._C")]
-setup(ext_modules=ext_modules, cmdclass={"build_ext": CMakeBuild})
+setup(
+    packages=[*find_packages(include=["rela", "rela.*"]), "rela.kernels"],
+    package_dir={"rela.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": CMakeBuild},
+)

@@ -109,8 +109,8 @@ def _pca_child(rows: int, D: int, d: int, chunk: int, out: str) -> None:
     """Runs in a fresh process with torch loaded, as in `rela convert`; reports its peak RSS."""
     import torch  # noqa: F401  (the real conversion process has it loaded)
 
-    from rela.pca import StreamingMoments, fit_whitening
-    from rela.store import TargetWriter
+    from rela.data.pca import StreamingMoments, fit_whitening
+    from rela.data.store import TargetWriter
 
     base = _rss_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS

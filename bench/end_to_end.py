@@ -33,8 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench._common import device_line  # noqa: E402
-from rela.convert import convert  # noqa: E402
-from rela.train import TrainConfig, config_from_run, evaluate_run, train  # noqa: E402
+from rela.data.convert import convert  # noqa: E402
+from rela.training.evaluate import evaluate_run  # noqa: E402
+from rela.training.run import TrainConfig, config_from_run  # noqa: E402
+from rela.training.train import train  # noqa: E402
 
 ARMS = {  # name: (prior, budget, phase)
     "byol-100": (None, 1.0, "off"),

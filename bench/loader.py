@@ -29,10 +29,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench._common import cpu_seconds, device_line  # noqa: E402
+from rela.data.priors import IMAGENET_MEAN as MEAN  # noqa: E402
+from rela.data.priors import IMAGENET_STD as STD  # noqa: E402
 from rela.errors import RelaError  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
           "cat", "camera", "moon", "grass", "gravel", "brick", "coins", "clock"]
 
@@ -89,7 +90,7 @@ def measure(name: str, make_epoch, n_images: int, epochs: int) -> dict:
 
 def rela_epoch(folder: Path, views: int, workers: int, worker_type: str = "process", backend: str = "torch"):
     from rela import Loader
-    from rela.views import ViewSpec
+    from rela.loading.views import ViewSpec
 
     spec = ViewSpec(224, scale=(0.08, 1.0), flip=0.5, mean=MEAN, std=STD)
     loader = Loader(str(folder), 64, views=[spec] * views, num_workers=workers, drop_last=False,

@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
+from rela.data.prior_options import PriorOptions
 from rela.errors import RelaError
-
-
-def _floats3(text: str) -> tuple[float, float, float]:
-    parts = [float(p) for p in text.split(",")]
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError("expected three comma-separated numbers, e.g. 0.5,0.5,0.5")
-    return tuple(parts)
-
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return v
+from rela.options import add_arguments, from_args, positive_int
+from rela.training.run import TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,16 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prior", required=True,
                    help="efficientnet-lite0 | random:<arch> | torchvision:<arch> | torchscript:<path> | state_dict:<path>")
     c.add_argument("--out", required=True, help="store directory to create")
-    c.add_argument("--dim", type=_positive_int, default=256, help="PCA components to keep (default 256)")
-    c.add_argument("--limit", type=_positive_int, help="use only the first N samples")
-    c.add_argument("--arch", help="architecture for state_dict:<path> priors (torchvision name or efficientnet-lite0)")
-    c.add_argument("--weights", help="local weights file for torchvision:<arch> priors")
-    c.add_argument("--input-size", type=_positive_int, help="prior input resolution (default: the prior's own)")
-    c.add_argument("--mean", type=_floats3, help="override normalisation mean, e.g. 0.485,0.456,0.406")
-    c.add_argument("--std", type=_floats3, help="override normalisation std")
-    c.add_argument("--seed", type=int, default=0, help="seed for random:<arch> priors (default 0)")
-    c.add_argument("--batch-size", type=_positive_int, default=256)
-    c.add_argument("--chunk-rows", type=_positive_int, default=4096, help="rows per committed chunk")
+    c.add_argument("--dim", type=positive_int, default=256, help="PCA components to keep (default 256)")
+    c.add_argument("--limit", type=positive_int, help="use only the first N samples")
+    add_arguments(c.add_argument_group("prior options"), PriorOptions)
+    c.add_argument("--batch-size", type=positive_int, default=256)
+    c.add_argument("--chunk-rows", type=positive_int, default=4096, help="rows per committed chunk")
     c.add_argument("--workers", type=int, help="decode worker processes per rank (default: 2, fewer if the node has fewer cores "
                    "per rank; 0 for small or in-memory data)")
     c.add_argument("--skip-corrupt", action="store_true",
@@ -58,8 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace whatever is at --out")
     c.add_argument("--keep-raw", action="store_true", help="keep raw prior features in OUT/.convert")
     c.add_argument("--deep", action="store_true", help="fingerprint file contents, not just names and sizes")
-    c.add_argument("--trust-pickle", action="store_true",
-                   help="allow weights files that contain pickled Python objects (runs their code!)")
     c.add_argument("--device", default="auto",
                    help="where the prior runs: auto (this rank's GPU when there is one) | cpu | cuda[:N]")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -75,41 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         "handing over to a self-supervised method. Builds the target store if needed, logs per step "
         "to RUN/steps.csv, checkpoints every epoch; --resume continues exactly.",
     )
-    t.add_argument("--data", default="fashion-mnist", help="fashion-mnist[:train], an image folder, or an .npz")
-    t.add_argument("--prior", default="efficientnet-lite0",
-                   help="a prior spec (efficientnet-lite0, random:<arch>, ...) converted into RUN/store, or a STORE directory")
+    add_arguments(t, TrainConfig)
     t.add_argument("--no-rela", action="store_true", help="plain SSL baseline (no prior, no RELA phase)")
-    t.add_argument("--budget", type=float, default=1.0, help="fraction of the data visited per epoch (0, 1]")
-    t.add_argument("--method", default="byol", help="self-supervised method (byol)")
-    t.add_argument("--arch", default="resnet18-cifar", help="resnet18|34|50[-cifar]")
-    t.add_argument("--width", type=float, default=0.125, help="width multiplier of the student")
-    t.add_argument("--epochs", type=_positive_int, default=20)
-    t.add_argument("--batch-size", type=_positive_int, default=128,
-                   help="global batch (default 128); under torchrun each rank takes an equal share")
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--phase", default="adaptive", help="adaptive (default) | fixed:<fraction> | blend (see README)")
-    t.add_argument("--image-size", type=_positive_int, default=32)
-    t.add_argument("--dim", type=_positive_int, help="target dim when converting (default: student feature dim)")
-    t.add_argument("--prior-input-size", type=_positive_int, help="prior resolution when converting")
-    t.add_argument("--limit", type=_positive_int, help="use only the first N training samples")
-    t.add_argument("--test-data", help="test split for the switch probe and eval (default: fashion-mnist:test)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--workers", type=int, help="loader workers per rank (default: 0 for in-memory data, else 2, fewer if the node "
-                   "has fewer cores per rank)")
-    t.add_argument("--backend", default="auto", help="loader backend: auto | torch | dali | ffcv")
-    t.add_argument("--policy", default="uniform", help="subset policy: uniform | scored")
-    t.add_argument("--freeze-transfer", action="store_true", help="frozen random transfer head (reference code)")
-    t.add_argument("--momentum", type=float, default=0.99, help="BYOL EMA momentum")
-    t.add_argument("--cosine-momentum", action="store_true", help="cosine momentum schedule up to 1")
-    t.add_argument("--threads", type=_positive_int, help="torch intra-op threads")
-    t.add_argument("--device", default="auto",
-                   help="auto (cuda when available; under torchrun each rank's own GPU) | cpu | cuda[:N]")
-    t.add_argument("--sync-bn", action="store_true",
-                   help="SyncBatchNorm across ranks under torchrun (CUDA only)")
-    t.add_argument("--switch-threshold", type=float, default=0.995,
-                   help="adaptive phase: switch once rho reaches this (default 0.995, the reference's)")
-    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--threads", type=positive_int, help="torch intra-op threads")
     again = t.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     again.add_argument("--auto-resume", action="store_true",
@@ -122,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Linear probe on frozen features (Adam 3e-4, 100 epochs, mean of the "
                        "last 3 epochs' test top-1) and kNN (k=20, cosine). Writes RUN/eval.json.")
     e.add_argument("run", help="run directory from rela train")
-    e.add_argument("--probe-epochs", type=_positive_int, default=100)
-    e.add_argument("--k", type=_positive_int, default=20)
+    e.add_argument("--probe-epochs", type=positive_int, default=100)
+    e.add_argument("--k", type=positive_int, default=20)
     e.add_argument("--test-data", help="test split (default: the run's, or fashion-mnist:test)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.add_argument("--quiet", action="store_true")
@@ -133,19 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(a: argparse.Namespace) -> int:
     import torch
 
-    from rela.train import TrainConfig, train
+    from rela.training.train import train
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    cfg = TrainConfig(
-        data=a.data, out=a.out, prior=None if a.no_rela else a.prior, budget=a.budget, method=a.method,
-        arch=a.arch, width=a.width, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-        weight_decay=a.weight_decay, phase="off" if a.no_rela else a.phase, image_size=a.image_size, dim=a.dim,
-        prior_input_size=a.prior_input_size, limit=a.limit, test_data=a.test_data, seed=a.seed,
-        num_workers=a.workers, backend=a.backend, policy=a.policy, freeze_transfer=a.freeze_transfer,
-        momentum=a.momentum, cosine_momentum=a.cosine_momentum, device=a.device, sync_bn=a.sync_bn,
-        switch_threshold=a.switch_threshold,
-    )
+    cfg = from_args(TrainConfig, a, **({"prior": None, "phase": "off"} if a.no_rela else {}))
     s = train(cfg, resume="auto" if a.auto_resume else a.resume, overwrite=a.overwrite, progress=not a.quiet)
     from rela import distributed as dist_util
 
@@ -162,7 +105,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from rela.train import evaluate_run
+    from rela.training.evaluate import evaluate_run
 
     r = evaluate_run(a.run, probe_epochs=a.probe_epochs, k=a.k, test_data=a.test_data, progress=not a.quiet)
     if a.json:
@@ -176,47 +119,24 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
-    from rela.convert import convert
+    from rela.data.convert import convert
 
     store = convert(
         a.data, a.prior, a.out, dim=a.dim, limit=a.limit, batch_size=a.batch_size,
         chunk_rows=a.chunk_rows, num_workers=a.workers, skip_corrupt=a.skip_corrupt,
         resume=True if a.resume else None, overwrite=a.overwrite, keep_raw=a.keep_raw,
-        deep=a.deep, progress=not a.quiet, arch=a.arch, weights=a.weights,
-        input_size=a.input_size, mean=a.mean, std=a.std, seed=a.seed, trust_pickle=a.trust_pickle,
-        device=a.device,
+        deep=a.deep, progress=not a.quiet, device=a.device,
+        **dataclasses.asdict(from_args(PriorOptions, a)),
     )
     from rela import distributed as dist_util
 
     if dist_util.is_main():
-        print(summary(store))
+        print(store.summary())
     return 0
 
 
-def summary(store) -> str:
-    m = store.manifest
-    st = store.stats()
-    cost = m.get("cost", {})
-    lines = [
-        f"store      {store.path}",
-        f"dataset    {m['dataset'].get('kind')} n={m['n']} digest={m['dataset']['digest'][:16]}",
-        f"prior      {m['prior'].get('name')} ({m['prior'].get('arch')}) sha256={m['prior'].get('weights_sha256', '')[:16]}",
-        f"input      {m['preprocessing']['input_size']} px, mean={m['preprocessing']['mean']} std={m['preprocessing']['std']}",
-        f"targets    [{m['n']}, {m['dim']}] float16 from {m['raw_dim']}-d features, "
-        f"explained variance {m['whitening']['explained_variance_ratio']:.3f}",
-        f"skipped    {len(m['skipped'])}",
-        f"stats      component mean in [{st['mean'].min():+.4f}, {st['mean'].max():+.4f}], "
-        f"std in [{st['std'].min():.4f}, {st['std'].max():.4f}], NaN {st['nan']}, inf {st['inf']}",
-        f"cost       {cost.get('seconds')} s ({cost.get('images_per_second')} img/s extraction"
-        + (f"; {cost['processes']} processes, {cost['process_seconds']} process-s" if cost.get("processes", 1) > 1 else "")
-        + (f"; prior on {cost['device']}" if "device" in cost else "") + ")",
-        f"created    {m['created']} by rela {m['library']['version']}",
-    ]
-    return "\n".join(lines)
-
-
 def cmd_info(a: argparse.Namespace) -> int:
-    from rela.store import TargetStore
+    from rela.data.store import TargetStore
 
     store = TargetStore.open(a.store)
     if a.json:
@@ -226,7 +146,7 @@ def cmd_info(a: argparse.Namespace) -> int:
                          "mean": st["mean"].tolist(), "std": st["std"].tolist()}}
         print(json.dumps(out, indent=1))
     else:
-        print(summary(store))
+        print(store.summary())
     return 0
 
 

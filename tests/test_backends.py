@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from rela import Loader
-from rela.backends import available
-from rela.datasets import ArrayDataset, ImageFolder
+from rela.data.datasets import ArrayDataset, ImageFolder
 from rela.errors import CorruptImageError, RelaError
-from rela.views import ViewSpec, eval_view
+from rela.loading.backends import available
+from rela.loading.views import ViewSpec, eval_view
 from tests.conftest import make_folder
 
 HAVE = available()

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from rela import convert, load_prior, open_dataset
+from rela.data.store import TargetStore, TargetWriter
 from rela.errors import CorruptImageError, RelaError, StoreError, StoreMismatchError
-from rela.store import TargetStore, TargetWriter
 from tests.conftest import REPO, make_folder, run_cli
 
 PRIOR = dict(prior="random:resnet18", input_size=32)

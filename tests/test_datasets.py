@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rela.datasets import FASHION_MNIST_ROOT, ArrayDataset, FashionMNIST, ImageFolder, open_dataset
+from rela.data.datasets import (
+    FASHION_MNIST_ROOT,
+    ArrayDataset,
+    FashionMNIST,
+    ImageFolder,
+    open_dataset,
+)
 from rela.errors import CorruptImageError, DatasetError
 from tests.conftest import make_folder, smooth_image
 
@@ -157,7 +163,7 @@ def test_huge_declared_dimensions_are_refused(tmp_path):
 def test_jpeg_header_size_and_bomb(tmp_path):
     import io
 
-    from rela.datasets import jpeg_size
+    from rela.data.datasets import jpeg_size
 
     buf = io.BytesIO()
     Image.fromarray(smooth_image(np.random.default_rng(0), 30, 50)).save(buf, "JPEG", quality=90)

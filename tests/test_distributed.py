@@ -20,9 +20,10 @@ from torch import nn
 
 from rela import Loader, convert
 from rela import distributed as dist_util
-from rela.datasets import ArrayDataset
+from rela.data.datasets import ArrayDataset
 from rela.errors import RelaError
-from rela.train import TrainConfig, _check_in_sync, _Student, _wrap, per_rank_batch
+from rela.training.run import TrainConfig, per_rank_batch
+from rela.training.train import _check_in_sync, _Student, _wrap
 from tests.conftest import REPO, make_folder, run_cli
 
 
@@ -212,15 +213,15 @@ def test_global_batch_must_split_over_the_ranks():
 
 
 def test_auto_resume_decides_from_the_checkpoint(tmp_path):
-    from rela.train import _check_out
+    from rela.training.run import check_out
 
-    assert _check_out(tmp_path / "run", "auto", False) is False  # nothing yet: start
+    assert check_out(tmp_path / "run", "auto", False) is False  # nothing yet: start
     (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")
-    assert _check_out(tmp_path / "run", "auto", False) is True
+    assert check_out(tmp_path / "run", "auto", False) is True
     with pytest.raises(RelaError, match="already holds a run"):
-        _check_out(tmp_path / "run", False, False)
+        check_out(tmp_path / "run", False, False)
     with pytest.raises(RelaError, match="contradict"):
-        _check_out(tmp_path / "run", "auto", True)
+        check_out(tmp_path / "run", "auto", True)
 
 
 def _checks_worker(rank: int, world: int, init: str, out: str) -> None:

@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 
 from rela import Loader, _ext
-from rela.datasets import ImageFolder
+from rela.data.datasets import ImageFolder
 from rela.errors import CorruptImageError
-from rela.views import ViewSpec, byol_views, eval_view
+from rela.loading.views import ViewSpec, byol_views, eval_view
 from tests.conftest import smooth_image
 
 pytestmark = pytest.mark.skipif(not _ext.has_jpeg_decoder(), reason="rela._C built without libjpeg")

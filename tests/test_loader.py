@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from rela import Loader, Subset, convert, open_dataset
-from rela.datasets import ArrayDataset, ImageFolder
+from rela.data.datasets import ArrayDataset, ImageFolder
 from rela.errors import CorruptImageError, RelaError, StoreMismatchError
-from rela.views import apply_view, eval_view, sample_generator
+from rela.loading.backends.augment import apply_view
+from rela.loading.views import eval_view, sample_generator
 from tests.conftest import make_folder, smooth_image
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from rela.pca import StreamingMoments, fit_whitening
+from rela.data.pca import StreamingMoments, fit_whitening
 
 
 def _data(n=3000, D=24, seed=0):

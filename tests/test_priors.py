@@ -3,8 +3,8 @@ import pytest
 import torch
 import torchvision
 
+from rela.data.priors import LITE_MEAN, load_prior, sha256_file
 from rela.errors import PriorError
-from rela.priors import LITE_MEAN, load_prior, sha256_file
 
 
 def test_random_prior_is_seeded():

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from rela import Loader, convert
-from rela.accelerate import Accelerator
-from rela.datasets import ArrayDataset
+from rela.data.datasets import ArrayDataset
 from rela.errors import RelaError, StoreMismatchError
-from rela.evaluate import knn_accuracy, linear_probe
-from rela.train import TrainConfig, evaluate_run, train
-from rela.views import eval_view
+from rela.loading.views import eval_view
+from rela.training.accelerate import Accelerator
+from rela.training.evaluate import evaluate_run, knn_accuracy, linear_probe
+from rela.training.run import TrainConfig
+from rela.training.train import train
 from tests.conftest import run_cli, smooth_image
 
 
@@ -103,7 +104,7 @@ def test_transfer_head_gets_gradients_unless_frozen(frozen):
 
 
 def test_frozen_transfer_head_stays_put_in_training(tiny, tmp_path):
-    from rela.train import load_checkpoint
+    from rela.training.run import load_checkpoint
 
     def head(name, **kw):
         train(_cfg(tiny, tmp_path / name, phase="fixed:1", **kw), progress=False)  # all RELA

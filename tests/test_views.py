@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from rela.errors import RelaError
-from rela.views import (
+from rela.loading.backends.augment import apply_view
+from rela.loading.views import (
     ViewSpec,
-    apply_view,
     byol_views,
     crop_params,
     eval_view,
@@ -83,14 +83,8 @@ def test_strong_views_stay_finite_and_vary():
 def test_batched_views_match_per_image_views(which):
     """augment_batch (in-memory data) makes the same random choices as augment; pixels differ by
     interpolation and rounding only, and not at all for the deterministic eval view."""
-    from rela.views import (
-        augment,
-        augment_batch,
-        byol_views,
-        eval_view,
-        rela_view,
-        sample_generator,
-    )
+    from rela.loading.backends.augment import augment, augment_batch
+    from rela.loading.views import byol_views, eval_view, rela_view, sample_generator
 
     spec = {"eval": eval_view(24), "rela": rela_view(24), "byol0": byol_views(24)[0], "byol1": byol_views(24)[1]}[which]
     rng = np.random.default_rng(0)

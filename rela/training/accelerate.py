@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from rela.errors import RelaError
-from rela.loss import rela_loss
+from rela.kernels.rela_loss import rela_loss
 
 
 def parse_phase(phase: str) -> tuple[str, float]:
@@ -92,10 +92,6 @@ class Accelerator(nn.Module):
     @property
     def switched(self) -> bool:
         return int(self.switch_step) >= 0
-
-    @property
-    def in_rela_phase(self) -> bool:
-        return self.lam > 0
 
     def _switch(self) -> None:
         self.weight.fill_(0.0)

@@ -30,12 +30,10 @@ import torch
 
 from rela import __version__
 from rela import distributed as dist_util
-from rela.datasets import RelaDataset, open_dataset
-from rela.errors import CorruptImageError, RelaError, StoreError
-from rela.faults import crashpoint as _crashpoint
-from rela.pca import StreamingMoments, fit_whitening
-from rela.priors import Prior, load_prior
-from rela.store import (
+from rela.data.datasets import RelaDataset, open_dataset
+from rela.data.pca import StreamingMoments, Whitening, fit_whitening
+from rela.data.priors import Prior, load_prior
+from rela.data.store import (
     IDENTITY_FIELDS,
     MANIFEST,
     PCA,
@@ -47,6 +45,8 @@ from rela.store import (
     atomic_write_bytes,
     fsync_dir,
 )
+from rela.errors import CorruptImageError, RelaError, StoreError
+from rela.faults import crashpoint as _crashpoint
 
 
 class _PriorInputs(torch.utils.data.Dataset):
@@ -146,6 +146,21 @@ class _Journal:
             return z["features"], z["valid"]
 
 
+@dataclass
+class _Job:
+    """One conversion, as every step after planning sees it."""
+
+    out: Path
+    dataset: RelaDataset
+    prior: Prior
+    journal: _Journal
+    chunks: list[_Chunk]
+    dim: int
+    fingerprint: dict
+    batch_size: int
+    progress: bool  # this rank shows progress bars (rank 0 only)
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -219,14 +234,14 @@ def convert(
               "rank(s) will idle (a smaller --chunk-rows spreads the work)", file=sys.stderr)
 
     prior.to(dist_util.resolve_device(str(device)))
-    _extract(dataset, prior, journal, todo[rank::world], batch_size, num_workers, skip_corrupt,
-             progress and rank == 0, n - sum(c.stop - c.start for c in todo), world)
+    job = _Job(out, dataset, prior, journal, chunks, dim, fp, batch_size, progress and rank == 0)
+    _extract(job, todo[rank::world], num_workers, skip_corrupt, n - sum(c.stop - c.start for c in todo))
     dist_util.barrier()  # every rank's chunks are committed before rank 0 reads the journals
     done = dist_util.main_decides(journal.committed)
     missing = [c.k for c in chunks if c.k not in done]
     if missing:
         raise StoreError(f"chunks {missing[:5]} are missing after extraction; rerun to resume")
-    return _finalize(out, dataset, prior, journal, chunks, done, dim, fp, keep_raw, progress and rank == 0)
+    return _finalize(job, done, keep_raw)
 
 
 def _plan(out: Path, identity: dict, dim: int, overwrite: bool, resume: bool | None, sizes: dict):
@@ -286,7 +301,8 @@ def _prepare_out(out: Path, identity: dict, dim: int, overwrite: bool, resume: b
     return None
 
 
-def _extract(dataset, prior, journal, todo, batch_size, num_workers, skip_corrupt, progress, done_rows, world=1):
+def _extract(job: _Job, todo: list[_Chunk], num_workers: int | None, skip_corrupt: bool, done_rows: int) -> None:
+    """Phase 1 on this rank: the prior's raw features of the chunks in `todo`, committed one by one."""
     if not todo:
         return
     from tqdm import tqdm
@@ -294,11 +310,12 @@ def _extract(dataset, prior, journal, todo, batch_size, num_workers, skip_corrup
     from rela._alloc import keep_freed_memory
 
     keep_freed_memory()  # ~3x faster CPU inference here: no page faults on every activation
+    dataset, prior, journal, batch_size, progress = job.dataset, job.prior, job.journal, job.batch_size, job.progress
+    world = dist_util.rank_world()[1]
     batches = [list(range(s, min(s + batch_size, c.stop))) for c in todo for s in range(c.start, c.stop, batch_size)]
     if num_workers is None:
         # In-memory arrays need no decoding: worker IPC would cost more than it saves.
-        in_memory = getattr(dataset, "in_memory", False)
-        num_workers = 0 if in_memory or len(dataset) < 2048 else min(2, dist_util.cpu_share())
+        num_workers = 0 if dataset.in_memory or len(dataset) < 2048 else min(2, dist_util.cpu_share())
     inputs = _PriorInputs(dataset, prior)
     loader = torch.utils.data.DataLoader(
         inputs, batch_sampler=batches, num_workers=num_workers,
@@ -384,12 +401,14 @@ def _reduce_moments(journal: _Journal, chunks: list[_Chunk], dim: int, progress:
     return total
 
 
-def _finalize(out, dataset, prior, journal, chunks, done, dim, fp, keep_raw, progress) -> TargetStore:
+def _finalize(job: _Job, done: dict[int, dict], keep_raw: bool) -> TargetStore:
+    """Phase 2: fit the whitening on all committed chunks, write the targets, then the manifest."""
     from safetensors.numpy import save_file
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     rank, world = dist_util.rank_world()
+    out, dataset, journal, chunks, dim, progress = job.out, job.dataset, job.journal, job.chunks, job.dim, job.progress
     skipped = sorted(int(i) for rec in done.values() for i in rec.get("skipped", {}))
     n_valid = len(dataset) - len(skipped)
     if n_valid < 2:
@@ -397,7 +416,7 @@ def _finalize(out, dataset, prior, journal, chunks, done, dim, fp, keep_raw, pro
     if dim > n_valid:
         raise RelaError(f"--dim {dim} exceeds the number of usable samples ({n_valid})")
 
-    moments = _reduce_moments(journal, chunks, prior.dim, progress)
+    moments = _reduce_moments(journal, chunks, job.prior.dim, progress)
     white = dist_util.main_decides(fit_whitening, moments, dim)  # one eigendecomposition, for all
 
     workdir = out / WORKDIR
@@ -419,7 +438,7 @@ def _finalize(out, dataset, prior, journal, chunks, done, dim, fp, keep_raw, pro
         os.replace(tmp_targets, out / TARGETS)
         fsync_dir(out)
         _crashpoint("before-manifest")
-        _write_manifest(out, dataset, prior, done, dim, fp, white, skipped, time.perf_counter() - t0, world)
+        _write_manifest(job, done, white, skipped, time.perf_counter() - t0)
         if not keep_raw:
             shutil.rmtree(workdir)
     dist_util.barrier()  # the manifest exists
@@ -436,22 +455,23 @@ def _session_wall(done: dict, key: str) -> float:
     return sum(max(ranks.values()) for ranks in per_session.values())
 
 
-def _write_manifest(out, dataset, prior, done, dim, fp, white, skipped, finalize_s, world) -> None:
+def _write_manifest(job: _Job, done: dict[int, dict], white: Whitening, skipped: list[int], finalize_s: float) -> None:
     # Wall clock: within one invocation (session) the ranks ran side by side, so it lasted as long
     # as its busiest rank's chunks; sessions (a killed run, its resumption) add up. A session's
     # chunk seconds start when its rank starts extracting, so loader start-up is included.
     # process_seconds is the sum over every rank: what the conversion cost in device time.
+    prior, n, world = job.prior, len(job.dataset), dist_util.rank_world()[1]
     process_s = sum(rec.get("seconds", 0.0) for rec in done.values())
     extract_s, infer_s = (_session_wall(done, key) for key in ("seconds", "infer_seconds"))
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "library": {"name": "rela", "version": __version__, "torch": torch.__version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "dataset": fp,
+        "dataset": job.fingerprint,
         "prior": prior.identity,
         "preprocessing": prior.preprocessing(),
-        "n": len(dataset),
-        "dim": dim,
+        "n": n,
+        "dim": job.dim,
         "raw_dim": prior.dim,
         "dtype": "float16",
         "whitening": {"method": "pca", "eps": white.eps,
@@ -463,6 +483,6 @@ def _write_manifest(out, dataset, prior, done, dim, fp, white, skipped, finalize
                  "seconds": round(extract_s + finalize_s, 3),
                  "process_seconds": round(process_s, 3), "processes": world,
                  "device": str(prior.device),
-                 "images_per_second": round(len(dataset) / extract_s, 2) if extract_s else None},
+                 "images_per_second": round(n / extract_s, 2) if extract_s else None},
     }
-    atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    atomic_write_bytes(job.out / MANIFEST, json.dumps(manifest, indent=1).encode())

@@ -9,15 +9,30 @@
   kNN 0.747), i.e. it measured the probe's convergence, not the features.
 - kNN: k = 20 nearest training features by cosine similarity, votes weighted by exp(sim / 0.07)
   (the usual SSL kNN monitor, Wu et al. 2018).
+
+`evaluate_run` (`rela eval RUN`) runs both on a run's final backbone and writes RUN/eval.json.
 """
 
 from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from rela.datasets import RelaDataset
+from rela.data.datasets import RelaDataset, open_dataset
+from rela.distributed import resolve_device
+from rela.errors import RelaError
+from rela.training.run import (
+    CHECKPOINT,
+    build_student,
+    config_from_run,
+    default_test_data,
+    load_checkpoint,
+)
 
 
 @torch.no_grad()
@@ -28,7 +43,7 @@ def extract_features(backbone: nn.Module, dataset: RelaDataset, image_size: int,
     centre crop), computed on `device`."""
     from tqdm.auto import tqdm
 
-    from rela.loader import Loader
+    from rela.loading.loader import Loader
 
     loader = Loader(dataset, batch_size, views="eval", image_size=image_size, shuffle=False, drop_last=False,
                     num_workers=num_workers, mean=mean, std=std, device=device,
@@ -86,3 +101,31 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         with torch.no_grad():
             curve.append(float((head(test_x).argmax(1) == test_y).float().mean()))
     return {"top1": float(np.mean(curve[-last:])), "final": curve[-1], "curve": curve}
+
+
+def evaluate_run(run: str | Path, *, probe_epochs: int = 100, k: int = 20, test_data: str | None = None,
+                 progress: bool = True) -> dict:
+    """Linear probe and kNN of a run's final backbone; written to RUN/eval.json."""
+    run = Path(run)
+    cfg = config_from_run(run)
+    state = load_checkpoint(run / CHECKPOINT)
+    device = resolve_device(cfg.device)
+    backbone, _ = build_student(cfg)
+    backbone.load_state_dict(state["backbone"])
+    backbone.to(device)
+    test_name = test_data or cfg.test_data or default_test_data(cfg.data)
+    if test_name is None:
+        raise RelaError(f"no test split known for {cfg.data!r}: pass --test-data")
+    t0 = time.perf_counter()
+    train_x, train_y = extract_features(backbone, open_dataset(cfg.data, cfg.limit), cfg.image_size,
+                                        progress=progress, desc="train features", device=device)
+    test_x, test_y = extract_features(backbone, open_dataset(test_name), cfg.image_size,
+                                      progress=progress, desc="test features", device=device)
+    probe = linear_probe(train_x, train_y, test_x, test_y, epochs=probe_epochs, seed=cfg.seed)
+    result = {"run": str(run), "epochs_trained": state["epoch"] + 1, "linear_top1": probe["top1"],
+              "linear_final": probe["final"], "knn_top1": knn_accuracy(train_x, train_y, test_x, test_y, k=k),
+              "k": k, "probe_epochs": probe_epochs, "probe": "Adam 3e-4, batch 64, standardised features",
+              "linear_curve": probe["curve"], "test_data": test_name, "train_samples": len(train_x),
+              "test_samples": len(test_x), "eval_seconds": time.perf_counter() - t0}
+    (run / "eval.json").write_text(json.dumps(result, indent=1))
+    return result

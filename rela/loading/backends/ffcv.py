@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rela.datasets import as_rgb
+from rela.data.datasets import RelaDataset, as_rgb
 from rela.errors import CorruptImageError
-from rela.views import ViewSpec, colour, normalize_batch, sample_generator
+from rela.loading.backends import Options, SampleRules, Task, Tasks
+from rela.loading.backends.augment import colour, normalize_batch
+from rela.loading.backends.torch_backend import TorchBuilder
+from rela.loading.views import ViewSpec
 
 
 def cache_dir() -> Path:
@@ -49,7 +53,7 @@ class _Source:
             return np.zeros((8, 8, 3), np.uint8), i, 0
 
 
-def write_beton(dataset, threads: int = 1) -> Path:
+def write_beton(dataset: RelaDataset, threads: int = 1) -> Path:
     """The dataset's `.beton` (written once; the write is atomic, so a killed one is redone)."""
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
@@ -57,7 +61,7 @@ def write_beton(dataset, threads: int = 1) -> Path:
     fp = dataset.fingerprint()
     key = hashlib.sha256(repr(sorted(fp.items())).encode()).hexdigest()[:24]
     # Small in-memory images are stored raw (exact pixels); files as JPEG q95 (FFCV re-encodes).
-    raw = getattr(dataset, "in_memory", False)
+    raw = dataset.in_memory
     path = cache_dir() / f"{key}-{'raw' if raw else 'jpg95'}.beton"
     if path.exists():
         return path
@@ -92,29 +96,41 @@ class _Fixed:
         return self.order
 
 
-class FfcvBatches:
-    """Runs rela's tasks with FFCV loaders (one per view) reading the same fixed order. The FFCV
-    loaders are kept per view spec across passes: FFCV compiles a pipeline on its first pass."""
+class FfcvBackend:
+    """Runs rela's tasks with FFCV loaders (one per view) reading the same fixed order. The
+    `.beton` is written on the first pass; the FFCV loaders are kept per view spec across passes
+    (FFCV compiles a pipeline on its first pass). A batch rebuilt on its own (after `set_views`)
+    goes through the torch builder: FFCV reads whole passes, not single batches."""
 
-    def __init__(self, base, beton: Path, threads: int, batch_size: int, drop_last: bool) -> None:
-        from ffcv.reader import Reader
-
-        self.base, self.beton = base, beton
-        self.threads, self.batch_size, self.drop_last = max(1, threads), batch_size, drop_last
-        self.bad = set(np.flatnonzero(Reader(str(beton)).metadata["f2"] == 0).tolist())
+    def __init__(self, rules: SampleRules, options: Options) -> None:
+        self.rules, self.options = rules, options
+        self.fallback = TorchBuilder(rules, options.decode_threads)
+        self.threads, self.batch_size = max(1, options.num_workers), options.batch_size
+        self.beton: Path | None = None
+        self.bad: set[int] = set()
         self.loaders: dict[ViewSpec, object] = {}
         self.views: tuple[ViewSpec, ...] | None = None
         self.iters: list = []
         self.skipped: dict[int, list] = {}
 
+    def _open(self) -> None:
+        """The dataset's .beton (written now if it isn't cached) and its undecodable samples."""
+        from ffcv.reader import Reader
+
+        self.beton = write_beton(self.rules.dataset, self.options.num_workers)
+        self.bad = set(np.flatnonzero(Reader(str(self.beton)).metadata["f2"] == 0).tolist())
+
+    def build(self, task: Task) -> dict:
+        return self.fallback.build(task)
+
     def _replace(self, i: int, skipped: list) -> int:
         """A drawn sample the .beton holds no image for: raise, or take the loader's walk to the
         next good one."""
-        for j in self.base.candidates(i):
+        for j in self.rules.candidates(i):
             if j not in self.bad:
                 return j
-            source = self.base.dataset.describe(j)
-            if self.base.on_error == "raise":
+            source = self.rules.dataset.describe(j)
+            if self.rules.on_error == "raise":
                 raise CorruptImageError(j, source, "could not be decoded when the .beton was written")
             skipped.append((j, source, "undecodable when the .beton was written"))
         raise AssertionError("unreachable: candidates() raises when it runs out")
@@ -127,20 +143,20 @@ class FfcvBatches:
 
             loader = Loader(str(self.beton), batch_size=self.batch_size, num_workers=self.threads,
                             pipelines={"image": _pipeline(spec), "index": [IntDecoder(), ToTensor()], "ok": None},
-                            drop_last=self.drop_last, os_cache=True, batches_ahead=2)
+                            drop_last=self.options.drop_last, os_cache=True, batches_ahead=2)
             loader.traversal_order = _Fixed()
             self.loaders[spec] = loader
         return self.loaders[spec]
 
-    def _start(self, batches: list[np.ndarray], number: int, views: tuple[ViewSpec, ...]) -> None:
-        """FFCV iterators over the remaining batches from `number` on, each batch with replacements."""
-        self.close()
+    def _start(self, tasks: Tasks, number: int, views: tuple[ViewSpec, ...]) -> None:
+        """FFCV iterators over the pass's batches from `number` on, each batch with replacements."""
+        self._stop()
         self.skipped = {}
         order = []
-        for b in range(number, len(batches)):
+        for b, drawn in enumerate(tasks.planned(number), number):
             skipped: list = []
-            order.extend(i if i not in self.bad and i not in self.base.skip else self._replace(i, skipped)
-                         for i in batches[b].tolist())
+            order.extend(i if i not in self.bad and i not in self.rules.skip else self._replace(i, skipped)
+                         for i in drawn.tolist())
             self.skipped[b] = skipped
         order = np.asarray(order, dtype=np.int64)
         self.views = views
@@ -150,17 +166,19 @@ class FfcvBatches:
             loader.first_traversal_order = order  # FFCV's len() reads it
             self.iters.append(iter(loader))
 
-    def iterate(self, batches: list[np.ndarray], tasks):
+    def batches(self, tasks: Tasks) -> Iterator[dict]:
+        if self.beton is None:
+            self._open()
         try:
             self.views = None
             for task in tasks:
                 if task.views != self.views:
-                    self._start(batches, task.number, task.views)
+                    self._start(tasks, task.number, task.views)
                 yield self._batch(task, [next(it) for it in self.iters])
         finally:
-            self.close()
+            self._stop()
 
-    def _batch(self, task, outs) -> dict:
+    def _batch(self, task: Task, outs) -> dict:
         index = outs[0][1].reshape(-1).to(torch.int64).clone()
         views = []
         for k, (spec, (images, _)) in enumerate(zip(task.views, outs, strict=True)):
@@ -168,11 +186,15 @@ class FfcvBatches:
             if spec.jitter_p or spec.gray_p or spec.blur_p or spec.solarize_p:
                 x = images.clone()
                 for row, i in enumerate(task.indices):
-                    x[row] = colour(spec, x[row], sample_generator(self.base.seed, task.epoch, i, k))
+                    x[row] = colour(spec, x[row], self.rules.generator(task, i, k))
             views.append(normalize_batch(spec, x))
-        return self.base.assemble(task, views, index, self.skipped.get(task.number, []))
+        return self.rules.assemble(task, views, index, self.skipped.get(task.number, []))
 
     def close(self) -> None:
+        self._stop()
+        self.loaders.clear()
+
+    def _stop(self) -> None:
         """Stop FFCV's iterator threads (FFCV leaks one per unfinished iter() otherwise)."""
         import queue
         import time

@@ -29,9 +29,14 @@ MAX_PIXELS = 100_000_000
 
 
 class RelaDataset(ABC):
-    """A map-style dataset: `load(i)` gives the image, `label(i)` its class (-1 if unlabeled)."""
+    """A map-style dataset: `load(i)` gives the image, `label(i)` its class (-1 if unlabeled).
+
+    Two capabilities are declared here so backends ask instead of probing: `in_memory` (decoding
+    is a memory copy, so decode workers would cost more than they save) and `path(i)` (the file a
+    sample lives in, so a backend may read its bytes itself, e.g. the JPEG crop decoder)."""
 
     kind: str = "dataset"
+    in_memory: bool = False
 
     @abstractmethod
     def __len__(self) -> int: ...
@@ -46,6 +51,10 @@ class RelaDataset(ABC):
     @abstractmethod
     def describe(self, index: int) -> str:
         """Where sample `index` comes from (a file path, an array row), for error messages."""
+
+    def path(self, index: int) -> Path | None:
+        """The file sample `index` is decoded from, or None when it does not come from a file."""
+        return None
 
     @abstractmethod
     def _record(self, index: int, deep: bool) -> bytes:
@@ -79,8 +88,7 @@ class RelaDataset(ABC):
 
 class _Head(RelaDataset):
     def __init__(self, base: RelaDataset, n: int) -> None:
-        self.base, self.n, self.kind = base, n, base.kind
-        self.in_memory = getattr(base, "in_memory", False)
+        self.base, self.n, self.kind, self.in_memory = base, n, base.kind, base.in_memory
 
     def __len__(self) -> int:
         return self.n

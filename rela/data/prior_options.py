@@ -1,0 +1,26 @@
+"""What a prior spec may be given besides its name: weights, architecture, preprocessing.
+
+Kept apart from `rela.data.priors` (which needs torch) so `rela convert --help`, whose prior
+flags are these fields, stays light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rela.options import floats3, option, positive_int
+
+
+@dataclass(frozen=True)
+class PriorOptions:
+    """What a prior spec may be given besides its name (also `rela convert`'s prior flags)."""
+
+    arch: str | None = option(None, "architecture for state_dict:<path> priors (torchvision name or efficientnet-lite0)")
+    weights: str | Path | None = option(None, "local weights file for torchvision:<arch> priors")
+    input_size: int | None = option(None, "prior input resolution (default: the prior's own)", type=positive_int)
+    mean: tuple[float, float, float] | None = option(None, "override normalisation mean, e.g. 0.485,0.456,0.406",
+                                                     type=floats3)
+    std: tuple[float, float, float] | None = option(None, "override normalisation std", type=floats3)
+    seed: int = option(0, "seed for random:<arch> priors")
+    trust_pickle: bool = option(False, "allow weights files that contain pickled Python objects (runs their code!)")

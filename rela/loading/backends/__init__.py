@@ -1,0 +1,210 @@
+"""The backends `rela.Loader` runs its batches on, behind one small contract.
+
+The loader keeps ordering, subsets, sharding, `set_views`, resume and error policy in one place
+and hands a backend a stream of `Task`s (one per batch); the backend turns them into pixels:
+
+- `torch`: rela's own decode (JPEG crop-while-decoding in `rela._C`) and the torchvision views
+  (`augment`), in the loop's process, worker processes or one producer thread,
+- `dali`: an NVIDIA DALI pipeline (CPU, or mixed GPU decode with `device="cuda"`); rela draws
+  every random number and feeds it in, so views are as deterministic as the torch backend's,
+- `ffcv`: FFCV's `.beton` storage and JIT-compiled decoders, crops from FFCV's own RNG.
+
+Every backend follows the same rules for a sample (`SampleRules`: the replacement walk for
+`on_error="skip"`, the JPEG probe, the batch dict) and returns the same batch structure.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from rela.data.datasets import MAX_PIXELS, RelaDataset, jpeg_size
+from rela.data.store import TargetStore
+from rela.errors import CorruptImageError, RelaError
+from rela.loading.views import ViewSpec, sample_generator
+
+NAMES = ("torch", "dali", "ffcv")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One batch to build: sent to a worker, so it carries everything the worker needs."""
+
+    epoch: int
+    number: int
+    indices: tuple[int, ...]
+    views: tuple[ViewSpec, ...]
+    version: int
+
+
+class Tasks:
+    """One pass's remaining batches, handed out lazily as `Task`s: a task reads the loader's
+    views when it is taken, so tasks taken after `set_views` use the new ones."""
+
+    def __init__(self, epoch: int, batches: list[np.ndarray], start: int,
+                 views: Callable[[], tuple[tuple[ViewSpec, ...], int]]) -> None:
+        self.epoch, self.batches, self.next, self._views = epoch, batches, start, views
+
+    def __iter__(self) -> Iterator[Task]:
+        return self
+
+    def __next__(self) -> Task:
+        if self.next >= len(self.batches):
+            raise StopIteration
+        views, version = self._views()
+        task = Task(self.epoch, self.next, tuple(int(i) for i in self.batches[self.next]), views, version)
+        self.next += 1
+        return task
+
+    def __len__(self) -> int:
+        return len(self.batches) - self.next
+
+    def planned(self, number: int) -> list[np.ndarray]:
+        """The sample indices of batches `number`, `number + 1`, ... of this pass, for backends that
+        must know the order ahead (FFCV reads a whole pass's order at once)."""
+        return self.batches[number:]
+
+
+@dataclass(frozen=True)
+class Options:
+    """How the loader asks a backend to run."""
+
+    batch_size: int
+    drop_last: bool = True
+    num_workers: int = 0
+    worker_type: str = "process"  # torch backend: "process" or "thread"
+    prefetch_factor: int | None = 2
+    pin_memory: bool = False
+    timeout: float = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def decode_threads(self) -> int:
+        """C++ JPEG decode threads per batch: the workers' share when they are threads in one process."""
+        return max(1, self.num_workers) if self.worker_type == "thread" else 1
+
+    @property
+    def depth(self) -> int:
+        """Batches a producer thread builds ahead."""
+        return max(2, self.prefetch_factor or 2)
+
+
+class Backend(Protocol):
+    """The contract: build batches from a stream of tasks, or one batch now; release resources."""
+
+    def batches(self, tasks: Tasks) -> Iterator[dict]:
+        """One batch dict per task, in order; closing the iterator ends the pass's threads/workers."""
+
+    def build(self, task: Task) -> dict:
+        """One batch now (the loader rebuilds a batch that was built ahead before `set_views`)."""
+
+    def close(self) -> None:
+        """Release what outlives a pass (compiled loaders, pipelines)."""
+
+
+class SampleRules:
+    """What every backend does the same way for a sample: which samples may stand for a drawn one
+    (`candidates`, the walk `on_error="skip"` takes), decoding with that walk (`load`), which
+    samples a JPEG decoder may read itself (`jpeg_file`), and the batch dict (`assemble`)."""
+
+    def __init__(self, dataset: RelaDataset, targets: TargetStore | None, seed: int, on_error: str) -> None:
+        self.dataset, self.targets, self.seed, self.on_error = dataset, targets, seed, on_error
+        # Samples skipped at conversion: never drawn, and never used as a replacement either.
+        self.skip = set(targets.skipped.tolist()) if targets is not None else set()
+
+    def generator(self, task: Task, index: int, view: int) -> torch.Generator:
+        """The random stream of one view of one drawn sample in the task's epoch."""
+        return sample_generator(self.seed, task.epoch, index, view)
+
+    def candidates(self, index: int) -> Iterator[int]:
+        """The samples that may stand for `index`, in order: itself, then the next ones (the walk
+        on_error='skip' takes past undecodable samples; samples skipped at conversion never
+        qualify). Every backend replaces samples by this one rule."""
+        n = len(self.dataset)
+        for step in range(min(n, 64)):
+            i = (index + step) % n
+            if i not in self.skip:
+                yield i
+        raise RelaError(f"no decodable sample found near index {index}; the dataset is mostly broken")
+
+    def load(self, index: int, skipped: list) -> tuple[int, torch.Tensor]:
+        """Decode `index` to uint8 C×H×W; with on_error='skip', walk forward to the next decodable
+        sample, recording each one passed over in `skipped` as (index, source, reason)."""
+        for i in self.candidates(index):
+            try:
+                img = self.dataset.load(i)
+            except CorruptImageError as e:
+                if self.on_error == "raise":
+                    raise
+                skipped.append((i, e.source, e.reason))
+                continue
+            t = torch.from_numpy(img if img.flags.writeable else img.copy())  # strided views are fine
+            return i, t.permute(2, 0, 1)
+        raise AssertionError("unreachable: candidates() raises when it runs out")
+
+    def jpeg_file(self, i: int) -> tuple[bytes | None, tuple[int, int] | None]:
+        """Sample i's JPEG bytes and (width, height) when a fast decoder may take it: a readable
+        .jpg whose header is sane and not too large. Anything else → (None, None): general path."""
+        path = self.dataset.path(i) if i not in self.skip else None
+        if path is None or path.suffix.lower() not in (".jpg", ".jpeg"):
+            return None, None
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            return None, None
+        size = jpeg_size(raw) if raw[:2] == b"\xff\xd8" else None
+        if size is None or size[0] * size[1] > MAX_PIXELS:
+            return None, None
+        return raw, size
+
+    def assemble(self, task: Task, views: list[torch.Tensor], index: torch.Tensor, skipped: list) -> dict:
+        """The batch dict every backend returns: views plus label, target and bookkeeping."""
+        batch = {
+            "views": views,
+            "label": torch.tensor([self.dataset.label(i) for i in index.tolist()], dtype=torch.int64),
+            "index": index,
+            "version": task.version,
+            "drawn": task.indices,
+            "skipped": skipped,
+        }
+        if self.targets is not None:
+            batch["target"] = torch.from_numpy(self.targets[index.numpy()])
+        return batch
+
+
+def available() -> dict[str, bool]:
+    """Which backends can run here (without importing the heavy libraries)."""
+    return {
+        "torch": True,
+        "dali": importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None,
+        "ffcv": importlib.util.find_spec("ffcv") is not None,
+    }
+
+
+# name → (module, class). The torch backend's module is not called `torch`: a submodule of that
+# name would replace this package's `torch` (the library) once imported.
+_CLASSES = {"torch": ("torch_backend", "TorchBackend"), "dali": ("dali", "DaliBackend"),
+            "ffcv": ("ffcv", "FfcvBackend")}
+_INSTALL = {"dali": "pip install nvidia-dali-cuda130 (or rela-accel[dali])",
+            "ffcv": "FFCV's system libraries, then pip install ffcv numba (scripts/setup.sh does both)"}
+
+
+def check(name: str) -> None:
+    """Refuse a backend that does not exist or is not installed here, saying how to get it."""
+    if name not in NAMES:
+        raise RelaError(f"unknown backend {name!r}; choose one of {('auto', *NAMES)}")
+    if not available()[name]:
+        raise RelaError(f"backend {name!r} is not installed here: {_INSTALL[name]}")
+
+
+def create(name: str, rules: SampleRules, options: Options) -> Backend:
+    """The backend called `name` (its module is imported only now: DALI and FFCV are heavy)."""
+    check(name)
+    module, cls = _CLASSES[name]
+    return getattr(importlib.import_module(f"rela.loading.backends.{module}"), cls)(rules, options)

@@ -1,0 +1,167 @@
+"""The torchvision implementation of the view specs (transforms.v2 functional on uint8 tensors).
+
+The `torch` backend runs views with these functions, the `ffcv` backend runs its colour
+operations with `colour`, and they are the reference the other backends are tested against. The
+random choices come from `rela.loading.views` (`geometry`, `colour_params`) on the caller's
+generator, so every implementation makes the same choices.
+
+- `augment` / `colour`: one image, per-image torchvision calls,
+- `augment_batch`: many same-size images (in-memory datasets), vectorised,
+- `normalize_batch`: uint8 batch → normalised float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rela.loading.views import JITTER, ViewSpec, colour_params, geometry
+
+
+def apply_view(spec: ViewSpec, image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """uint8 C×H×W (C = 1 or 3) → normalised float32 3×S×S, all randomness from `g`."""
+    return normalize_batch(spec, augment(spec, image, g)[None])[0]
+
+
+def normalize_batch(spec: ViewSpec, batch: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 [B, 3, S, S] → float32 (x/255 − mean)/std in two passes over the batch (into `out`)."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in spec.std]).view(1, 3, 1, 1)
+    bias = torch.tensor([-m / s for m, s in zip(spec.mean, spec.std, strict=True)]).view(1, 3, 1, 1)
+    if out is None:
+        out = torch.empty(batch.shape, dtype=torch.float32)
+    return out.copy_(batch).mul_(scale).add_(bias)  # in place: ~6x faster than a promoting mul
+
+
+def augment(spec: ViewSpec, image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The view's geometry and colour operations: uint8 C×H×W → uint8 3×S×S."""
+    from torchvision.transforms.v2 import functional as F
+
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    s = spec.size
+    top, left, h, w, flip = geometry(spec, image.shape[1], image.shape[2], g)
+    x = F.resized_crop(image, top, left, h, w, [s, s], antialias=True)
+    if flip:
+        x = F.horizontal_flip(x)
+    return colour(spec, x, g)
+
+
+def colour(spec: ViewSpec, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The view's colour operations on a uint8 3×S×S crop, after `geometry` drew from `g`."""
+    from torchvision.transforms.v2 import functional as F
+
+    p = colour_params(spec, g)
+    adjust = {"brightness": F.adjust_brightness, "contrast": F.adjust_contrast,
+              "saturation": F.adjust_saturation, "hue": F.adjust_hue}
+    for name in p["order"]:  # ColorJitter's random order
+        x = adjust[name](x, p[name])
+    if p["gray"]:
+        x = F.rgb_to_grayscale(x, num_output_channels=3)
+    if p["sigma"]:
+        k = min(2 * math.ceil(3 * p["sigma"]) + 1, (min(x.shape[-2:]) - 1) | 1)
+        x = F.gaussian_blur(x, [k, k], [p["sigma"], p["sigma"]])
+    if p["solarize"]:
+        x = F.solarize(x, 128)
+    return x
+
+
+# --- the batched implementation (in-memory datasets: many small images of one size) ----------
+
+_GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return (x[:, 0] * _GRAY[0] + x[:, 1] * _GRAY[1] + x[:, 2] * _GRAY[2]).unsqueeze(1)
+
+
+def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1] → hue rotated by `shift` (fractions of a turn, per row) → RGB."""
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(1)
+    minc, _ = x.min(1)
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    h = torch.where(maxc == r, ((g - b) / safe) % 6, torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    h = torch.where(delta > 0, h / 6, torch.zeros_like(h))
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    h = (h + shift.view(-1, 1, 1)) % 1.0
+    k = (torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1) + h.unsqueeze(1) * 6) % 6
+    return maxc.unsqueeze(1) - (maxc * s).unsqueeze(1) * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+
+
+def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Per-row Gaussian blur (separable, reflect padding) as one grouped convolution."""
+    n, c, h, w = x.shape
+    radius = min(int(math.ceil(3 * float(sigma.max()))), (min(h, w) - 1) // 2)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [n*c, K]
+    y = torch.nn.functional.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="reflect")
+    y = torch.nn.functional.conv2d(y, k.view(n * c, 1, 1, -1), groups=n * c)
+    y = torch.nn.functional.conv2d(y, k.view(n * c, 1, -1, 1), groups=n * c)
+    return y.view(n, c, h, w)
+
+
+def augment_batch(spec: ViewSpec, images: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+    """`augment` for a batch of same-size uint8 images [B, C, H, W] → uint8 [B, 3, S, S], with the
+    same random choices (row i draws from gens[i]) but vectorised: crops and resizes in one
+    `roi_align` (bilinear, averaging ⌈box/S⌉² samples per pixel as antialiasing), colour
+    operations as masked whole-batch tensor ops. Pixels differ from `augment` only by
+    interpolation and rounding; it exists because per-image torchvision calls cost ~1 ms each,
+    which dominated training on 28×28 data."""
+    from torchvision.ops import roi_align
+
+    n, _, height, width = images.shape
+    x = images.float()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    s = spec.size
+    geo = [geometry(spec, height, width, g) for g in gens]
+    if len({b[:4] for b in geo}) == 1:  # one box for all (centre crops): torchvision's exact resize
+        from torchvision.transforms.v2 import functional as F
+
+        top, left, h, w = geo[0][:4]
+        u8 = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+        x = F.resized_crop(u8, top, left, h, w, [s, s], antialias=True).float()
+    else:
+        boxes = torch.tensor([[i, left, top, left + w, top + h] for i, (top, left, h, w, _) in enumerate(geo)],
+                             dtype=torch.float32)
+        ratio = max(1, math.ceil(max(max(b[2], b[3]) for b in geo) / s))
+        x = roi_align(x.contiguous(), boxes, (s, s), spatial_scale=1.0, sampling_ratio=ratio, aligned=True)
+    flip = torch.tensor([b[4] for b in geo])
+    if flip.any():
+        x[flip] = x[flip].flip(-1)
+    params = [colour_params(spec, g) for g in gens]
+    x = x.clamp_(0, 255)
+    for slot in range(4):  # ColorJitter's per-row random order: apply slot by slot
+        for name in JITTER:
+            rows = torch.tensor([i for i, p in enumerate(params) if len(p["order"]) > slot and p["order"][slot] == name],
+                                dtype=torch.int64)
+            if not len(rows):
+                continue
+            f = torch.tensor([params[i][name] for i in rows.tolist()], dtype=x.dtype).view(-1, 1, 1, 1)
+            v = x[rows]
+            if name == "brightness":
+                v = v * f
+            elif name == "contrast":
+                m = _gray(v).mean((1, 2, 3), keepdim=True)
+                v = (v - m) * f + m
+            elif name == "saturation":
+                gr = _gray(v)
+                v = (v - gr) * f + gr
+            else:
+                v = _shift_hue(v / 255.0, f.view(-1)) * 255.0
+            x[rows] = v.clamp_(0, 255)
+    gray = torch.tensor([p["gray"] for p in params])
+    if gray.any():
+        x[gray] = _gray(x[gray]).expand(-1, 3, -1, -1)
+    sig = torch.tensor([p["sigma"] for p in params])
+    if (sig > 0).any():
+        rows = sig > 0
+        x[rows] = _blur(x[rows], sig[rows])
+    sol = torch.tensor([p["solarize"] for p in params])
+    if sol.any():
+        v = x[sol].round()
+        x[sol] = torch.where(v >= 128, 255 - v, v)
+    return x.round_().clamp_(0, 255).to(torch.uint8)

@@ -1,0 +1,158 @@
+"""The `torch` backend: rela's own decode and the torchvision views.
+
+Each sample is decoded once and every view is cut from that decode. JPEG files go through
+`rela._C`'s crop-while-decoding path, which reads only the rows and columns the views' boxes
+need; everything else (other formats, CMYK, in-memory arrays, failures) takes the general path
+(`SampleRules.load` + `augment`, or `augment_batch` for many same-size images). Batches are built
+in the loop's process (`num_workers=0`), in worker processes through a torch DataLoader (the
+default), or ahead in one producer thread (`worker_type="thread"`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from rela import _ext
+from rela._alloc import keep_freed_memory
+from rela.errors import CorruptImageError
+from rela.loading.backends import Options, SampleRules, Task, Tasks
+from rela.loading.backends.augment import augment, augment_batch, colour, normalize_batch
+from rela.loading.backends.threads import ThreadedBatches
+from rela.loading.views import geometry
+
+
+class TorchBuilder(torch.utils.data.Dataset):
+    """Builds one task's batch; a Dataset of tasks, so DataLoader workers can run it."""
+
+    def __init__(self, rules: SampleRules, decode_threads: int = 1) -> None:
+        self.rules = rules
+        self.decode_threads = decode_threads  # C++ JPEG decode threads per batch (thread workers)
+
+    def __len__(self) -> int:
+        return len(self.rules.dataset)
+
+    def __getitem__(self, task: Task) -> dict:
+        return self.build(task)
+
+    def build(self, task: Task) -> dict:
+        return self.finish(self.decode(task))
+
+    def decode(self, task: Task) -> tuple:
+        """Stage 1: JPEG files through rela._C, reading only what the views' boxes need. Returns
+        (task, rows decoded, planar uint8 views per row, per-view generators); rows it could not
+        do (CMYK, corrupt, not a JPEG file) are left to `finish`, which takes the general path."""
+        if not (_ext.has_jpeg_decoder() and len({v.size for v in task.views}) == 1):
+            return task, [], [], []
+        data, boxes, flips, gens, ok = [], [], [], [], []
+        for row, i in enumerate(task.indices):
+            raw, size = self.rules.jpeg_file(i)
+            if raw is None:
+                continue
+            gs = [self.rules.generator(task, i, k) for k in range(len(task.views))]
+            geo = [geometry(spec, size[1], size[0], g) for spec, g in zip(task.views, gs, strict=True)]
+            data.append(raw)
+            boxes.append([b[:4] for b in geo])
+            flips.append([b[4] for b in geo])
+            gens.append(gs)
+            ok.append(row)
+        if not ok:
+            return task, [], [], []
+        outs, errors = _ext.decode_resized_crops(data, np.asarray(boxes, np.int32), np.asarray(flips, np.uint8),
+                                                 task.views[0].size, self.decode_threads)
+        keep = [j for j in range(len(ok)) if not errors[j]]  # failures: the general path decides
+        return task, [ok[j] for j in keep], [[o[j] for o in outs] for j in keep], [gens[j] for j in keep]
+
+    def finish(self, decoded: tuple) -> dict:
+        """Stage 2: colour operations, the rows the fast path didn't do, normalisation."""
+        task, rows, planes, gens = decoded
+        skipped: list = []
+        n = len(task.indices)
+        # Augment in uint8 straight into one batch tensor per view, then normalise whole batches.
+        u8 = [torch.empty(n, 3, v.size, v.size, dtype=torch.uint8) for v in task.views]
+        index = torch.tensor(task.indices, dtype=torch.int64)
+        for row, views, gs in zip(rows, planes, gens, strict=True):
+            for k, spec in enumerate(task.views):
+                u8[k][row] = colour(spec, torch.from_numpy(views[k]), gs[k])  # planar C×S×S
+        done = set(rows)
+        rest, images = [r for r in range(n) if r not in done], []
+        for row in rest:
+            try:
+                i, img = self.rules.load(task.indices[row], skipped)
+            except CorruptImageError as e:
+                return {"error": (e.index, e.source, e.reason), "version": task.version}
+            index[row] = i
+            images.append(img)
+        self._augment_rest(task, rest, images, u8)
+        # In a worker, write the float batches straight into shared memory: handing them to the
+        # main process is then a handle, not a 4-byte-per-pixel copy.
+        in_worker = torch.utils.data.get_worker_info() is not None
+        outs = [torch.empty(x.shape, dtype=torch.float32).share_memory_() if in_worker else None for x in u8]
+        views = [normalize_batch(spec, x, o) for spec, x, o in zip(task.views, u8, outs, strict=True)]
+        return self.rules.assemble(task, views, index, skipped)
+
+    def _augment_rest(self, task: Task, rest: list[int], images: list[torch.Tensor], u8: list[torch.Tensor]) -> None:
+        """The general path's views, written into rows `rest` of the uint8 batches. The random
+        streams are the drawn samples' (a replacement keeps the drawn sample's views)."""
+        if len(rest) > 1 and len({img.shape for img in images}) == 1:
+            # Many same-size images (in-memory data): one vectorised pass per view.
+            batch = torch.stack(images)
+            for k, spec in enumerate(task.views):
+                gens = [self.rules.generator(task, task.indices[r], k) for r in rest]
+                u8[k][rest] = augment_batch(spec, batch, gens)
+            return
+        for row, img in zip(rest, images, strict=True):
+            for k, spec in enumerate(task.views):
+                u8[k][row] = augment(spec, img, self.rules.generator(task, task.indices[row], k))
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+    keep_freed_memory()  # decode buffers and batches: reuse freed heap instead of page-faulting
+
+
+class _TaskSampler(torch.utils.data.Sampler):
+    """Hands the DataLoader our lazily created tasks (so set_views reaches tasks not yet queued)."""
+
+    def __init__(self, tasks: Tasks) -> None:
+        self.tasks, self.length = tasks, len(tasks)
+
+    def __iter__(self) -> Iterator[Task]:
+        return self.tasks
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class TorchBackend:
+    """Runs `TorchBuilder` inline, in worker processes, or in one producer thread."""
+
+    def __init__(self, rules: SampleRules, options: Options) -> None:
+        self.options = options
+        self.builder = TorchBuilder(rules, options.decode_threads)
+
+    def build(self, task: Task) -> dict:
+        return self.builder.build(task)
+
+    def batches(self, tasks: Tasks) -> Iterator[dict]:
+        o = self.options
+        if o.num_workers == 0:
+            source = map(self.builder.build, tasks)
+        elif o.worker_type == "thread":
+            source = ThreadedBatches(self.builder.build, tasks, o.depth)
+        else:
+            source = iter(torch.utils.data.DataLoader(
+                self.builder, batch_size=None, sampler=_TaskSampler(tasks), num_workers=o.num_workers,
+                worker_init_fn=_worker_init, prefetch_factor=o.prefetch_factor, persistent_workers=False,
+                pin_memory=o.pin_memory, timeout=o.timeout,
+            ))
+        try:
+            yield from source
+        finally:
+            if hasattr(source, "close"):
+                source.close()  # the producer thread stops, even on break or error
+
+    def close(self) -> None:
+        pass  # nothing outlives a pass: workers and the producer thread end with it

@@ -1,0 +1,235 @@
+"""A training run and its directory: the configuration, the student it builds, checkpoints, logs.
+
+Both `train` (which writes a run) and `evaluate` (which reads one) stand on this module. One run
+directory holds everything: `config.json`, `store/` (when the prior had to be converted),
+`checkpoint.pt` (every epoch; written atomically; loaded with `weights_only=True`), `steps.csv`
+(per step: loss, RELA and SSL losses, phase, λ, ρ, seconds), `epochs.csv`, `switch.json` (ρ and a
+kNN probe at the switch), `summary.json` and, after `rela eval`, `eval.json`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from rela.errors import RelaError
+from rela.options import option, positive_int
+
+# torch is imported where it is used: `rela train --help` builds its flags from TrainConfig.
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run is made of; `rela train`'s flags are these fields (rela.options)."""
+
+    data: str = option("fashion-mnist", "fashion-mnist[:train], an image folder, or an .npz")
+    out: str = option("runs/train", "run directory", required=True)
+    prior: str | None = option("efficientnet-lite0", "a prior spec (efficientnet-lite0, random:<arch>, ...) "
+                               "converted into RUN/store, or a STORE directory")  # None = no RELA
+    budget: float = option(1.0, "fraction of the data visited per epoch (0, 1]")
+    method: str = option("byol", "self-supervised method (byol)")
+    arch: str = option("resnet18-cifar", "resnet18|34|50[-cifar]")
+    width: float = option(0.125, "width multiplier of the student")
+    epochs: int = option(20, "passes over the (budgeted) data", type=positive_int)
+    batch_size: int = option(128, "global batch; under torchrun each rank takes an equal share",
+                             type=positive_int)
+    lr: float = option(1e-3, "AdamW learning rate")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    phase: str = option("adaptive", "adaptive | fixed:<fraction> | blend (see README)")  # the best arm at 50%
+    image_size: int = option(32, "training view size in pixels", type=positive_int)
+    dim: int | None = option(None, "target dim when converting (default: min(student feature dim, prior dim))",
+                             type=positive_int)
+    prior_input_size: int | None = option(None, "prior resolution when converting (default: the prior's own)",
+                                          type=positive_int)
+    limit: int | None = option(None, "use only the first N training samples", type=positive_int)
+    test_data: str | None = option(None, "test split for the switch probe and eval (default: fashion-mnist:test "
+                                   "for fashion-mnist)")
+    seed: int = option(0, "seed of the student's initial weights, the subsets and every view")
+    num_workers: int | None = option(None, "loader workers per rank (default: 0 for in-memory data, else 2, fewer "
+                                     "if the node has fewer cores per rank)", flag="--workers", metavar="N")
+    backend: str = option("auto", "loader backend: auto | torch | dali | ffcv")
+    policy: str = option("uniform", "subset policy: uniform | scored")
+    freeze_transfer: bool = option(False, "frozen random transfer head (reference code)")
+    momentum: float = option(0.99, "BYOL EMA momentum")
+    cosine_momentum: bool = option(False, "cosine momentum schedule up to 1")
+    probe_at_switch: bool = option(True, "kNN probe of the student at the switch, written to RUN/switch.json")
+    device: str = option("auto", "auto (cuda when available; under torchrun each rank's own GPU) | cpu | cuda[:N]")
+    sync_bn: bool = option(False, "SyncBatchNorm across ranks under torchrun (CUDA only, as PyTorch's)")
+    switch_threshold: float = option(0.995, "adaptive/blend: switch once rho reaches this (the reference's)")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.budget <= 1:
+            raise RelaError(f"--budget must be in (0, 1], got {self.budget}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise RelaError("--epochs and --batch-size must be positive")
+        from rela.training.accelerate import parse_phase
+        from rela.training.ssl import METHODS
+
+        parse_phase(self.phase)
+        if not 0 < self.switch_threshold <= 1:
+            raise RelaError(f"--switch-threshold must be in (0, 1], got {self.switch_threshold}")
+        if self.method not in METHODS:
+            raise RelaError(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")
+
+    @property
+    def uses_rela(self) -> bool:
+        return self.prior is not None and not self.phase.startswith("off")
+
+
+def _with_defaults(raw: dict) -> dict:
+    """A saved configuration with the fields added since it was written at their defaults."""
+    known = {f.name for f in fields(TrainConfig)}
+    return asdict(TrainConfig(**{k: v for k, v in raw.items() if k in known}))
+
+
+def config_from_run(run: str | Path) -> TrainConfig:
+    return TrainConfig(**_with_defaults(json.loads((Path(run) / "config.json").read_text())))
+
+
+def default_test_data(data: str) -> str | None:
+    return "fashion-mnist:test" if str(data).split(":")[0] == "fashion-mnist" else None
+
+
+def per_rank_batch(batch_size: int, world: int) -> int:
+    """--batch-size is the global batch; every rank takes an equal share of each one.
+
+    The loader deals each epoch's order to the ranks by stride, so global batch j is the same
+    samples under any world size that divides it: a run resumes under another number of ranks
+    on the same sample sequence. A world size that does not divide it is refused."""
+    if batch_size % world:
+        raise RelaError(f"--batch-size {batch_size} is the global batch and must split evenly over the "
+                        f"{world} ranks (a run resumes under a different number of ranks only where it does): "
+                        f"use a number of ranks that divides {batch_size}, or start a new run with another "
+                        "--batch-size")
+    return batch_size // world
+
+
+def build_student(cfg: TrainConfig):
+    """The backbone and the SSL method (with its heads and target networks), seeded by cfg.seed."""
+    import torch
+
+    from rela.training.models import build_backbone
+    from rela.training.ssl import build_method
+
+    torch.manual_seed(cfg.seed)  # the same initial weights for the same seed, whatever ran before
+    backbone = build_backbone(cfg.arch, cfg.width)
+    method = build_method(cfg.method, backbone, backbone.feature_dim, momentum=cfg.momentum,
+                          cosine_momentum=cfg.cosine_momentum)
+    return backbone, method
+
+
+def check_out(out: Path, resume: bool | str, overwrite: bool) -> bool:
+    """Whether to resume (resume="auto": when there is a checkpoint); refuses to clobber a run."""
+    ckpt_path = out / CHECKPOINT
+    if resume == "auto":
+        if overwrite:
+            raise RelaError("--auto-resume and --overwrite contradict each other: pick one")
+        resume = ckpt_path.exists()
+    if ckpt_path.exists() and not (resume or overwrite):
+        raise RelaError(f"{out} already holds a run: pass --resume to continue it or --overwrite to start over")
+    if resume and not ckpt_path.exists():
+        raise RelaError(f"--resume: no checkpoint in {out} (nothing to resume; drop --resume to start)")
+    out.mkdir(parents=True, exist_ok=True)
+    return bool(resume)
+
+
+def check_resumable(state: dict, cfg: TrainConfig) -> None:
+    """Refuse to resume a checkpoint under another configuration (the run directory may differ)."""
+    saved = {k: v for k, v in _with_defaults(state["config"]).items() if k != "out"}
+    now = {k: v for k, v in asdict(cfg).items() if k != "out"}
+    diff = {k: (saved[k], now[k]) for k in now if saved[k] != now[k]}
+    if diff:
+        raise RelaError(f"--resume with a different configuration: {diff}; resume with the original arguments")
+
+
+# --- checkpoints: one pair of functions ---------------------------------------------------------
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write-to-temp then rename: a run killed while saving keeps its previous checkpoint."""
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Checkpoints hold tensors, numbers, strings and view specs only: loaded with weights_only."""
+    import torch
+
+    from rela.loading.views import ViewSpec
+
+    with torch.serialization.safe_globals([ViewSpec]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --- logs ---------------------------------------------------------------------------------------
+
+class StepLog:
+    """CSV per step (and TensorBoard when installed); on resume, rows after the checkpoint go."""
+
+    COLUMNS = ("step", "epoch", "phase", "lam", "rho", "loss", "rela_loss", "ssl_loss", "seconds")
+
+    def __init__(self, path: Path, keep_steps: int) -> None:
+        rows = []
+        if keep_steps and path.exists():
+            with path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) < keep_steps]
+        self.file = path.open("w", newline="")
+        self.writer = csv.DictWriter(self.file, self.COLUMNS)
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"), purge_step=keep_steps)
+        except ImportError:
+            pass
+
+    def write(self, row: dict) -> None:
+        self.writer.writerow(row)
+        if self.tb is not None:
+            for key in ("loss", "rela_loss", "ssl_loss", "lam", "rho"):
+                if isinstance(row[key], float) and not math.isnan(row[key]):
+                    self.tb.add_scalar(f"train/{key}", row[key], row["step"])
+
+    def flush(self) -> None:
+        """Before each checkpoint: a resumed run keeps exactly the rows up to the checkpoint."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        if self.tb is not None:
+            self.tb.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class EpochLog:
+    """RUN/epochs.csv: one row per finished epoch; on resume, rows of epochs after the checkpoint
+    (a crash between the row and the checkpoint) go."""
+
+    HEADER = "epoch,seconds,steps,images,phase"
+
+    def __init__(self, path: Path, start_epoch: int, resumed: bool) -> None:
+        self.path = path
+        kept = path.read_text().splitlines()[1:] if resumed and path.exists() else []
+        kept = [row for row in kept if int(row.split(",")[0]) < start_epoch]
+        path.write_text("\n".join([self.HEADER, *kept]) + "\n")
+
+    def write(self, epoch: int, seconds: float, steps: int, images: int, phase: str) -> None:
+        with self.path.open("a") as f:
+            f.write(f"{epoch},{seconds:.3f},{steps},{images},{phase}\n")
+
+
+def phase_name(lam: float) -> str:
+    """What a step with RELA weight λ is, for the logs."""
+    return "rela" if lam == 1 else "ssl" if lam == 0 else "blend"

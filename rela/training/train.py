@@ -1,0 +1,345 @@
+"""`rela train`: self-supervised training with the RELA phase (ReLA-F), resumable and logged.
+
+`train(cfg)` runs a `Trainer` through its named steps: open the run directory (and decide whether
+to resume), build the student, store, loader, accelerator and optimizer, restore the checkpoint,
+then epochs of steps, each epoch ending in a checkpoint. What the run directory holds is
+described in `rela.training.run`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rela import distributed as dist_util
+from rela.distributed import resolve_device
+from rela.errors import RelaError
+from rela.training.run import (
+    CHECKPOINT,
+    EpochLog,
+    StepLog,
+    TrainConfig,
+    build_student,
+    check_out,
+    check_resumable,
+    default_test_data,
+    load_checkpoint,
+    per_rank_batch,
+    phase_name,
+    save_checkpoint,
+)
+
+
+def _open_store(cfg: TrainConfig, dataset, feature_dim: int, progress: bool, device: torch.device):
+    """The target store: a given store directory (checked against the dataset), or a conversion
+    into RUN/store (reused when complete, resumed when interrupted)."""
+    from rela.data.convert import convert
+    from rela.data.store import MANIFEST, TargetStore
+
+    path = Path(cfg.prior)
+    if (path / MANIFEST).exists():
+        store = TargetStore.open(path, dataset)
+    else:
+        from rela.data.priors import load_prior
+
+        prior = load_prior(cfg.prior, input_size=cfg.prior_input_size, seed=cfg.seed)
+        dim = min(cfg.dim or feature_dim, prior.dim)
+        store = convert(dataset, prior, Path(cfg.out) / "store", dim=dim, progress=progress, device=device)
+    return store, float(store.manifest.get("cost", {}).get("seconds", 0.0))
+
+
+class _Student(nn.Module):
+    """Everything that trains, in one module, so DistributedDataParallel sees every gradient:
+    the backbone, the SSL method's heads (its target networks ride along without gradients) and
+    the accelerator's transfer head. forward() returns the step's loss and its two parts."""
+
+    def __init__(self, backbone: nn.Module, method: nn.Module, acc: nn.Module | None) -> None:
+        super().__init__()
+        self.backbone, self.method, self.acc = backbone, method, acc
+
+    def forward(self, views: list[torch.Tensor], target, index, lam: float, step: int, total_steps: int):
+        feats = self.backbone(torch.cat(views)).view(len(views), len(index), -1)
+        nan = torch.full((), math.nan, device=feats.device)
+        loss, rela_l, ssl_l = feats.new_zeros(()), nan, nan
+        if lam > 0:
+            rela_l = self.acc.loss(feats, target, index)
+            loss = loss + lam * rela_l
+        if lam < 1:
+            ssl_l = self.method.loss(feats, views, step, total_steps)
+            loss = loss + (1 - lam) * ssl_l
+        return loss, rela_l.detach(), ssl_l.detach()
+
+
+def _wrap(student: _Student, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """DDP over the process group (gloo on CPU, NCCL on GPU); unused parameters are expected
+    (the SSL heads during the RELA phase, the transfer head after it)."""
+    if cfg.sync_bn:
+        if dist_util.active() and device.type != "cuda":
+            raise RelaError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm runs on CUDA only. On CPU ranks "
+                            "BatchNorm statistics stay per-rank (drop --sync-bn)")
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)  # in place below the top module
+    if not dist_util.active():
+        return student
+    from torch.nn.parallel import DistributedDataParallel
+
+    switching = student.acc is not None and student.acc.mode != "blend"  # blend uses every head each step
+    return DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=switching)
+
+
+def _parameter_checksum(module: nn.Module) -> float:
+    with torch.no_grad():
+        return float(sum(p.detach().double().sum() for p in module.parameters()).item())
+
+
+def _check_in_sync(student: _Student, acc, epoch: int) -> list[dict]:
+    """Every rank's parameters and phase state after an epoch; raises if ranks diverged (they
+    never should under DDP: a divergence means a rank trained on something the others did not)."""
+    rank = dist_util.rank_world()[0]
+    mine = {"rank": rank, "params": _parameter_checksum(student),
+            "switch_step": int(acc.switch_step) if acc is not None else -1,
+            "lam": acc.lam if acc is not None else 0.0, "rho": acc.rho if acc is not None else math.nan}
+    states = dist_util.all_gather_object(mine)
+    keys = ("params", "switch_step", "lam")
+    if any(tuple(st[k] for k in keys) != tuple(states[0][k] for k in keys) for st in states):
+        raise RelaError(f"ranks diverged by the end of epoch {epoch}: {states}. Every rank must run the "
+                        "same steps on the same configuration; rerun with --resume from the last checkpoint")
+    return states
+
+
+class Trainer:
+    """One run of `train`, in named steps (see the module doc). Under torch.distributed every rank
+    builds one; rank 0 alone writes the run directory."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool | str = False, overwrite: bool = False,
+                 progress: bool = True) -> None:
+        self.cfg = cfg
+        self.rank, self.world = dist_util.rank_world()
+        self.main = self.rank == 0
+        self.progress = progress and self.main
+        self.batch_size = per_rank_batch(cfg.batch_size, self.world)
+        self.out = Path(cfg.out)
+        state = self._open_run(resume, overwrite)
+        self._build()
+        self.epoch, self.step, self.train_s, self.images, self.step_times, self.switch = 0, 0, 0.0, 0, [], None
+        if state is not None:
+            self._restore(state)
+        self.log = StepLog(self.out / "steps.csv", self.step) if self.main else None
+        self.epochs_log = EpochLog(self.out / "epochs.csv", self.epoch, state is not None) if self.main else None
+        self.test_name = cfg.test_data or default_test_data(cfg.data)
+        self.ranks: list[dict] = []
+
+    # --- 1. the run directory ------------------------------------------------------------------
+    def _open_run(self, resume: bool | str, overwrite: bool) -> dict | None:
+        """Decide (on rank 0, for all) whether to resume; check the checkpoint fits this config."""
+        from rela._alloc import keep_freed_memory
+
+        cfg = self.cfg
+        dist_util.check_same("the training configuration", asdict(cfg))
+        resume = dist_util.main_decides(check_out, self.out, resume, overwrite)
+        state = load_checkpoint(self.out / CHECKPOINT) if resume else None
+        dist_util.check_same("the checkpoint's step (is --out on a filesystem every node shares?)",
+                             state["step"] if state else None)
+        if state is not None:
+            check_resumable(state, cfg)
+            was = state.get("world_size", 1)
+            if was != self.world and self.main and not cfg.sync_bn:
+                print(f"resuming a {was}-rank run on {self.world} ranks: the same samples per global batch of "
+                      f"{cfg.batch_size}; BatchNorm statistics are now per {self.batch_size} samples instead of "
+                      f"{cfg.batch_size // was}", file=sys.stderr)
+        if self.main:
+            (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        keep_freed_memory()
+        return state
+
+    # --- 2. what trains --------------------------------------------------------------------------
+    def _build(self) -> None:
+        """Dataset, student, target store, loader, accelerator, DDP wrapper and optimizer."""
+        from rela.data.datasets import open_dataset
+        from rela.loading.loader import Loader
+        from rela.training.accelerate import Accelerator
+
+        cfg = self.cfg
+        self.device = device = resolve_device(cfg.device)
+        self.dataset = open_dataset(cfg.data, cfg.limit)
+        self.backbone, self.method = build_student(cfg)
+        self.backbone.to(device), self.method.to(device)
+        store, self.conversion_s = (_open_store(cfg, self.dataset, self.backbone.feature_dim, self.progress, device)
+                                    if cfg.uses_rela else (None, 0.0))
+        self.loader = Loader(self.dataset, self.batch_size, targets=store,
+                             views="rela" if cfg.uses_rela else self.method.views, image_size=cfg.image_size,
+                             subset=cfg.budget, policy=cfg.policy, seed=cfg.seed, num_workers=cfg.num_workers,
+                             backend=cfg.backend, device=device, pin_memory=device.type == "cuda")
+        self.acc = None
+        if cfg.uses_rela:
+            self.acc = Accelerator(self.backbone.feature_dim, store.dim, cfg.phase,
+                                   freeze_transfer=cfg.freeze_transfer, loader=self.loader,
+                                   ssl_views=self.method.views, threshold=cfg.switch_threshold).to(device)
+        self.student = _Student(self.backbone, self.method, self.acc)
+        self.model = _wrap(self.student, cfg, device)
+        params = list(self.backbone.parameters()) + self.method.online_parameters()
+        if self.acc is not None and not cfg.freeze_transfer:
+            params += list(self.acc.transfer.parameters())
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.total_steps = len(self.loader) * cfg.epochs
+        if self.total_steps == 0:
+            raise RelaError(f"--budget {cfg.budget} of {len(self.dataset)} samples is {self.loader.subset.size} per "
+                            f"epoch, fewer than one batch of {cfg.batch_size}: nothing would train. Raise --budget "
+                            "or --limit, or lower --batch-size")
+
+    # --- 3. checkpoints: what is saved, and restored from it -----------------------------------
+    def _checkpoint_state(self, epoch: int) -> dict:
+        return {
+            "epoch": epoch, "step": self.step, "config": asdict(self.cfg), "train_seconds": self.train_s,
+            "images": self.images, "step_seconds": self.step_times, "switch": self.switch, "world_size": self.world,
+            "backbone": self.backbone.state_dict(), "method": self.method.state_dict(),
+            "optimizer": self.opt.state_dict(), "loader": self.loader.state_dict(),
+            "accelerator": self.acc.state_dict() if self.acc is not None else {},
+        }
+
+    def _restore(self, state: dict) -> None:
+        self.backbone.load_state_dict(state["backbone"])
+        self.method.load_state_dict(state["method"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loader"])
+        if self.acc is not None:
+            self.acc.load_state_dict(state["accelerator"])
+        self.epoch, self.step, self.train_s = state["epoch"] + 1, state["step"], state["train_seconds"]
+        self.images, self.step_times, self.switch = state["images"], list(state["step_seconds"]), state.get("switch")
+
+    # --- 4. training -----------------------------------------------------------------------------
+    def fit(self, stop_after_steps: int | None = None) -> dict:
+        """Every remaining epoch; the summary (also RUN/summary.json). `stop_after_steps` ends the
+        run early without finishing the epoch (tests simulate a crash)."""
+        self.model.train()
+        try:
+            for epoch in range(self.epoch, self.cfg.epochs):
+                if not self.run_epoch(epoch, stop_after_steps):
+                    return {"stopped_at_step": self.step}
+        finally:
+            if self.log is not None:
+                self.log.close()
+        return self._summary()
+
+    def run_epoch(self, epoch: int, stop_after_steps: int | None = None) -> bool:
+        """One epoch, then its checkpoint; False when stopped early."""
+        from tqdm.auto import tqdm
+
+        self.loader.set_epoch(epoch)
+        if self.acc is not None and self.acc.begin_epoch(epoch, self.cfg.epochs):
+            self.switch = self._on_switch(epoch)
+        t_epoch, n_epoch = time.perf_counter(), 0
+        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not self.progress, leave=False)
+        t0 = time.perf_counter()
+        for batch in bar:
+            lam = self.acc.lam if self.acc is not None else 0.0
+            loss_v, switched = self.train_step(batch, epoch, lam, t0)
+            n_epoch += len(batch["index"]) * self.world
+            bar.set_postfix(loss=f"{loss_v:.4f}", lam=f"{lam:.2f}")
+            if switched:
+                t_probe = time.perf_counter()
+                self.switch = self._on_switch(epoch)
+                t_epoch += time.perf_counter() - t_probe  # monitoring, not training
+            if stop_after_steps is not None and self.step >= stop_after_steps:
+                return False
+            t0 = time.perf_counter()
+        self._end_epoch(epoch, time.perf_counter() - t_epoch, n_epoch)
+        return True
+
+    def train_step(self, batch: dict, epoch: int, lam: float, t0: float) -> tuple[float, bool]:
+        """Forward, NaN check, backward, optimizer and target updates, the step's log row.
+        Returns the (rank-mean) loss and whether the phase switched at this step."""
+        loss, rela_l, ssl_l = self.model(batch["views"], batch.get("target"), batch["index"], lam, self.step,
+                                         self.total_steps)
+        # The logged and checked values are the means over ranks: every rank stops together.
+        values = torch.stack([loss.detach(), rela_l, ssl_l]).double()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(values)
+            values /= self.world
+        loss_v, rela_v, ssl_v = values.tolist()
+        if not math.isfinite(loss_v):
+            raise RelaError(f"the loss became {loss_v} at step {self.step} (epoch {epoch}); lower --lr "
+                            "or check the targets (rela info STORE)")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.method.update_target(self.step, self.total_steps)
+        switched = self.acc.step() if self.acc is not None and lam > 0 else False
+        dt = time.perf_counter() - t0
+        if self.log is not None:
+            self.log.write({"step": self.step, "epoch": epoch, "lam": round(lam, 6),
+                            "rho": round(self.acc.rho, 6) if self.acc is not None else math.nan,
+                            "phase": phase_name(lam), "loss": loss_v, "rela_loss": rela_v,
+                            "ssl_loss": ssl_v, "seconds": round(dt, 5)})
+        self.step_times.append(dt)
+        self.step += 1
+        return loss_v, switched
+
+    def _end_epoch(self, epoch: int, epoch_s: float, n_epoch: int) -> None:
+        """Costs, the ranks' sync check, the epoch's log row and the checkpoint."""
+        from rela.faults import crashpoint
+
+        self.train_s += epoch_s
+        self.images += n_epoch
+        self.ranks = _check_in_sync(self.student, self.acc, epoch)
+        if self.main:
+            self.epochs_log.write(epoch, epoch_s, len(self.loader), n_epoch,
+                                  phase_name(self.acc.lam if self.acc is not None else 0.0))
+            self.log.flush()
+            save_checkpoint(self.out / CHECKPOINT, self._checkpoint_state(epoch))
+            crashpoint("checkpoint-written")
+        dist_util.barrier()  # no rank runs ahead of a checkpoint it might be resumed from
+
+    def _on_switch(self, epoch: int) -> dict:
+        """ρ, the RELA loss and (rank 0, with a test split) a kNN probe at the switch → switch.json."""
+        acc = self.acc
+        info = {"step": self.step, "epoch": epoch, "rho": acc.rho, "rela_loss": acc.last_loss}
+        if not self.main:
+            return info
+        if self.cfg.probe_at_switch and self.test_name:
+            from rela.data.datasets import open_dataset
+            from rela.training.evaluate import extract_features, knn_accuracy
+
+            size, device = self.cfg.image_size, self.device
+            tr = extract_features(self.backbone, self.dataset.head(min(len(self.dataset), 5000)), size, device=device)
+            te = extract_features(self.backbone, open_dataset(self.test_name, 2000), size, device=device)
+            info["knn_top1"] = knn_accuracy(*tr, *te)
+        (self.out / "switch.json").write_text(json.dumps(info, indent=1))
+        return info
+
+    def _summary(self) -> dict:
+        summary = {
+            "config": asdict(self.cfg), "steps": self.step, "images_seen": self.images, "train_seconds": self.train_s,
+            "conversion_seconds": self.conversion_s, "total_seconds": self.train_s + self.conversion_s,
+            "median_step_seconds": statistics.median(self.step_times) if self.step_times else math.nan,
+            "switch": self.switch, "device": str(self.device), "threads": torch.get_num_threads(),
+            "world_size": self.world, "per_rank_batch_size": self.batch_size, "ranks": self.ranks,
+        }
+        if self.main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+
+def train(cfg: TrainConfig, *, resume: bool | str = False, overwrite: bool = False, progress: bool = True,
+          stop_after_steps: int | None = None) -> dict:
+    """Train as configured; returns the summary (also written to RUN/summary.json).
+
+    resume: True continues the run in cfg.out (refused without a checkpoint); "auto" continues it
+    when there is a checkpoint and starts otherwise — for launchers that rerun the same command
+    after a failure (`torchrun --max-restarts`, job schedulers).
+
+    Under torch.distributed (`torchrun -m rela train`) every rank calls this with the same
+    configuration; the run directory must be on a filesystem all ranks share. Rank 0 alone
+    writes checkpoints, logs and summaries. `stop_after_steps` ends the run early without
+    finishing the epoch (tests simulate a crash)."""
+    return Trainer(cfg, resume=resume, overwrite=overwrite, progress=progress).fit(stop_after_steps)

@@ -1,0 +1,126 @@
+"""The package's floors: data → loading → training, with the leaves below every floor.
+
+Read from the source (every `import`, also the ones inside functions), so a lazy import that
+climbs a floor is caught as well as a top-level one; and checked at run time for the floors'
+own imports."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOORS = {"rela.data": 1, "rela.loading": 2, "rela.training": 3, "rela.cli": 4, "rela.__main__": 4}
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for path in sorted((ROOT / "rela").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        mods["rela.kernels" + ("" if path.stem == "__init__" else f".{path.stem}")] = path
+    return mods
+
+
+def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The rela modules `path` imports (`from rela import X` counts as rela.X when X is a module,
+    or as the module the top-level export X lives in)."""
+    from rela import _EXPORTS
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("rela")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rela"):
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                out.add(sub if sub in modules else _EXPORTS.get(a.name, node.module) if node.module == "rela"
+                        else node.module)
+    return {m for m in out if m in modules}
+
+
+def _floor(module: str) -> int:
+    """0 for the leaves (errors, options, distributed, kernels, the C++ glue, the package root)."""
+    return next((f for prefix, f in FLOORS.items() if module == prefix or module.startswith(prefix + ".")), 0)
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {m: _imports(p, modules) - {m} for m, p in modules.items()}
+
+
+def test_the_three_floors_exist():
+    modules = _modules()
+    for name in ("rela.data.convert", "rela.data.store", "rela.loading.loader", "rela.loading.backends",
+                 "rela.loading.backends.torch_backend", "rela.loading.backends.dali", "rela.loading.backends.ffcv",
+                 "rela.training.train", "rela.training.run", "rela.training.evaluate", "rela.kernels.rela_loss"):
+        assert name in modules, name
+
+
+def test_no_module_imports_from_a_higher_floor(graph):
+    assert _floor("rela.errors") == _floor("rela.kernels.scoring") == 0 < _floor("rela.data.store")
+    assert graph["rela.training.train"] and graph["rela.loading.loader"]  # the scan sees imports
+    climbs = [(m, dep) for m, deps in graph.items() for dep in deps if _floor(dep) > _floor(m)]
+    assert not climbs, f"imports that climb a floor: {climbs}"
+
+
+def test_no_import_cycles(graph):
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        path.append(m)
+        for dep in sorted(graph[m]):
+            if state.get(dep) == 1:
+                raise AssertionError("import cycle: " + " → ".join(path[path.index(dep):] + [dep]))
+            if dep not in state:
+                visit(dep)
+        path.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def _run(code: str) -> str:
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_importing_a_floor_loads_nothing_above_it():
+    data = _run("import sys, rela.data.convert, rela.data.store, rela.data.priors; "
+                "print(sorted(m for m in sys.modules if m.startswith(('rela.loading', 'rela.training'))))")
+    assert data == "[]"
+    loading = _run("import sys, rela.loading.loader, rela.loading.backends.torch_backend; "
+                   "print(sorted(m for m in sys.modules if m.startswith('rela.training')))")
+    assert loading == "[]"
+
+
+def test_the_command_line_is_built_without_torch():
+    # `rela --help` and every command's flags come from config fields, not from torch-heavy modules.
+    out = _run("import sys; from rela.cli import build_parser; p = build_parser(); "
+               "p.parse_args(['train', '--out', 'x']); print('torch' in sys.modules)")
+    assert out == "False"
+
+
+def test_train_flags_are_the_config_fields():
+    from dataclasses import fields
+
+    from rela.cli import build_parser
+    from rela.options import cli_fields
+    from rela.training.run import TrainConfig
+
+    args = build_parser().parse_args(["train", "--out", "r"])
+    assert {f.name for f in cli_fields(TrainConfig)} == {f.name for f in fields(TrainConfig)}
+    for f in fields(TrainConfig):
+        want = "r" if f.name == "out" else f.default
+        assert getattr(args, f.name) == want, f.name
+    args = build_parser().parse_args(["train", "--out", "r", "--workers", "3", "--no-probe-at-switch", "--sync-bn"])
+    assert (args.num_workers, args.probe_at_switch, args.sync_bn) == (3, False, True)
