@@ -73,3 +73,18 @@ def test_cmyk_grayscale_and_broken_files_fall_back(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="replaced"):
         (batch,) = list(loader)
     assert batch["index"].tolist() == [0, 1, 2, 0] and torch.isfinite(batch["views"][0]).all()
+
+
+def test_a_limited_folder_keeps_the_fast_path(photos, monkeypatch):
+    # `--limit N` wraps the folder; its samples still come from files the C++ decoder may read.
+    from rela.data.datasets import open_dataset
+
+    head = open_dataset(photos.root, limit=10)
+    assert head.path(3) == photos.path(3)
+    with pytest.raises(IndexError):
+        head.path(10)
+    calls = []
+    real = _ext.decode_resized_crops
+    monkeypatch.setattr(_ext, "decode_resized_crops", lambda *a: calls.append(len(a[0])) or real(*a))
+    batches = list(Loader(head, 5, views=[eval_view(24)], num_workers=0, shuffle=False))
+    assert sum(calls) == 10 and [b["index"].tolist() for b in batches] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]

@@ -107,6 +107,9 @@ class _Head(RelaDataset):
     def describe(self, index: int) -> str:
         return self.base.describe(index)
 
+    def path(self, index: int) -> Path | None:
+        return self.base.path(self._check(index))
+
     def _record(self, index: int, deep: bool) -> bytes:
         return self.base._record(index, deep)
 
