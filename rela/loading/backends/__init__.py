@@ -102,7 +102,8 @@ class Backend(Protocol):
         """One batch dict per task, in order; closing the iterator ends the pass's threads/workers."""
 
     def build(self, task: Task) -> dict:
-        """One batch now (the loader rebuilds a batch that was built ahead before `set_views`)."""
+        """One batch now, on the caller's thread, possibly while `batches` is still producing (the
+        loader rebuilds a batch that was built ahead before `set_views`)."""
 
     def close(self) -> None:
         """Release what outlives a pass (compiled loaders, pipelines)."""

@@ -95,11 +95,16 @@ class DaliBackend:
         self._pipes: dict = {}
 
     def batches(self, tasks: Tasks) -> Iterator[dict]:
-        source = ThreadedBatches(self.build, tasks, self.options.depth)
+        source = ThreadedBatches(self._run, tasks, self.options.depth)
         try:
             yield from source
         finally:
             source.close()
+
+    def build(self, task: Task) -> dict:
+        """One batch outside the stream (a rebuild after set_views) while the producer thread may be
+        running DALI: the torch builder does it, since a DALI pipeline must not run on two threads."""
+        return self.fallback.build(task)
 
     def close(self) -> None:
         self._pipes.clear()
@@ -128,7 +133,8 @@ class DaliBackend:
                 rows.append(row), data.append(np.frombuffer(raw, np.uint8)), hw.append((size[1], size[0]))
         return "jpeg", rows, data, hw
 
-    def build(self, task: Task) -> dict:
+    def _run(self, task: Task) -> dict:
+        """One batch through DALI (on the producer thread only)."""
         kind, rows, data, hw = self._sources(task)
         if not rows:
             return self.fallback.build(task)
