@@ -10,8 +10,8 @@ of the paper's Table 1):
   rela-50-only                   the RELA phase for the whole run (phase fixed:1)
   (--extra adds rela-50-adaptive and rela-50-blend: the other switch modes)
 
-Each arm is evaluated by a linear probe (frozen features, Adam 3e-4, 100 epochs, mean of the last 3)
-and kNN (k = 20). Costs: conversion seconds (the prior's pass over the data, charged to every arm
+Each arm is evaluated by `rela eval`'s default linear probe (converged L-BFGS logistic regression on
+standardised frozen features, C = 1) and kNN (k = 20). Costs: conversion seconds (the prior's pass over the data, charged to every arm
 that uses it), training seconds, optimizer steps, median seconds per step. Runs are kept under
 --out and reused when rerun with the same settings, so an interrupted benchmark resumes.
 

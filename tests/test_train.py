@@ -13,7 +13,7 @@ from rela.data.datasets import ArrayDataset
 from rela.errors import RelaError, StoreMismatchError
 from rela.loading.views import eval_view
 from rela.training.accelerate import Accelerator
-from rela.training.evaluate import evaluate_run, knn_accuracy, linear_probe
+from rela.training.evaluate import evaluate_run, knn_accuracy, lbfgs_probe, linear_probe
 from rela.training.run import TrainConfig
 from rela.training.train import train
 from tests.conftest import run_cli, smooth_image
@@ -136,24 +136,60 @@ def test_linear_probe_and_knn_separate_separable_data():
     centres = torch.randn(5, 16, generator=g) * 4
     y = torch.arange(1000) % 5
     x = centres[y] + torch.randn(1000, 16, generator=g)
-    probe = linear_probe(x[:800], y[:800], x[800:], y[800:], epochs=30, lr=1e-2)
+    probe = linear_probe(x[:800], y[:800], x[800:], y[800:], probe="adam", epochs=30, lr=1e-2)
     assert probe["top1"] > 0.98 and len(probe["curve"]) == 30
     assert knn_accuracy(x[:800], y[:800], x[800:], y[800:]) > 0.98
+    converged = linear_probe(x[:800], y[:800], x[800:], y[800:])  # the default: L-BFGS logistic regression
+    assert converged["top1"] > 0.98 and converged["converged"] and converged["protocol"]["probe"] == "lbfgs"
+
+
+def test_lbfgs_probe_is_deterministic_and_matches_the_logistic_regression_optimum():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(600, 12, generator=g)
+    y = (x[:, :3] @ torch.randn(3, 4, generator=g) + 0.5 * torch.randn(600, 4, generator=g)).argmax(1)
+    a = lbfgs_probe(x[:500], y[:500], x[500:], y[500:], C=0.5)
+    b = lbfgs_probe(x[:500], y[:500], x[500:], y[500:], C=0.5)
+    assert a == b and a["converged"] and a["iterations"] > 1
+    # Optimality of the fitted W, b (same standardisation): the gradient of C·Σ CE + ½‖W‖² vanishes.
+    xs = (x[:500].double() - x[:500].double().mean(0)) / (x[:500].double().std(0) + 1e-6)
+    w = torch.zeros(12, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, bias], max_iter=2000, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
+
+    def f():
+        opt.zero_grad()
+        v = 0.5 * torch.nn.functional.cross_entropy(xs @ w + bias, y[:500], reduction="sum") + 0.5 * (w * w).sum()
+        v.backward()
+        return v
+
+    opt.step(f)
+    with torch.no_grad():
+        acc = float(((x[500:].double() - x[:500].double().mean(0)) / (x[:500].double().std(0) + 1e-6) @ w + bias)
+                    .argmax(1).eq(y[500:]).double().mean())
+    assert a["top1"] == pytest.approx(acc, abs=1e-9)
+    # A weaker penalty fits the training set at least as well.
+    assert lbfgs_probe(x[:500], y[:500], x[500:], y[500:], C=100.0)["train_top1"] >= a["train_top1"]
+    with pytest.raises(RelaError, match="unknown probe"):
+        linear_probe(x, y, x, y, probe="sgd")
 
 
 def test_eval_reports_linear_and_knn(tiny, tmp_path):
     train(_cfg(tiny, tmp_path, epochs=1), progress=False)
-    r = evaluate_run(tmp_path / "run", probe_epochs=3, progress=False)
+    r = evaluate_run(tmp_path / "run", probe="adam", probe_epochs=3, progress=False)
     assert 0 <= r["linear_top1"] <= 1 and 0 <= r["knn_top1"] <= 1 and r["train_samples"] == 160
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["knn_top1"] == r["knn_top1"]
+    assert r["probe"] == {"probe": "adam", "epochs": 3, "lr": 3e-4, "batch_size": 64, "last": 3, "standardize": True}
+    r = evaluate_run(tmp_path / "run", progress=False)  # the default probe, recorded in eval.json
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert saved["probe"]["probe"] == "lbfgs" and saved["probe"]["C"] == 1.0 and saved["probe_converged"] is True
 
 
 def test_bad_arguments_are_refused(tiny, tmp_path):
     for budget in (0, -0.1, 1.5):
         with pytest.raises(RelaError, match="budget"):
             _cfg(tiny, tmp_path, budget=budget)
-    with pytest.raises(RelaError, match="unknown method 'dino'"):
-        _cfg(tiny, tmp_path, method="dino")
+    with pytest.raises(RelaError, match="unknown method 'swav'"):
+        _cfg(tiny, tmp_path, method="swav")
     with pytest.raises(RelaError, match="unknown phase"):
         _cfg(tiny, tmp_path, phase="sometimes")
     with pytest.raises(RelaError, match="0 <= c <= 1"):
@@ -178,3 +214,29 @@ def test_cli_train_and_eval(tiny, tmp_path):
     assert 0 <= json.loads(r.stdout)["linear_top1"] <= 1
     r = run_cli("train", "--data", tiny["data"], "--budget", "0", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "--budget must be in (0, 1]" in r.stderr
+
+
+def test_prior_input_size_fits_the_data(tiny, tmp_path):
+    from rela.data.priors import input_size_for
+
+    assert [input_size_for(224, side) for side in (10, 20, 28, 64, 112, 500)] == [32, 64, 64, 128, 224, 224]
+    assert input_size_for(96, 500) == 96  # never above the prior's own
+    s = train(_cfg(tiny, tmp_path, prior="random:resnet18", epochs=1, dim=8), progress=False)
+    manifest = json.loads((tmp_path / "run" / "store" / "manifest.json").read_text())
+    assert manifest["preprocessing"]["input_size"] == 64  # 20-px images: 2 × 20 → 64, not 224
+    assert s["conversion_seconds"] > 0
+
+
+def test_view_flags_are_checked_recorded_and_used(tiny, tmp_path):
+    with pytest.raises(RelaError, match="--ssl-views.*unknown views"):
+        _cfg(tiny, tmp_path, ssl_views="mae")
+    with pytest.raises(RelaError, match="--rela-views.*key among"):
+        _cfg(tiny, tmp_path, rela_views="rela,zoom=2")
+    cfg = _cfg(tiny, tmp_path, rela_views="rela,scale=0.3:1", ssl_views="byol,1.solarize_p=0", epochs=2)
+    train(cfg, progress=False)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["rela_views"] == "rela,scale=0.3:1" and saved["ssl_views"] == "byol,1.solarize_p=0"
+    from rela.training.run import load_checkpoint
+
+    views = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["loader"]["views"]  # after the switch: SSL's
+    assert len(views) == 2 and views[1].solarize_p == 0 and views[0].blur_p == 0  # 16 px: no blur

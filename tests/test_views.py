@@ -27,7 +27,7 @@ def test_presets_follow_the_method():
     assert (v1.blur_p, v1.solarize_p, v2.blur_p, v2.solarize_p) == (1.0, 0.0, 0.1, 0.2)
     assert len(resolve_views("rela", 32)) == 2 and resolve_views("eval", 32)[0].crop == "center"
     with pytest.raises(RelaError, match="unknown views"):
-        resolve_views("simclr", 32)
+        resolve_views("mae", 32)
     with pytest.raises(RelaError, match="crop scale"):
         ViewSpec(8, scale=(0.0, 1.0))
 
@@ -86,7 +86,7 @@ def test_batched_views_match_per_image_views(which):
     from rela.loading.backends.augment import augment, augment_batch
     from rela.loading.views import byol_views, eval_view, rela_view, sample_generator
 
-    spec = {"eval": eval_view(24), "rela": rela_view(24), "byol0": byol_views(24)[0], "byol1": byol_views(24)[1]}[which]
+    spec = {"eval": eval_view(24), "rela": rela_view(24), "byol0": byol_views(24, blur=True)[0], "byol1": byol_views(24, blur=True)[1]}[which]
     rng = np.random.default_rng(0)
     imgs = torch.from_numpy(np.stack([smooth_image(rng, 40, 40) for _ in range(64)])).permute(0, 3, 1, 2)
     gens = [sample_generator(1, 2, i, 0) for i in range(64)]
@@ -98,3 +98,30 @@ def test_batched_views_match_per_image_views(which):
     else:
         assert diff.mean() < 3.0, diff.mean()  # grey levels; a wrong flip, crop or colour choice gives ~30+
         assert (diff.flatten(1).mean(1) < 12).all()
+
+
+def test_presets_follow_each_method_at_its_resolution():
+    # ≤ 64 px: lightly's CIFAR settings (no blur); 224 px: the ImageNet settings.
+    for small, big in ((byol_views(32), byol_views(224)), (resolve_views("dino", 32), resolve_views("dino", 224)),
+                       (resolve_views("simclr", 32), resolve_views("simclr", 224))):
+        assert all(v.blur_p == 0 for v in small) and any(v.blur_p > 0 for v in big)
+        assert [v.solarize_p for v in small] == [v.solarize_p for v in big]
+    assert [v.blur_p for v in resolve_views("dino", 224)] == [1.0, 0.1]
+    d = resolve_views("dino", 32)
+    assert d[0].scale == (0.4, 1.0) and d[0].jitter == (0.4, 0.4, 0.2, 0.1) and [v.solarize_p for v in d] == [0, 0.2]
+    s = resolve_views("simclr", 224)
+    assert s[0] == s[1] and s[0].jitter == (0.8, 0.8, 0.8, 0.2) and s[0].blur_p == 0.5
+    (sup,) = resolve_views("supervised", 32)
+    assert sup.scale == (0.08, 1.0) and sup.flip == 0.5 and sup.jitter_p == sup.gray_p == sup.blur_p == 0
+    assert [v.blur_p for v in byol_views(32, blur=True)] == [1.0, 0.1]
+
+
+def test_preset_overrides_set_every_knob():
+    v = resolve_views("byol,scale=0.2:1,1.solarize_p=0,blur_p=0.5", 32)
+    assert v[0].scale == v[1].scale == (0.2, 1.0) and v[1].solarize_p == 0 and v[0].blur_p == v[1].blur_p == 0.5
+    assert resolve_views("rela, flip = 0", 16)[1].flip == 0  # spaces are fine
+    assert resolve_views("eval,crop=random", 16)[0].crop == "random"
+    for bad, msg in (("byol,zoom=2", "key among"), ("byol,2.flip=0", "views 0..1"), ("byol,scale=0.2", "2 numbers"),
+                     ("byol,flip=often", "needs a number"), ("byol,scale=0:1", "crop scale"), ("byol,flip", "key=value")):
+        with pytest.raises(RelaError, match=msg):
+            resolve_views(bad, 32)

@@ -67,6 +67,19 @@ class RelaDataset(ABC):
     def labels(self) -> np.ndarray:
         return np.fromiter((self.label(i) for i in range(len(self))), np.int64, len(self))
 
+    def typical_side(self, samples: int = 16) -> int:
+        """The median shorter side of `samples` evenly spaced images (undecodable ones left out),
+        e.g. to choose a prior's input size that fits the data."""
+        sides = []
+        for i in np.linspace(0, len(self) - 1, min(samples, len(self))).astype(int).tolist():
+            try:
+                sides.append(min(self.load(i).shape[:2]))
+            except CorruptImageError:
+                continue
+        if not sides:
+            raise DatasetError("none of the sampled images could be decoded")
+        return int(np.median(sides))
+
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         return self.load(index), self.label(index)
 
@@ -167,6 +180,9 @@ class ArrayDataset(RelaDataset):
         h.update(np.ascontiguousarray(self.images).tobytes())
         h.update(self._labels.tobytes())
         return {"kind": self.kind, "n": len(self), "deep": deep, "digest": h.hexdigest(), **self.info()}
+
+    def typical_side(self, samples: int = 16) -> int:
+        return int(min(self.images.shape[1:3]))
 
     def info(self) -> dict:
         return {"name": self.name, "shape": list(self.images.shape[1:])}

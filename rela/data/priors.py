@@ -376,6 +376,14 @@ def _torchvision(arch: str, opts: PriorOptions) -> Prior:
     return _prior(opts, _strip_head(model), size, m, s, ident)
 
 
+def input_size_for(native: int, data_side: int) -> int:
+    """The prior's input size for images whose shorter side is `data_side`: at most twice the data's
+    resolution (upsampling further adds pixels, not information, and costs the square of it),
+    rounded up to a multiple of 32, never above the prior's own size. 28-px digits → 64 px;
+    ImageNet-sized photos → the prior's native 224."""
+    return int(min(native, max(32, -(-2 * data_side // 32) * 32)))
+
+
 # A prior spec's kind → its builder (the text after the colon, the options) → Prior.
 PRIORS = {"efficientnet-lite0": _efficientnet_lite0, "random": _random, "torchvision": _torchvision,
           "state_dict": _state_dict, "torchscript": _torchscript}

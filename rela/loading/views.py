@@ -6,7 +6,16 @@ Three families are built in:
   The RELA phase uses two of them.
 - `byol`: BYOL's two asymmetric views, as lightly's BYOLView1/2Transform: crop 0.08–1, flip 0.5,
   jitter 0.4/0.4/0.2/0.1 with p 0.8, grayscale 0.2, blur p 1.0 / 0.1 (σ 0.1–2), solarise p 0 / 0.2.
+  Blur follows the resolution, as BYOL's users run it: on at ImageNet sizes, off at ≤ 64 px
+  (lightly's CIFAR-10 benchmark and `examples/pytorch/byol.py` use `gaussian_blur=0.0` at 32 px,
+  and so does the ReLA reference code at CIFAR size).
+- `simclr` (also MoCo's), `dino` (two global views, no local ones) and `supervised` (one view):
+  see their functions below; blur follows the resolution in the same way.
 - `eval`: resize the shorter side, centre crop, normalise (deterministic).
+
+A preset name may carry overrides, so every knob is settable from the command line:
+`"byol,scale=0.2:1"` sets both views' crop scale, `"byol,1.solarize_p=0"` only the second view's
+(`K.` picks view K, from 0); tuples are written with `:`. `resolve_views` parses them.
 
 A backend turns a `ViewSpec` into its own operators (the torchvision implementation is
 `rela.loading.backends.augment`, used by the `torch` backend); this module holds the specs and the
@@ -19,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -57,10 +66,39 @@ def rela_view(size: int, **kw) -> ViewSpec:
                     gray_p=0.2, **kw)
 
 
-def byol_views(size: int, **kw) -> tuple[ViewSpec, ViewSpec]:
+SMALL = 64  # views up to this size are "CIFAR-sized": the presets use their small-image settings
+
+
+def byol_views(size: int, blur: bool | None = None, **kw) -> tuple[ViewSpec, ViewSpec]:
+    """BYOL's two views; `blur=None` chooses by resolution (off at ≤ 64 px, see the module doc)."""
     base = ViewSpec(size, scale=(0.08, 1.0), flip=0.5, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
                     gray_p=0.2, **kw)
-    return replace(base, blur_p=1.0, solarize_p=0.0), replace(base, blur_p=0.1, solarize_p=0.2)
+    on = size > SMALL if blur is None else blur
+    return (replace(base, blur_p=1.0 if on else 0.0, solarize_p=0.0),
+            replace(base, blur_p=0.1 if on else 0.0, solarize_p=0.2))
+
+
+def simclr_views(size: int, blur: bool | None = None, **kw) -> tuple[ViewSpec, ViewSpec]:
+    """SimCLR's two identical views (lightly's SimCLRTransform): crop 0.08–1, flip 0.5, jitter
+    0.8/0.8/0.8/0.2 with p 0.8, grayscale 0.2, blur p 0.5 (off at ≤ 64 px). MoCo v2 uses them too."""
+    on = size > SMALL if blur is None else blur
+    v = ViewSpec(size, scale=(0.08, 1.0), flip=0.5, jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2,
+                 blur_p=0.5 if on else 0.0, **kw)
+    return v, v
+
+
+def dino_views(size: int, blur: bool | None = None, **kw) -> tuple[ViewSpec, ViewSpec]:
+    """DINO's two global views (lightly's DINOTransform with colour-jitter strength 0.5 and no
+    local views, as the ReLA reference code at CIFAR size): crop 0.4–1, flip 0.5, jitter
+    0.4/0.4/0.2/0.1 with p 0.8, grayscale 0.2, blur p 1.0 / 0.1 (off at ≤ 64 px), solarise 0 / 0.2."""
+    on = size > SMALL if blur is None else blur
+    base = ViewSpec(size, scale=(0.4, 1.0), flip=0.5, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, **kw)
+    return (replace(base, blur_p=1.0 if on else 0.0), replace(base, blur_p=0.1 if on else 0.0, solarize_p=0.2))
+
+
+def supervised_view(size: int, **kw) -> ViewSpec:
+    """Supervised training's one view: RandomResizedCrop 0.08–1 and flip (torchvision's recipe)."""
+    return ViewSpec(size, scale=(0.08, 1.0), flip=0.5, **kw)
 
 
 def eval_view(size: int, **kw) -> ViewSpec:
@@ -80,17 +118,47 @@ def resolve_views(views: str | ViewSpec | Sequence[ViewSpec], size: int | None =
             kw["mean"] = tuple(mean)
         if std is not None:
             kw["std"] = tuple(std)
-        if views == "rela":
-            return (rela_view(size, **kw), rela_view(size, **kw))
-        if views == "byol":
-            return byol_views(size, **kw)
-        if views == "eval":
-            return (eval_view(size, **kw),)
-        raise RelaError(f"unknown views {views!r}: use 'rela', 'byol', 'eval' or ViewSpec objects")
+        name, *overrides = [part.strip() for part in views.split(",")]
+        presets = {"rela": lambda: (rela_view(size, **kw), rela_view(size, **kw)),
+                   "byol": lambda: byol_views(size, **kw), "simclr": lambda: simclr_views(size, **kw),
+                   "dino": lambda: dino_views(size, **kw), "supervised": lambda: (supervised_view(size, **kw),),
+                   "eval": lambda: (eval_view(size, **kw),)}
+        if name not in presets:
+            raise RelaError(f"unknown views {name!r}: use one of {', '.join(presets)} (with ,key=value "
+                            "overrides) or ViewSpec objects")
+        return _override(presets[name](), [o for o in overrides if o], views)
     specs = tuple(views)
     if not specs or not all(isinstance(v, ViewSpec) for v in specs):
         raise RelaError("views must be 'rela', 'byol', 'eval', a ViewSpec or a non-empty list of ViewSpecs")
     return specs
+
+
+def _override(specs: tuple[ViewSpec, ...], overrides: list[str], text: str) -> tuple[ViewSpec, ...]:
+    """Apply `key=value` (every view) and `K.key=value` (view K) overrides to preset specs."""
+    defaults = {f.name: f.default for f in fields(ViewSpec) if f.name != "size"}
+    specs = list(specs)
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        view, dot, key = key.strip().rpartition(".")
+        if not eq or key not in defaults:
+            raise RelaError(f"views {text!r}: cannot read {item!r}; write key=value or K.key=value with a key "
+                            f"among {', '.join(defaults)}")
+        which = range(len(specs))
+        if dot:
+            if not view.isdigit() or int(view) >= len(specs):
+                raise RelaError(f"views {text!r}: {item!r} names view {view}, the preset has views 0..{len(specs) - 1}")
+            which = [int(view)]
+        default = defaults[key]
+        try:
+            parsed = (tuple(float(v) for v in value.split(":")) if isinstance(default, tuple)
+                      else value.strip() if isinstance(default, str) else float(value))
+        except ValueError:
+            raise RelaError(f"views {text!r}: {item!r} needs a number{'s separated by :' if isinstance(default, tuple) else ''}") from None
+        if isinstance(default, tuple) and len(parsed) != len(default):
+            raise RelaError(f"views {text!r}: {key} takes {len(default)} numbers separated by ':', got {value!r}")
+        for k in which:
+            specs[k] = replace(specs[k], **{key: parsed})
+    return tuple(specs)
 
 
 # --- the random draws (every backend makes the same choices from them) ------------------

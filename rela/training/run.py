@@ -33,7 +33,8 @@ class TrainConfig:
     prior: str | None = option("efficientnet-lite0", "a prior spec (efficientnet-lite0, random:<arch>, ...) "
                                "converted into RUN/store, or a STORE directory")  # None = no RELA
     budget: float = option(1.0, "fraction of the data visited per epoch (0, 1]")
-    method: str = option("byol", "self-supervised method (byol)")
+    method: str = option("byol", "what the RELA phase hands over to: byol | simclr | moco | barlowtwins | vicreg | "
+                         "dino | supervised (rela.training.methods)")
     arch: str = option("resnet18-cifar", "resnet18|34|50[-cifar]")
     width: float = option(0.125, "width multiplier of the student")
     epochs: int = option(20, "passes over the (budgeted) data", type=positive_int)
@@ -43,10 +44,15 @@ class TrainConfig:
     weight_decay: float = option(0.01, "AdamW weight decay")
     phase: str = option("adaptive", "adaptive | fixed:<fraction> | blend (see README)")  # the best arm at 50%
     image_size: int = option(32, "training view size in pixels", type=positive_int)
+    rela_views: str = option("rela", "the RELA phase's views: a preset (rela, byol, eval) with optional overrides, "
+                             "e.g. 'rela,scale=0.3:1' or 'byol,1.solarize_p=0' (see rela.loading.views)")
+    ssl_views: str | None = option(None, "the SSL method's views, same form (default: the method's own preset "
+                                   "at --image-size; byol has no blur at <= 64 px)")
     dim: int | None = option(None, "target dim when converting (default: min(student feature dim, prior dim))",
                              type=positive_int)
-    prior_input_size: int | None = option(None, "prior resolution when converting (default: the prior's own)",
-                                          type=positive_int)
+    prior_input_size: int | None = option(None, "prior resolution when converting (default: twice the data's "
+                                          "median shorter side, rounded up to a multiple of 32, at most the "
+                                          "prior's own: 64 for 28-px images)", type=positive_int)
     limit: int | None = option(None, "use only the first N training samples", type=positive_int)
     test_data: str | None = option(None, "test split for the switch probe and eval (default: fashion-mnist:test "
                                    "for fashion-mnist)")
@@ -69,13 +75,21 @@ class TrainConfig:
         if self.epochs < 1 or self.batch_size < 1:
             raise RelaError("--epochs and --batch-size must be positive")
         from rela.training.accelerate import parse_phase
-        from rela.training.ssl import METHODS
+        from rela.training.methods import METHODS
 
         parse_phase(self.phase)
         if not 0 < self.switch_threshold <= 1:
             raise RelaError(f"--switch-threshold must be in (0, 1], got {self.switch_threshold}")
         if self.method not in METHODS:
             raise RelaError(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")
+        from rela.loading.views import resolve_views
+
+        for flag, views in (("--rela-views", self.rela_views), ("--ssl-views", self.ssl_views)):
+            if views is not None:
+                try:
+                    resolve_views(views, self.image_size)
+                except RelaError as e:
+                    raise RelaError(f"{flag}: {e}") from None
 
     @property
     def uses_rela(self) -> bool:
@@ -110,17 +124,18 @@ def per_rank_batch(batch_size: int, world: int) -> int:
     return batch_size // world
 
 
-def build_student(cfg: TrainConfig):
-    """The backbone and the SSL method (with its heads and target networks), seeded by cfg.seed."""
+def build_student(cfg: TrainConfig, classes: int = 0):
+    """The backbone and the method (with its heads and target networks), seeded by cfg.seed;
+    `classes`: the dataset's number of classes (the supervised method's classifier)."""
     import torch
 
+    from rela.training.methods import build_method
     from rela.training.models import build_backbone
-    from rela.training.ssl import build_method
 
     torch.manual_seed(cfg.seed)  # the same initial weights for the same seed, whatever ran before
     backbone = build_backbone(cfg.arch, cfg.width)
     method = build_method(cfg.method, backbone, backbone.feature_dim, momentum=cfg.momentum,
-                          cosine_momentum=cfg.cosine_momentum)
+                          cosine_momentum=cfg.cosine_momentum, classes=classes)
     return backbone, method
 
 

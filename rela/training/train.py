@@ -48,9 +48,13 @@ def _open_store(cfg: TrainConfig, dataset, feature_dim: int, progress: bool, dev
     if (path / MANIFEST).exists():
         store = TargetStore.open(path, dataset)
     else:
-        from rela.data.priors import load_prior
+        from rela.data.priors import input_size_for, load_prior
 
         prior = load_prior(cfg.prior, input_size=cfg.prior_input_size, seed=cfg.seed)
+        if cfg.prior_input_size is None:  # fit the prior's resolution to the data's
+            size = input_size_for(prior.input_size, dataset.typical_side())
+            if size != prior.input_size:
+                prior = load_prior(cfg.prior, input_size=size, seed=cfg.seed)
         dim = min(cfg.dim or feature_dim, prior.dim)
         store = convert(dataset, prior, Path(cfg.out) / "store", dim=dim, progress=progress, device=device)
     return store, float(store.manifest.get("cost", {}).get("seconds", 0.0))
@@ -65,7 +69,8 @@ class _Student(nn.Module):
         super().__init__()
         self.backbone, self.method, self.acc = backbone, method, acc
 
-    def forward(self, views: list[torch.Tensor], target, index, lam: float, step: int, total_steps: int):
+    def forward(self, views: list[torch.Tensor], target, index, lam: float, step: int, total_steps: int,
+                labels: torch.Tensor | None = None):
         feats = self.backbone(torch.cat(views)).view(len(views), len(index), -1)
         nan = torch.full((), math.nan, device=feats.device)
         loss, rela_l, ssl_l = feats.new_zeros(()), nan, nan
@@ -73,7 +78,7 @@ class _Student(nn.Module):
             rela_l = self.acc.loss(feats, target, index)
             loss = loss + lam * rela_l
         if lam < 1:
-            ssl_l = self.method.loss(feats, views, step, total_steps)
+            ssl_l = self.method.loss(feats, views, step, total_steps, labels)
             loss = loss + (1 - lam) * ssl_l
         return loss, rela_l.detach(), ssl_l.detach()
 
@@ -170,19 +175,20 @@ class Trainer:
         cfg = self.cfg
         self.device = device = resolve_device(cfg.device)
         self.dataset = open_dataset(cfg.data, cfg.limit)
-        self.backbone, self.method = build_student(cfg)
+        self.backbone, self.method = build_student(cfg, classes=int(self.dataset.labels().max()) + 1)
         self.backbone.to(device), self.method.to(device)
         store, self.conversion_s = (_open_store(cfg, self.dataset, self.backbone.feature_dim, self.progress, device)
                                     if cfg.uses_rela else (None, 0.0))
+        ssl_views = cfg.ssl_views or self.method.views
         self.loader = Loader(self.dataset, self.batch_size, targets=store,
-                             views="rela" if cfg.uses_rela else self.method.views, image_size=cfg.image_size,
+                             views=cfg.rela_views if cfg.uses_rela else ssl_views, image_size=cfg.image_size,
                              subset=cfg.budget, policy=cfg.policy, seed=cfg.seed, num_workers=cfg.num_workers,
                              backend=cfg.backend, device=device, pin_memory=device.type == "cuda")
         self.acc = None
         if cfg.uses_rela:
             self.acc = Accelerator(self.backbone.feature_dim, store.dim, cfg.phase,
                                    freeze_transfer=cfg.freeze_transfer, loader=self.loader,
-                                   ssl_views=self.method.views, threshold=cfg.switch_threshold).to(device)
+                                   ssl_views=ssl_views, threshold=cfg.switch_threshold).to(device)
         self.student = _Student(self.backbone, self.method, self.acc)
         self.model = _wrap(self.student, cfg, device)
         params = list(self.backbone.parameters()) + self.method.online_parameters()
@@ -258,7 +264,7 @@ class Trainer:
         """Forward, NaN check, backward, optimizer and target updates, the step's log row.
         Returns the (rank-mean) loss and whether the phase switched at this step."""
         loss, rela_l, ssl_l = self.model(batch["views"], batch.get("target"), batch["index"], lam, self.step,
-                                         self.total_steps)
+                                         self.total_steps, batch["label"])
         # The logged and checked values are the means over ranks: every rank stops together.
         values = torch.stack([loss.detach(), rela_l, ssl_l]).double()
         if self.world > 1:

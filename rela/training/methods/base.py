@@ -1,0 +1,84 @@
+"""The interface every method implements, and the momentum teacher BYOL, MoCo and DINO share.
+
+A method is an `nn.Module` with:
+- `views`: the loader view preset of its phase (e.g. `"byol"`), used unless `--ssl-views` says otherwise,
+- `loss(features, views, step, total_steps, labels)`: its loss from the online backbone's features
+  of each view ([V, B, F]), the views themselves (for target networks) and the labels (supervised),
+- `update_target(step, total_steps)`: its momentum/EMA update, called every optimizer step — also
+  during the RELA phase, so target networks track the backbone there (as in the reference code),
+- `online_parameters()`: what the optimizer trains besides the backbone (not the `target_*` copies).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from rela.errors import RelaError
+
+
+class SSLMethod(nn.Module):
+    views: str = "byol"
+
+    def loss(self, features: torch.Tensor, views: list[torch.Tensor], step: int, total_steps: int,
+             labels: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update_target(self, step: int, total_steps: int) -> None:
+        pass
+
+    def online_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if not n.startswith("target_")]
+
+    @staticmethod
+    def two_views(features: torch.Tensor, name: str) -> None:
+        if features.shape[0] != 2:
+            raise RelaError(f"{name} needs two views per sample, got {features.shape[0]}")
+
+
+class MomentumTeacher(SSLMethod):
+    """A method whose target (teacher) is an EMA of the backbone and of `self.projection`:
+    `target_backbone`, `target_projection`, updated with lightly's `update_momentum` at a fixed
+    momentum or on a cosine schedule from `momentum` to 1."""
+
+    def __init__(self, backbone: nn.Module, momentum: float, cosine_momentum: bool) -> None:
+        super().__init__()
+        self.backbone = [backbone]  # not registered: the trainer owns it (a list hides it from nn.Module)
+        self.momentum, self.cosine_momentum = momentum, cosine_momentum
+
+    def make_targets(self, new_projection=None) -> None:
+        """Copy the backbone and the projection head as the frozen teacher (call after building
+        heads). `new_projection()` builds a fresh head to load the weights into, for heads that
+        can't be deep-copied (weight-normalised layers hold non-leaf tensors)."""
+        from lightly.models.utils import deactivate_requires_grad
+
+        self.target_backbone = copy.deepcopy(self.backbone[0])
+        if new_projection is None:
+            self.target_projection = copy.deepcopy(self.projection)
+        else:
+            self.target_projection = new_projection()
+            self.target_projection.load_state_dict(self.projection.state_dict())
+        deactivate_requires_grad(self.target_backbone)
+        deactivate_requires_grad(self.target_projection)
+
+    def _momentum(self, step: int, total_steps: int) -> float:
+        if not self.cosine_momentum:
+            return self.momentum
+        from lightly.utils.scheduler import cosine_schedule
+
+        return cosine_schedule(step, max(total_steps, 1), self.momentum, 1.0)
+
+    def update_target(self, step: int, total_steps: int) -> None:
+        from lightly.models.utils import update_momentum
+
+        m = self._momentum(step, total_steps)
+        update_momentum(self.backbone[0], self.target_backbone, m)
+        update_momentum(self.projection, self.target_projection, m)
+
+    @torch.no_grad()
+    def teacher(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """The teacher's projections of every view, [V, B, D]."""
+        z = self.target_projection(self.target_backbone(torch.cat(views)))
+        return z.view(len(views), len(views[0]), -1)

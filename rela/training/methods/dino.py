@@ -1,0 +1,46 @@
+"""DINO (Caron et al. 2021), as the ReLA reference code runs it at CIFAR size: two global views
+and no local views, an EMA teacher (tracking the backbone during the RELA phase too), lightly's
+head and loss."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rela.training.methods.base import MomentumTeacher
+
+
+class DINO(MomentumTeacher):
+    """Head feature→4·feature→64 (bottleneck)→2048 prototypes (weight-normalised last layer),
+    student temperature 0.1, teacher temperature warmed up linearly from 0.04 to 0.07 over the
+    first 30% of the steps (the paper's 30 of 100 epochs), centring momentum 0.9, teacher
+    momentum from `momentum` (0.99 by default, optionally cosine to 1)."""
+
+    views = "dino"
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, out_dim: int = 2048, momentum: float = 0.99,
+                 cosine_momentum: bool = False, warmup_fraction: float = 0.3, teacher_temp: tuple = (0.04, 0.07),
+                 **_) -> None:
+        from lightly.loss import DINOLoss
+        from lightly.models.modules.heads import DINOProjectionHead
+
+        super().__init__(backbone, momentum, cosine_momentum)
+        def head() -> nn.Module:
+            return DINOProjectionHead(feature_dim, 4 * feature_dim, 64, out_dim)
+
+        self.projection = head()
+        self.make_targets(head)  # its weight-normalised last layer can't be deep-copied
+        self.criterion = DINOLoss(output_dim=out_dim, warmup_teacher_temp=teacher_temp[0],
+                                  teacher_temp=teacher_temp[1])
+        self.warmup_fraction, self.teacher_temps = warmup_fraction, teacher_temp
+
+    def teacher_temperature(self, step: int, total_steps: int) -> float:
+        start, end = self.teacher_temps
+        warm = max(1, int(self.warmup_fraction * total_steps))
+        return end if step >= warm else start + (end - start) * step / warm
+
+    def loss(self, features, views, step, total_steps, labels=None) -> torch.Tensor:
+        self.two_views(features, "DINO")
+        s = self.projection(features.flatten(0, 1)).view(2, features.shape[1], -1)
+        t = self.teacher(views)
+        return self.criterion([t[0], t[1]], [s[0], s[1]], teacher_temp=self.teacher_temperature(step, total_steps))

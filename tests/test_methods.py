@@ -1,0 +1,164 @@
+"""The methods the RELA phase hands over to: each loss against a hand-written reference, and each
+method training with and without the RELA phase."""
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rela.errors import RelaError
+from rela.training.methods import METHODS, build_method
+from rela.training.models import build_backbone
+from rela.training.run import TrainConfig
+from rela.training.train import train
+from tests.test_train import tiny  # noqa: F401 - the module-scoped dataset + store fixture
+
+F, B = 16, 12
+
+
+def _setup(name: str, seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    backbone = build_backbone("resnet18-cifar", 1 / 32)
+    method = build_method(name, backbone, backbone.feature_dim, momentum=0.99, cosine_momentum=False, **kw)
+    method.eval()  # BatchNorm in the heads: use running statistics so the references see the same maps
+    views = [torch.randn(B, 3, 8, 8, generator=torch.Generator().manual_seed(seed + k)) for k in range(2)]
+    with torch.no_grad():
+        feats = backbone.eval()(torch.cat(views)).view(2, B, -1)
+    return backbone, method, views, feats
+
+
+def _nt_xent(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """SimCLR's loss written out: 2B rows, each row's positive is its other view, no self-pairs."""
+    z = nn.functional.normalize(torch.cat([a, b]), dim=1)
+    sim = z @ z.T / t
+    sim.fill_diagonal_(-math.inf)
+    n = len(a)
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    return nn.functional.cross_entropy(sim, target)
+
+
+def test_simclr_loss_is_nt_xent():
+    _, m, views, feats = _setup("simclr")
+    z = m.projection(feats.flatten(0, 1)).view(2, B, -1)
+    assert m.loss(feats, views, 0, 10).item() == pytest.approx(_nt_xent(z[0], z[1], 0.5).item(), rel=1e-5)
+
+
+def test_byol_loss_is_the_symmetric_negative_cosine():
+    _, m, views, feats = _setup("byol")
+    p = m.prediction(m.projection(feats.flatten(0, 1))).view(2, B, -1)
+    z = m.target_projection(m.target_backbone(torch.cat(views))).view(2, B, -1)
+    cos = nn.functional.cosine_similarity
+    want = -0.5 * (cos(p[0], z[1]).mean() + cos(p[1], z[0]).mean())
+    assert m.loss(feats, views, 0, 10).item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_barlow_twins_loss_is_the_cross_correlation_objective():
+    _, m, views, feats = _setup("barlowtwins")
+    z = m.projection(feats.flatten(0, 1)).view(2, B, -1)
+    # Each dimension batch-normalised (biased variance, eps 1e-5), as the paper's BatchNorm does.
+    a, b = ((v - v.mean(0)) / torch.sqrt(v.var(0, unbiased=False) + 1e-5) for v in (z[0], z[1]))
+    c = a.T @ b / B
+    on = ((torch.diagonal(c) - 1) ** 2).sum()
+    off = (c ** 2).sum() - (torch.diagonal(c) ** 2).sum()
+    assert m.loss(feats, views, 0, 10).item() == pytest.approx((on + 5e-3 * off).item(), rel=1e-4)
+
+
+def test_vicreg_loss_is_variance_invariance_covariance():
+    _, m, views, feats = _setup("vicreg")
+    z = m.projection(feats.flatten(0, 1)).view(2, B, -1)
+    inv = nn.functional.mse_loss(z[0], z[1])
+
+    def var(x):
+        return torch.relu(1 - torch.sqrt(x.var(0) + 1e-4)).mean()
+
+    def cov(x):
+        x = x - x.mean(0)
+        c = x.T @ x / (len(x) - 1)
+        return ((c ** 2).sum() - (torch.diagonal(c) ** 2).sum()) / x.shape[1]
+
+    want = 25 * inv + 25 * 0.5 * (var(z[0]) + var(z[1])) + 1 * (cov(z[0]) + cov(z[1]))
+    assert m.loss(feats, views, 0, 10).item() == pytest.approx(want.item(), rel=1e-4)
+
+
+def test_moco_contrasts_with_a_queue_of_past_keys():
+    _, m, views, feats = _setup("moco", queue=32)
+    q = nn.functional.normalize(m.projection(feats.flatten(0, 1)).view(2, B, -1), dim=-1)
+    k = nn.functional.normalize(m.teacher(views), dim=-1)
+    bank = m.criterion.memory_bank.bank.clone()  # [K, D], what the first call contrasts with
+
+    def one(qv, kv, queue):
+        logits = torch.cat([(qv * kv).sum(1, keepdim=True), qv @ queue.T], 1) / 0.1
+        return nn.functional.cross_entropy(logits, torch.zeros(len(qv), dtype=torch.long))
+
+    first = one(q[0], k[1], bank)
+    after = bank.clone()
+    after[:B] = k[1]  # the first call pushed its keys into the ring buffer
+    second = one(q[1], k[0], after)
+    assert m.loss(feats, views, 0, 10).item() == pytest.approx(0.5 * (first + second).item(), rel=1e-4)
+    assert torch.allclose(m.criterion.memory_bank.bank[B:2 * B], k[0])
+    # Both views' keys are queued; the queue is state, saved with the method (resume sees it).
+    state = m.state_dict()
+    assert torch.equal(state["criterion.memory_bank.bank"], m.criterion.memory_bank.bank)
+    assert int(state["criterion.memory_bank.bank_ptr"]) == 2 * B
+
+
+def test_dino_warms_the_teacher_temperature_and_matches_its_cross_entropy():
+    _, m, views, feats = _setup("dino")
+    assert m.teacher_temperature(0, 100) == pytest.approx(0.04)
+    assert m.teacher_temperature(15, 100) == pytest.approx(0.055)
+    assert m.teacher_temperature(30, 100) == m.teacher_temperature(99, 100) == pytest.approx(0.07)
+    s = m.projection(feats.flatten(0, 1)).view(2, B, -1)
+    t = m.teacher(views)
+    # Centre starts at zero: CE of softmax(teacher / T_t) of one view against the student's other view.
+    tp = [torch.softmax(x / 0.04, -1) for x in t]
+    ls = [torch.log_softmax(x / 0.1, -1) for x in s]
+    want = 0.5 * (-(tp[0] * ls[1]).sum(-1).mean() - (tp[1] * ls[0]).sum(-1).mean())
+    assert m.loss(feats, views, 0, 100).item() == pytest.approx(want.item(), rel=1e-4)
+
+
+def test_supervised_is_cross_entropy_and_needs_labels():
+    _, m, views, feats = _setup("supervised", classes=3)
+    labels = torch.arange(B) % 3
+    logits = m.classifier(feats.flatten(0, 1))
+    want = nn.functional.cross_entropy(logits, labels.repeat(2))
+    assert m.loss(feats, views, 0, 10, labels).item() == pytest.approx(want.item(), rel=1e-6)
+    with pytest.raises(RelaError, match="labelled dataset"):
+        m.loss(feats, views, 0, 10, torch.full((B,), -1))
+
+
+def test_momentum_teachers_track_the_backbone():
+    for name in ("byol", "moco", "dino"):
+        backbone, m, _, _ = _setup(name)
+        with torch.no_grad():
+            for p in backbone.parameters():
+                p.add_(1.0)
+        before = [p.clone() for p in m.target_backbone.parameters()]
+        m.update_target(0, 10)
+        moved = [float((a - b).abs().max()) for a, b in zip(m.target_backbone.parameters(), before, strict=True)]
+        assert max(moved) == pytest.approx(0.01, rel=1e-3), name  # (1 - 0.99) of the +1 shift
+        assert not any(p.requires_grad for p in m.target_backbone.parameters())
+        online = {id(p) for p in m.online_parameters()}
+        assert not any(id(p) in online for p in m.target_backbone.parameters()), name
+
+
+def _rows(run) -> list[dict]:
+    with open(run / "steps.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("phase", ["fixed:0.5", "off"])
+def test_every_method_trains_with_and_without_the_rela_phase(tiny, tmp_path, name, phase):  # noqa: F811
+    cfg = TrainConfig(data=tiny["data"], out=str(tmp_path / "run"), prior=tiny["store"] if phase != "off" else None,
+                      phase=phase, method=name, budget=0.5, epochs=2, batch_size=16, image_size=16, width=0.0625,
+                      test_data=tiny["data"], num_workers=0, probe_at_switch=False)
+    s = train(cfg, progress=False)
+    rows = _rows(tmp_path / "run")
+    assert s["steps"] == len(rows) == 10
+    ssl = [float(r["ssl_loss"]) for r in rows if r["phase"] == "ssl"]
+    assert len(ssl) == (5 if phase != "off" else 10) and all(np.isfinite(ssl))
+    if phase != "off":
+        assert all(np.isfinite(float(r["rela_loss"])) for r in rows if r["phase"] == "rela")
