@@ -8,7 +8,8 @@ of the paper's Table 1):
   rela-50 / rela-20              RELA phase (EfficientNet-Lite0 prior at 64 px → 64-d targets) then BYOL
   rela-50-random                 the same with a randomly initialised ResNet-18 prior
   rela-50-only                   the RELA phase for the whole run (phase fixed:1)
-  (--extra adds rela-50-adaptive and rela-50-blend: the other switch modes)
+  (--extra adds rela-50-adaptive and rela-50-blend, the other switch modes, and rela-50-warm:
+   the switch at half with the SSL heads warmed during the RELA phase, --warm-heads)
 
 Each arm is evaluated by `rela eval`'s default linear probe (converged L-BFGS logistic regression on
 standardised frozen features, C = 1) and kNN (k = 20). Costs: conversion seconds (the prior's pass over the data, charged to every arm
@@ -38,7 +39,7 @@ from rela.training.evaluate import evaluate_run  # noqa: E402
 from rela.training.run import TrainConfig, config_from_run  # noqa: E402
 from rela.training.train import train  # noqa: E402
 
-ARMS = {  # name: (prior, budget, phase)
+ARMS = {  # name: (prior, budget, phase[, TrainConfig overrides])
     "byol-100": (None, 1.0, "off"),
     "byol-50": (None, 0.5, "off"),
     "byol-20": (None, 0.2, "off"),
@@ -47,7 +48,8 @@ ARMS = {  # name: (prior, budget, phase)
     "rela-50-random": ("random", 0.5, None),
     "rela-50-only": ("lite0", 0.5, "fixed:1"),
 }
-EXTRA = {"rela-50-adaptive": ("lite0", 0.5, "adaptive"), "rela-50-blend": ("lite0", 0.5, "blend")}
+EXTRA = {"rela-50-adaptive": ("lite0", 0.5, "adaptive"), "rela-50-blend": ("lite0", 0.5, "blend"),
+         "rela-50-warm": ("lite0", 0.5, None, {"warm_heads": True})}  # the switch without a cold start
 PRIORS = {"lite0": "efficientnet-lite0", "random": "random:resnet18"}
 
 
@@ -59,8 +61,8 @@ def make_store(name: str, data: str, limit: int | None, out: Path) -> str:
 
 
 def run_arm(name: str, spec, seed: int, args, stores: dict) -> dict:
-    prior, budget, phase = spec
-    cfg = TrainConfig(
+    prior, budget, phase, *overrides = spec
+    cfg = TrainConfig(**(overrides[0] if overrides else {}),
         data="fashion-mnist", limit=args.limit, out=str(args.out / f"{name}-s{seed}"),
         prior=stores[prior] if prior else None, budget=budget, phase=phase or args.phase,
         epochs=args.epochs, seed=seed, num_workers=args.workers, width=0.125, arch="resnet18-cifar",

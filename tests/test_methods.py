@@ -162,3 +162,29 @@ def test_every_method_trains_with_and_without_the_rela_phase(tiny, tmp_path, nam
     assert len(ssl) == (5 if phase != "off" else 10) and all(np.isfinite(ssl))
     if phase != "off":
         assert all(np.isfinite(float(r["rela_loss"])) for r in rows if r["phase"] == "rela")
+
+
+def test_warm_heads_train_the_heads_and_leave_the_backbone_to_rela():
+    from rela.training.accelerate import Accelerator
+    from rela.training.train import _Student
+
+    def grads(warm: bool):
+        backbone, method, views, _ = _setup("byol")
+        backbone.train(), method.train()
+        acc = Accelerator(backbone.feature_dim, 8, "fixed:1")
+        torch.manual_seed(1)
+        acc.transfer.reset_parameters()
+        student = _Student(backbone, method, acc, warm_heads=warm)
+        target = torch.randn(B, 8, generator=torch.Generator().manual_seed(2))
+        loss, rela_l, ssl_l = student(views, target, torch.arange(B), 1.0, 0, 10)
+        loss.backward()
+        return backbone, method, rela_l, ssl_l
+
+    b_cold, m_cold, rela_cold, ssl_cold = grads(False)
+    b_warm, m_warm, rela_warm, ssl_warm = grads(True)
+    assert math.isnan(ssl_cold) and math.isfinite(ssl_warm) and rela_cold == rela_warm
+    for p, q in zip(b_cold.parameters(), b_warm.parameters(), strict=True):  # the backbone: RELA's gradient only
+        assert torch.equal(p.grad, q.grad)
+    assert all(p.grad is None for p in m_cold.online_parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m_warm.projection.parameters())
+    assert all(p.grad is None for p in m_warm.target_backbone.parameters())

@@ -240,3 +240,12 @@ def test_view_flags_are_checked_recorded_and_used(tiny, tmp_path):
 
     views = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["loader"]["views"]  # after the switch: SSL's
     assert len(views) == 2 and views[1].solarize_p == 0 and views[0].blur_p == 0  # 16 px: no blur
+
+
+def test_warm_heads_log_the_ssl_loss_during_the_rela_phase(tiny, tmp_path):
+    train(_cfg(tiny, tmp_path, warm_heads=True), progress=False)
+    rows = _steps(tmp_path / "run")
+    rela_rows = [r for r in rows if r["phase"] == "rela"]
+    assert rela_rows and all(math.isfinite(float(r["ssl_loss"])) for r in rela_rows)
+    assert math.isclose(float(rela_rows[0]["loss"]), float(rela_rows[0]["rela_loss"]) + float(rela_rows[0]["ssl_loss"]),
+                        rel_tol=1e-4)

@@ -62,7 +62,10 @@ class TrainConfig:
     backend: str = option("auto", "loader backend: auto | torch | dali | ffcv")
     policy: str = option("uniform", "subset policy: uniform | scored")
     freeze_transfer: bool = option(False, "frozen random transfer head (reference code)")
-    momentum: float = option(0.99, "BYOL EMA momentum")
+    warm_heads: bool = option(False, "during the RELA phase also train the method's heads on detached backbone "
+                              "features (the backbone gets no gradient from it), so the method does not start cold "
+                              "at the switch; costs the method's forward in every RELA step")
+    momentum: float = option(0.99, "EMA momentum of the momentum teachers (BYOL, MoCo, DINO)")
     cosine_momentum: bool = option(False, "cosine momentum schedule up to 1")
     probe_at_switch: bool = option(True, "kNN probe of the student at the switch, written to RUN/switch.json")
     device: str = option("auto", "auto (cuda when available; under torchrun each rank's own GPU) | cpu | cuda[:N]")

@@ -65,9 +65,9 @@ class _Student(nn.Module):
     the backbone, the SSL method's heads (its target networks ride along without gradients) and
     the accelerator's transfer head. forward() returns the step's loss and its two parts."""
 
-    def __init__(self, backbone: nn.Module, method: nn.Module, acc: nn.Module | None) -> None:
+    def __init__(self, backbone: nn.Module, method: nn.Module, acc: nn.Module | None, warm_heads: bool = False) -> None:
         super().__init__()
-        self.backbone, self.method, self.acc = backbone, method, acc
+        self.backbone, self.method, self.acc, self.warm_heads = backbone, method, acc, warm_heads
 
     def forward(self, views: list[torch.Tensor], target, index, lam: float, step: int, total_steps: int,
                 labels: torch.Tensor | None = None):
@@ -80,6 +80,9 @@ class _Student(nn.Module):
         if lam < 1:
             ssl_l = self.method.loss(feats, views, step, total_steps, labels)
             loss = loss + (1 - lam) * ssl_l
+        elif self.warm_heads:  # warm the heads for the switch; no gradient reaches the backbone
+            ssl_l = self.method.loss(feats.detach(), views, step, total_steps, labels)
+            loss = loss + ssl_l
         return loss, rela_l.detach(), ssl_l.detach()
 
 
@@ -189,7 +192,7 @@ class Trainer:
             self.acc = Accelerator(self.backbone.feature_dim, store.dim, cfg.phase,
                                    freeze_transfer=cfg.freeze_transfer, loader=self.loader,
                                    ssl_views=ssl_views, threshold=cfg.switch_threshold).to(device)
-        self.student = _Student(self.backbone, self.method, self.acc)
+        self.student = _Student(self.backbone, self.method, self.acc, cfg.warm_heads)
         self.model = _wrap(self.student, cfg, device)
         params = list(self.backbone.parameters()) + self.method.online_parameters()
         if self.acc is not None and not cfg.freeze_transfer:
