@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="start over in an existing run directory")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    x = sub.add_parser("export", help="write a trained run's backbone as a prior (student:FILE)",
+                       description="Write a run's final backbone to a safetensors file with its architecture and "
+                       "preprocessing in the metadata, to use as the next prior: rela convert --prior student:FILE.")
+    x.add_argument("run", help="run directory from rela train")
+    x.add_argument("--out", required=True, help="the .safetensors file to write")
+
     e = sub.add_parser("eval", help="linear probe and kNN of a trained run",
                        description="Linear probe on frozen, standardised features — by default a converged "
                        "L2 logistic regression (full-batch L-BFGS, scikit-learn's default C=1), or the reference "
@@ -128,6 +134,14 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from rela.training.run import export_student
+
+    out = export_student(a.run, a.out)
+    print(f"wrote {out}\nuse it   rela convert --prior student:{out} ...")
+    return 0
+
+
 def cmd_convert(a: argparse.Namespace) -> int:
     from rela.data.convert import convert
 
@@ -169,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             from rela import distributed as dist_util  # imports torch: not for --help or info
 
             joined = dist_util.init(args.device)
-        code = {"convert": cmd_convert, "info": cmd_info, "train": cmd_train, "eval": cmd_eval}[args.command](args)
+        code = {"convert": cmd_convert, "info": cmd_info, "train": cmd_train, "eval": cmd_eval,
+                "export": cmd_export}[args.command](args)
     except RelaError as e:
         rank, world = dist_util.rank_world() if dist_util else (0, 1)
         where = f" (rank {rank} of {world})" if world > 1 else ""

@@ -249,3 +249,41 @@ def test_warm_heads_log_the_ssl_loss_during_the_rela_phase(tiny, tmp_path):
     assert rela_rows and all(math.isfinite(float(r["ssl_loss"])) for r in rela_rows)
     assert math.isclose(float(rela_rows[0]["loss"]), float(rela_rows[0]["rela_loss"]) + float(rela_rows[0]["ssl_loss"]),
                         rel_tol=1e-4)
+
+
+def test_a_trained_student_becomes_the_next_prior(tiny, tmp_path):
+    from rela.data.priors import load_prior
+    from rela.errors import PriorError
+    from rela.training.evaluate import extract_features
+    from rela.training.run import load_checkpoint
+
+    train(_cfg(tiny, tmp_path, epochs=1), progress=False)
+    out = tmp_path / "student.safetensors"
+    r = run_cli("export", str(tmp_path / "run"), "--out", str(out))
+    assert r.returncode == 0 and f"student:{out}" in r.stdout, r.stderr
+    prior = load_prior(f"student:{out}")
+    assert prior.input_size == 16 and prior.identity["arch"] == "resnet18-cifar x0.0625"
+    # The prior's features are the run's backbone's features under the eval view (square images).
+    from rela.models import build_backbone
+
+    backbone = build_backbone("resnet18-cifar", 0.0625)
+    backbone.load_state_dict(load_checkpoint(tmp_path / "run" / "checkpoint.pt")["backbone"])
+    from rela.data.datasets import open_dataset
+
+    ds = open_dataset(tiny["data"], limit=32)
+    want, _ = extract_features(backbone, ds, 16)
+    images = [ds.load(i) for i in range(32)]
+    got = prior(prior.normalize(prior.resize_crop(images)))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    store = convert(tiny["data"], f"student:{out}", tmp_path / "store2", dim=8, progress=False)
+    assert store.manifest["prior"]["name"] == f"student:{out}" and store.dim == 8
+    (tmp_path / "other.safetensors").write_bytes(out.read_bytes()[:100])
+    with pytest.raises(PriorError, match="not a safetensors file"):
+        load_prior(f"student:{tmp_path / 'other.safetensors'}")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(PriorError, match="not written by `rela export`"):
+        load_prior(f"student:{tmp_path / 'plain.safetensors'}")
+    r = run_cli("export", str(tmp_path / "nowhere"), "--out", str(out))
+    assert r.returncode == 2 and "train it first" in r.stderr

@@ -6,8 +6,8 @@ Weights are loaded with `weights_only=True` or safetensors; a whole-module pickl
 unless the caller trusts it explicitly, because unpickling can run arbitrary code.
 
 Specs: `random:<arch>`, `torchvision:<arch>`, `efficientnet-lite0`, `torchscript:<path>`,
-`state_dict:<path>` (with `arch`). `<arch>` is any torchvision classification model name, or
-`efficientnet-lite0`. Each kind has one builder in `PRIORS` that returns a `Prior`; a new kind of
+`state_dict:<path>` (with `arch`), `student:<file>` (a run's backbone written by `rela export`).
+`<arch>` is any torchvision classification model name, or `efficientnet-lite0`. Each kind has one builder in `PRIORS` that returns a `Prior`; a new kind of
 prior is one more function there.
 """
 
@@ -316,7 +316,7 @@ def load_prior(spec: str, *, arch: str | None = None, weights: str | Path | None
     if builder is None or bool(rest) != (kind != "efficientnet-lite0"):
         raise PriorError(
             f"unknown prior {spec!r}: use efficientnet-lite0, random:<arch>, torchvision:<arch>, "
-            "torchscript:<path> or state_dict:<path> (with --arch)"
+            "torchscript:<path>, state_dict:<path> (with --arch) or student:<file from rela export>"
         )
     opts = PriorOptions(arch=arch, weights=weights, input_size=input_size, mean=mean, std=std, seed=seed,
                         trust_pickle=trust_pickle)
@@ -384,6 +384,35 @@ def input_size_for(native: int, data_side: int) -> int:
     return int(min(native, max(32, -(-2 * data_side // 32) * 32)))
 
 
+def _student(rest: str, opts: PriorOptions) -> Prior:
+    """A student trained by `rela train` and written by `rela export`: architecture and
+    preprocessing come from the file's metadata (the paper's trained-student priors)."""
+    import json
+
+    from safetensors import safe_open
+
+    from rela.models import build_backbone
+
+    path = Path(rest)
+    if not path.exists():
+        raise PriorError(f"student file {path} does not exist; write it with `rela export RUN --out {path}`")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise PriorError(f"{path}: not a safetensors file ({_first_error_line(e)})") from None
+    if meta.get("format") != "rela-student":
+        raise PriorError(f"{path} was not written by `rela export` (no student metadata); for other weights use "
+                         "state_dict:<path> --arch ...")
+    arch, width = meta["arch"], float(meta["width"])
+    with torch.random.fork_rng(devices=[]):  # the weights are replaced: don't move the caller's RNG
+        model = build_backbone(arch, width)
+    _load_into(model, load_weights(path), rest, arch)
+    ident = {"name": f"student:{rest}", "source": str(path.resolve()), "arch": f"{arch} x{width:g}",
+             "weights_sha256": sha256_file(path), "run": meta.get("run"), "method": meta.get("method")}
+    return _prior(opts, model, int(meta["input_size"]), json.loads(meta["mean"]), json.loads(meta["std"]), ident)
+
+
 # A prior spec's kind → its builder (the text after the colon, the options) → Prior.
 PRIORS = {"efficientnet-lite0": _efficientnet_lite0, "random": _random, "torchvision": _torchvision,
-          "state_dict": _state_dict, "torchscript": _torchscript}
+          "state_dict": _state_dict, "torchscript": _torchscript, "student": _student}

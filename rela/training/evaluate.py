@@ -30,7 +30,7 @@ from torch import nn
 from rela.data.datasets import RelaDataset, open_dataset
 from rela.distributed import resolve_device
 from rela.errors import RelaError
-from rela.training.models import build_backbone
+from rela.models import build_backbone
 from rela.training.run import (
     CHECKPOINT,
     config_from_run,

@@ -132,8 +132,8 @@ def build_student(cfg: TrainConfig, classes: int = 0):
     `classes`: the dataset's number of classes (the supervised method's classifier)."""
     import torch
 
+    from rela.models import build_backbone
     from rela.training.methods import build_method
-    from rela.training.models import build_backbone
 
     torch.manual_seed(cfg.seed)  # the same initial weights for the same seed, whatever ran before
     backbone = build_backbone(cfg.arch, cfg.width)
@@ -185,6 +185,28 @@ def load_checkpoint(path: Path) -> dict:
 
     with torch.serialization.safe_globals([ViewSpec]):
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def export_student(run: str | Path, out: str | Path) -> Path:
+    """A run's final backbone as a prior for `rela convert` (`student:OUT`): its weights in a
+    safetensors file whose metadata holds the architecture, width and the preprocessing the
+    student was trained with (view size, mean, std), so the prior sees images as it did."""
+    from safetensors.torch import save_file
+
+    run, out = Path(run), Path(out)
+    if not (run / CHECKPOINT).exists():
+        raise RelaError(f"{run} has no {CHECKPOINT}: train it first (rela train --out {run})")
+    cfg = config_from_run(run)
+    state = load_checkpoint(run / CHECKPOINT)
+    view = state["loader"]["views"][0]
+    meta = {"format": "rela-student", "arch": cfg.arch, "width": repr(cfg.width), "input_size": str(cfg.image_size),
+            "mean": json.dumps(list(view.mean)), "std": json.dumps(list(view.std)), "run": str(run.resolve()),
+            "method": cfg.method, "epochs_trained": str(state["epoch"] + 1)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in state["backbone"].items()}, str(tmp), metadata=meta)
+    os.replace(tmp, out)
+    return out
 
 
 # --- logs ---------------------------------------------------------------------------------------

@@ -3,6 +3,9 @@
 `resnet18-cifar` (3×3 stride-1 stem, no max-pool — the reference code's small-image student) is
 built from torchvision's own `BasicBlock`/`Bottleneck`, with every stage's width scaled by `width`
 so CPU runs stay small. Backbones return pooled features `[B, feature_dim]` (no classifier).
+
+A leaf below every floor: `rela.training` builds students from it, and `rela.data.priors` builds a
+trained student back as the next prior (`student:FILE`, from `rela export`).
 """
 
 from __future__ import annotations
