@@ -5,6 +5,8 @@ set), 32 px, CIFAR-stem ResNet-18 at 1/8 width, batch 128, AdamW 1e-3, 20 epochs
 of the paper's Table 1):
 
   byol-100 / byol-50 / byol-20   plain BYOL on a fresh uniform subset of 100/50/20% each epoch
+  byol-100-reference             a minimal plain-PyTorch BYOL (bench/reference_byol.py, lightly's
+                                 example loop) on the same student: rela's BYOL must match it
   rela-50 / rela-20              RELA phase (EfficientNet-Lite0 prior at 64 px → 64-d targets) then BYOL
   rela-50-random                 the same with a randomly initialised ResNet-18 prior
   rela-50-only                   the RELA phase for the whole run (phase fixed:1)
@@ -41,6 +43,7 @@ from rela.training.train import train  # noqa: E402
 
 ARMS = {  # name: (prior, budget, phase[, TrainConfig overrides])
     "byol-100": (None, 1.0, "off"),
+    "byol-100-reference": ("reference", 1.0, "off"),  # bench/reference_byol.py: the check on rela's loop
     "byol-50": (None, 0.5, "off"),
     "byol-20": (None, 0.2, "off"),
     "rela-50": ("lite0", 0.5, None),
@@ -60,8 +63,31 @@ def make_store(name: str, data: str, limit: int | None, out: Path) -> str:
     return str(path)
 
 
+def run_reference(name: str, seed: int, args) -> dict:
+    """The plain-PyTorch BYOL of bench/reference_byol.py at the same settings (cached like an arm)."""
+    from bench.reference_byol import evaluate as evaluate_reference
+    from bench.reference_byol import train_reference
+
+    run = args.out / f"{name}-s{seed}"
+    settings = {"limit": args.limit, "epochs": args.epochs, "seed": seed}
+    cached = run / "result.json"
+    if cached.exists() and json.loads(cached.read_text())["settings"] == settings:
+        return json.loads(cached.read_text())["row"]
+    backbone, seconds = train_reference(args.limit, args.epochs, seed)
+    result = evaluate_reference(backbone, args.limit)
+    steps = args.epochs * ((args.limit or 60000) // 128)
+    row = {"arm": name, "seed": seed, "linear": result["linear"], "knn": result["knn"], "steps": steps,
+           "images": steps * 128, "train_s": seconds, "conv_s": 0.0, "total_s": seconds,
+           "step_ms": 1000 * seconds / steps, "switch": None}  # mean, not median, step time
+    run.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps({"settings": settings, "row": row}, indent=1))
+    return row
+
+
 def run_arm(name: str, spec, seed: int, args, stores: dict) -> dict:
     prior, budget, phase, *overrides = spec
+    if prior == "reference":
+        return run_reference(name, seed, args)
     cfg = TrainConfig(**(overrides[0] if overrides else {}),
         data="fashion-mnist", limit=args.limit, out=str(args.out / f"{name}-s{seed}"),
         prior=stores[prior] if prior else None, budget=budget, phase=phase or args.phase,
@@ -153,7 +179,7 @@ def main() -> None:
     print(f"data: Fashion-MNIST train first {args.limit or 60000}, test 10000; 32 px; resnet18-cifar x0.125; "
           f"batch 128; AdamW 1e-3; {args.epochs} epochs; rela phase {args.phase}; seeds {args.seeds}")
     t0 = time.perf_counter()
-    needed = {spec[0] for spec in arms.values() if spec[0]}
+    needed = {spec[0] for spec in arms.values() if spec[0] in PRIORS}
     stores = {name: make_store(name, "fashion-mnist", args.limit, args.out) for name in sorted(needed)}
     rows = []
     for seed in range(args.seeds):
