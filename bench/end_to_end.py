@@ -69,11 +69,12 @@ def run_reference(name: str, seed: int, args) -> dict:
     from bench.reference_byol import train_reference
 
     run = args.out / f"{name}-s{seed}"
-    settings = {"limit": args.limit, "epochs": args.epochs, "seed": seed}
+    tuned = {"min_scale": args.best["min_scale"], "lr": args.best["lr"]}
+    settings = {"limit": args.limit, "epochs": args.epochs, "seed": seed, **tuned}
     cached = run / "result.json"
     if cached.exists() and json.loads(cached.read_text())["settings"] == settings:
         return json.loads(cached.read_text())["row"]
-    backbone, seconds = train_reference(args.limit, args.epochs, seed)
+    backbone, seconds = train_reference(args.limit, args.epochs, seed, **tuned)
     result = evaluate_reference(backbone, args.limit)
     steps = args.epochs * ((args.limit or 60000) // 128)
     row = {"arm": name, "seed": seed, "linear": result["linear"], "knn": result["knn"], "steps": steps,
@@ -88,7 +89,7 @@ def run_arm(name: str, spec, seed: int, args, stores: dict) -> dict:
     prior, budget, phase, *overrides = spec
     if prior == "reference":
         return run_reference(name, seed, args)
-    cfg = TrainConfig(**(overrides[0] if overrides else {}),
+    cfg = TrainConfig(**{**args.tuned, **(overrides[0] if overrides else {})},
         data="fashion-mnist", limit=args.limit, out=str(args.out / f"{name}-s{seed}"),
         prior=stores[prior] if prior else None, budget=budget, phase=phase or args.phase,
         epochs=args.epochs, seed=seed, num_workers=args.workers, width=0.125, arch="resnet18-cifar",
@@ -107,6 +108,31 @@ def run_arm(name: str, spec, seed: int, args, stores: dict) -> dict:
         "conv_s": summary["conversion_seconds"], "total_s": summary["total_seconds"],
         "step_ms": 1000 * summary["median_step_seconds"], "switch": summary.get("switch"),
     }
+
+
+SCALES, LRS = (0.08, 0.2, 0.5), (5e-4, 2e-3)  # the baseline sweep's grid (lr 1e-3 first, then these)
+
+
+def sweep(args, stores: dict) -> dict:
+    """BYOL-100 tuned before anything is compared with it: crop min-scale ∈ {0.08, 0.2, 0.5} at
+    lr 1e-3, then lr ∈ {5e-4, 2e-3} at the best scale (5 runs); blur per the preset (none at
+    32 px). The best setting by linear top-1 is used by every arm, RELA's BYOL phase included."""
+    def arm(scale: float, lr: float) -> dict:
+        spec = (None, 1.0, "off", {"ssl_views": f"byol,scale={scale}:1", "lr": lr})
+        r = run_arm(f"sweep-scale{scale}-lr{lr:g}", spec, 0, args, stores)
+        print(f"  sweep: min-scale {scale} lr {lr:g}: linear {r['linear']:.4f} kNN {r['knn']:.4f}", flush=True)
+        return {"min_scale": scale, "lr": lr, "linear": r["linear"], "knn": r["knn"]}
+
+    runs = [arm(scale, 1e-3) for scale in SCALES]
+    best_scale = max(runs, key=lambda r: r["linear"])["min_scale"]
+    runs += [arm(best_scale, lr) for lr in LRS]
+    best = max(runs, key=lambda r: r["linear"])
+    lines = ["| BYOL-100 min-scale | lr | linear | kNN |", "|---:|---:|---:|---:|"]
+    lines += [f"| {r['min_scale']} | {r['lr']:g} | {r['linear']:.4f} | {r['knn']:.4f} |" for r in runs]
+    print("\nbaseline sweep (seed 0):\n" + "\n".join(lines)
+          + f"\nbest: min-scale {best['min_scale']}, lr {best['lr']:g} — used by every arm below\n", flush=True)
+    (args.out / "sweep.json").write_text(json.dumps({"runs": runs, "best": best}, indent=1))
+    return best
 
 
 def table(rows: list[dict]) -> str:
@@ -163,7 +189,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=0, help="loader workers (0: in the training process)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--out", type=Path, default=Path("bench/out/e2e"))
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--sweep", action="store_true",
+                   help="tune BYOL-100 first (crop min-scale x lr, 5 runs) and run every arm at the best setting")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (a line per finished arm still)")
     args = p.parse_args()
     if args.short:
         args.limit, args.epochs = 5000, 8
@@ -177,13 +205,19 @@ def main() -> None:
         arms = {k: v for k, v in arms.items() if k in args.arms or k == "byol-100"}
     print(f"device: {device_line()}; torch threads {args.threads}; loader workers {args.workers}")
     print(f"data: Fashion-MNIST train first {args.limit or 60000}, test 10000; 32 px; resnet18-cifar x0.125; "
-          f"batch 128; AdamW 1e-3; {args.epochs} epochs; rela phase {args.phase}; seeds {args.seeds}")
+          f"batch 128; AdamW (lr {'swept' if args.sweep else '1e-3'}); {args.epochs} epochs; rela phase {args.phase}; "
+          f"seeds {args.seeds}; probe: L-BFGS logistic regression (C=1), kNN-20")
     t0 = time.perf_counter()
     needed = {spec[0] for spec in arms.values() if spec[0] in PRIORS}
     stores = {name: make_store(name, "fashion-mnist", args.limit, args.out) for name in sorted(needed)}
+    args.tuned, args.best = {}, {"min_scale": 0.08, "lr": 1e-3}  # lightly's defaults unless --sweep
+    if args.sweep:
+        args.best = sweep(args, stores)
+        args.tuned = {"ssl_views": f"byol,scale={args.best['min_scale']}:1", "lr": args.best["lr"]}
     rows = []
     for seed in range(args.seeds):
         for name, spec in arms.items():
+            print(f"  {name} seed {seed}: training ...", flush=True)
             r = run_arm(name, spec, seed, args, stores)
             print(f"  {name} seed {seed}: linear {r['linear']:.4f} kNN {r['knn']:.4f} steps {r['steps']} "
                   f"train {r['train_s']:.0f}s total {r['total_s']:.0f}s", flush=True)
