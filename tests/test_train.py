@@ -287,3 +287,13 @@ def test_a_trained_student_becomes_the_next_prior(tiny, tmp_path):
         load_prior(f"student:{tmp_path / 'plain.safetensors'}")
     r = run_cli("export", str(tmp_path / "nowhere"), "--out", str(out))
     assert r.returncode == 2 and "train it first" in r.stderr
+
+
+def test_lbfgs_probe_refuses_features_too_large_to_hold(monkeypatch):
+    import rela.training.evaluate as ev
+
+    monkeypatch.setattr(ev, "MAX_LBFGS_BYTES", 1000)
+    x, y = torch.randn(100, 8), torch.arange(100) % 2
+    with pytest.raises(RelaError, match="--probe adam"):
+        ev.lbfgs_probe(x, y, x, y)
+    assert ev.adam_probe(x, y, x, y, epochs=1)["top1"] >= 0

@@ -94,6 +94,9 @@ def _standardize(train_x: torch.Tensor, test_x: torch.Tensor, dtype=torch.float3
     return (train_x - mu) / sd, (test_x - mu) / sd
 
 
+MAX_LBFGS_BYTES = 16 << 30  # full-batch float64: fine up to ~1M × 1024; ImageNet × 2048 is 21 GB
+
+
 def lbfgs_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                 C: float = 1.0, max_iter: int = 1000, tol: float = 1e-6, standardize: bool = True) -> dict:
     """Multinomial logistic regression, L2 penalty ½‖W‖²/C on the summed loss (scikit-learn's
@@ -101,6 +104,10 @@ def lbfgs_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
     Stops when the gradient's largest entry is below `tol` (converged) or after `max_iter`."""
     if C <= 0:
         raise RelaError(f"the probe's C must be positive, got {C}")
+    need = 2 * train_x.shape[0] * train_x.shape[1] * 8  # float64 features + their standardised copy
+    if need > MAX_LBFGS_BYTES:
+        raise RelaError(f"the L-BFGS probe would hold {need / 2**30:.1f} GiB of float64 features "
+                        f"({train_x.shape[0]} x {train_x.shape[1]}); use --probe adam (mini-batches) at this size")
     if standardize:
         train_x, test_x = _standardize(train_x, test_x, torch.float64)
     x, y = train_x.double(), train_y.long()
