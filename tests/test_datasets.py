@@ -174,3 +174,10 @@ def test_jpeg_header_size_and_bomb(tmp_path):
     ds = _folder_with(tmp_path, "b_bomb.jpg", lambda p: p.write_bytes(bytes(data)))
     with pytest.raises(CorruptImageError, match="exceeds"):
         ds.load(1)
+
+
+def test_a_dangling_symlink_is_a_one_line_error(tmp_path):
+    root = make_folder(tmp_path / "f", classes=1, per_class=2)
+    (root / "class_0" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    with pytest.raises(DatasetError, match="gone.jpg.*dangling symlink"):
+        ImageFolder(root)

@@ -211,6 +211,20 @@ def test_corrupt_image_skip_replaces_and_reports(tmp_path):
     assert loader.skipped[0][0] == 5
 
 
+@pytest.mark.parametrize("workers,worker_type", [(0, "process"), (2, "process"), (2, "thread")])
+def test_each_replaced_sample_is_reported_once_as_a_tuple(tmp_path, workers, worker_type):
+    # Two neighbours broken: sample 4 is reached as itself and by sample 3's replacement walk.
+    root = make_folder(tmp_path / "two", classes=1, per_class=12)
+    for i in (3, 4):
+        (root / "class_0" / f"img_{i:03d}.jpg").write_bytes(b"")
+    loader = Loader(ImageFolder(root), 4, image_size=16, shuffle=False, num_workers=workers,
+                    worker_type=worker_type, on_error="skip")
+    with pytest.warns(RuntimeWarning, match="2 undecodable samples were replaced"):
+        list(loader)
+    assert [r[0] for r in loader.skipped] == [3, 4]
+    assert all(isinstance(r, tuple) and len(r) == 3 and r[1].endswith(f"img_00{r[0]}.jpg") for r in loader.skipped)
+
+
 class _DyingDataset(ArrayDataset):
     def load(self, index):
         if index == 7 and torch.utils.data.get_worker_info() is not None:

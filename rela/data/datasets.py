@@ -378,13 +378,18 @@ def _scan_images(root: Path, sub: str, recursive: bool = True) -> list[tuple[str
     if recursive:
         walker = os.walk(base, followlinks=True)
     else:
-        walker = [(str(base), [], [e.name for e in os.scandir(base) if e.is_file()])]
+        walker = [(str(base), [], [e.name for e in os.scandir(base) if e.is_file() or e.is_symlink()])]
     for dirpath, dirnames, filenames in walker:
         dirnames.sort()
         for name in filenames:
             if name.lower().endswith(IMG_EXTENSIONS) and not name.startswith("."):
                 full = Path(dirpath) / name
-                out.append((full.relative_to(root).as_posix(), full.stat().st_size))
+                try:
+                    size = full.stat().st_size
+                except OSError as e:
+                    hint = " (a dangling symlink?)" if full.is_symlink() else ""
+                    raise DatasetError(f"{full}: cannot read it{hint}: {e.strerror}; fix or remove it") from None
+                out.append((full.relative_to(root).as_posix(), size))
     out.sort()
     return out
 

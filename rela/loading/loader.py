@@ -130,7 +130,8 @@ class Loader:
         options = backends.Options(batch_size, drop_last, num_workers, worker_type, self.prefetch_factor,
                                    self.pin_memory, timeout, self.device)
         self._backend = backends.create(self.backend, rules, options)
-        self.skipped: list = []  # (index, source, reason) of samples replaced in the last epoch
+        self.skipped: list = []  # (index, source, reason) of each sample replaced in the last epoch, once
+        self._skipped_seen: set[int] = set()
         self._consumed = 0
 
     def _pick_backend(self, backend: str, device: torch.device) -> str:
@@ -219,7 +220,7 @@ class Loader:
         batches = self._rank_batches(epoch)
         self._resume_batch = 0
         self._consumed = start
-        self.skipped = []
+        self.skipped, self._skipped_seen = [], set()
         keep_freed_memory()  # normalised batches are tens of MB: reuse freed heap, don't page-fault
         source = self._backend.batches(backends.Tasks(epoch, batches, start, self._current_views))
         try:
@@ -242,7 +243,10 @@ class Loader:
                 # Built before set_views: rebuild it with the current views, here, once.
                 batch = self._backend.build(backends.Task(epoch, number, batch["drawn"], self._views,
                                                           self._views_version))
-            self.skipped.extend(batch.pop("skipped"))
+            for rec in batch.pop("skipped"):  # each sample once per pass, always (index, source, reason)
+                if rec[0] not in self._skipped_seen:
+                    self._skipped_seen.add(rec[0])
+                    self.skipped.append(tuple(rec))
             batch.pop("version"), batch.pop("drawn")
             self._consumed = number + 1
             yield self._to_device(batch)
