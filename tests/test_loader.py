@@ -264,3 +264,12 @@ def test_thread_workers_raise_errors_and_stop(tmp_path):
 
     time.sleep(0.3)
     assert not any(t.name == "rela-loader" and t.is_alive() for t in threading.enumerate())
+
+
+def test_tuple_batches_unpack_like_a_lightly_loop(arrays):
+    loader = Loader(arrays, 8, image_size=20, views="byol", num_workers=0, batch_format="tuple")
+    (x0, x1), labels = next(iter(loader))
+    ref = next(iter(Loader(arrays, 8, image_size=20, views="byol", num_workers=0)))
+    assert torch.equal(x0, ref["views"][0]) and torch.equal(x1, ref["views"][1]) and torch.equal(labels, ref["label"])
+    with pytest.raises(RelaError, match="batch_format"):
+        Loader(arrays, 8, image_size=20, batch_format="list")

@@ -14,6 +14,10 @@ them. Backends (`rela.loading.backends`, one contract): `torch` (worker processe
 producer thread with `worker_type="thread"` — torchvision transforms.v2 on uint8 tensors, JPEG
 crop-while-decoding in `rela._C`), `dali` and `ffcv`; all return the same batch structure.
 
+`batch_format="tuple"` yields `((view1, view2, ...), label)` instead, the shape lightly's and
+torchvision's SSL loops unpack (`(x0, x1), y = batch`), so such a loop runs unchanged (targets and
+indices are then not handed over: the RELA phase needs the dict).
+
 Every random choice is a function of (seed, epoch, sample index), so results do not depend on
 the number of workers, a resumed run replays the same remaining batches, and every rank agrees.
 """
@@ -72,6 +76,7 @@ class Loader:
         prefetch_factor: int | None = 2,
         persistent_workers: bool = False,
         on_error: str = "raise",
+        batch_format: str = "dict",
         worker_type: str = "process",
         rank: int | None = None,
         world_size: int | None = None,
@@ -89,6 +94,9 @@ class Loader:
         if worker_type not in ("process", "thread"):
             raise RelaError(f"worker_type must be 'process' or 'thread', not {worker_type!r}")
         self.worker_type = worker_type
+        if batch_format not in ("dict", "tuple"):
+            raise RelaError(f"batch_format must be 'dict' or 'tuple', not {batch_format!r}")
+        self.batch_format = batch_format
         self.dataset = open_dataset(dataset) if not isinstance(dataset, RelaDataset) else dataset
         if targets is not None and not isinstance(targets, TargetStore):
             targets = TargetStore.open(targets, self.dataset)
@@ -249,7 +257,8 @@ class Loader:
                     self.skipped.append(tuple(rec))
             batch.pop("version"), batch.pop("drawn")
             self._consumed = number + 1
-            yield self._to_device(batch)
+            batch = self._to_device(batch)
+            yield batch if self.batch_format == "dict" else (tuple(batch["views"]), batch["label"])
 
     def close(self) -> None:
         """Release what the backend keeps between passes (FFCV's compiled loaders, DALI's pipelines)."""
