@@ -9,6 +9,7 @@ from rela.data.datasets import (
     ArrayDataset,
     FashionMNIST,
     ImageFolder,
+    MapDataset,
     open_dataset,
 )
 from rela.errors import CorruptImageError, DatasetError
@@ -181,3 +182,46 @@ def test_a_dangling_symlink_is_a_one_line_error(tmp_path):
     (root / "class_0" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
     with pytest.raises(DatasetError, match="gone.jpg.*dangling symlink"):
         ImageFolder(root)
+
+
+def test_any_map_style_dataset_is_accepted(tmp_path):
+    import torch
+    import torchvision
+
+    from rela import Loader, convert
+
+    fake = torchvision.datasets.FakeData(size=24, image_size=(3, 20, 24), num_classes=3, random_offset=1)
+    ds = open_dataset(fake)
+    assert len(ds) == 24 and ds.load(0).shape == (20, 24, 3) and ds.load(0).dtype == np.uint8
+    assert ds.label(5) == int(fake[5][1]) and ds.kind.endswith("FakeData")
+    assert ds.fingerprint() == open_dataset(fake).fingerprint()  # stable
+    other = torchvision.datasets.FakeData(size=24, image_size=(3, 20, 24), num_classes=3, random_offset=2)
+    assert ds.fingerprint()["digest"] != open_dataset(other).fingerprint()["digest"]
+    batch = next(iter(Loader(fake, 8, views="rela", image_size=16, num_workers=2)))
+    assert batch["views"][0].shape == (8, 3, 16, 16) and batch["label"].tolist() == [ds.label(i) for i in batch["index"].tolist()]
+    store = convert(fake, "random:resnet18", tmp_path / "s", dim=4, input_size=32, progress=False)
+    assert store.manifest["n"] == 24
+    next(iter(Loader(fake, 8, targets=store, image_size=16, num_workers=0)))  # the store matches its dataset
+    with pytest.raises(Exception, match="different dataset"):
+        Loader(other, 8, targets=store, image_size=16)
+
+    class Dicts(torch.utils.data.Dataset):  # a user's own class: dict items, CHW uint8 tensors
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return {"pixels": torch.full((3, 12, 12), i, dtype=torch.uint8), "y": i % 2}
+
+    d = MapDataset(Dicts(), image_key="pixels", label_key="y")
+    assert d.load(3).shape == (12, 12, 3) and int(d.load(3)[0, 0, 0]) == 3 and d.label(3) == 1
+    with pytest.raises(DatasetError, match="image_key"):
+        MapDataset(Dicts()).load(0)
+    to_tensor = torchvision.datasets.FakeData(size=4, image_size=(3, 8, 8), transform=torchvision.transforms.ToTensor())
+    with pytest.raises(DatasetError, match="without transform="):
+        open_dataset(to_tensor).load(0)
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from range(3)
+
+    with pytest.raises(DatasetError, match="map-style"):
+        MapDataset(Stream())

@@ -394,10 +394,117 @@ def _scan_images(root: Path, sub: str, recursive: bool = True) -> list[tuple[str
     return out
 
 
-def open_dataset(spec: str | Path | RelaDataset, limit: int | None = None) -> RelaDataset:
-    """`fashion-mnist[:train|:test]`, an image folder, or an `.npz` with `images` (and `labels`)."""
+_IMAGE_KEYS, _LABEL_KEYS = ("image", "img", "pixel_values"), ("label", "labels", "target", "class")
+
+
+class MapDataset(RelaDataset):
+    """Any map-style dataset (`__len__` + `__getitem__`: torchvision's, the user's own class) as a
+    rela dataset. An item may be a PIL image, an H×W(×C) uint8 array, a C×H×W uint8 tensor, an
+    `(image, label, ...)` tuple or a dict (`image_key=` / `label_key=`, found by name otherwise).
+
+    Fingerprint: the class, the length and a hash of 16 items at fixed, evenly spaced positions
+    (their pixels and labels) — cheap, and it catches another dataset, another order of a sorted
+    one or changed files among those 16; it cannot see a change elsewhere, so pass `fingerprint=`
+    (e.g. a dataset version) where that matters. A dataset whose transform already turns items
+    into float tensors is refused: rela applies the views itself."""
+
+    kind = "map-dataset"
+
+    def __init__(self, dataset, image_key: str | None = None, label_key: str | None = None,
+                 fingerprint: str | None = None) -> None:
+        try:
+            n = len(dataset)
+        except TypeError:
+            raise DatasetError(f"{type(dataset).__name__} has no len(): rela needs a map-style dataset "
+                               "(an IterableDataset can't be indexed for subsets and exact resume)") from None
+        self.dataset, self.n, self.image_key, self.label_key = dataset, n, image_key, label_key
+        self.name, self.user_fingerprint = f"{type(dataset).__module__}.{type(dataset).__qualname__}", fingerprint
+        self.kind = f"map-dataset:{self.name}"  # compared when a store is opened: another class is other data
+        if n == 0:
+            raise DatasetError(f"{self.name} is empty")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _item(self, index: int):
+        try:
+            return self.dataset[index]
+        except Exception as e:  # the user's __getitem__: name the sample, keep the reason
+            raise CorruptImageError(index, self.describe(index), f"{type(e).__name__}: {e}") from None
+
+    def _split(self, item) -> tuple[object, object]:
+        if isinstance(item, dict):
+            key = self.image_key or next((k for k in _IMAGE_KEYS if k in item), None)
+            if key is None or key not in item:
+                raise DatasetError(f"{self.name}: items are dicts with keys {sorted(item)}; pass image_key=")
+            lkey = self.label_key or next((k for k in _LABEL_KEYS if k in item), None)
+            return item[key], item.get(lkey, -1) if lkey else -1
+        if isinstance(item, (tuple, list)):
+            return item[0], item[1] if len(item) > 1 else -1
+        return item, -1
+
+    def load(self, index: int) -> np.ndarray:
+        return _as_uint8_hwc(self._split(self._item(index))[0], self.name)
+
+    def label(self, index: int) -> int:
+        targets = getattr(self.dataset, "targets", None)  # torchvision datasets: no decode needed
+        if targets is not None and len(targets) == self.n:
+            return int(targets[index])
+        value = self._split(self._item(index))[1]
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise DatasetError(f"{self.name}: label {value!r} of sample {index} is not a class index") from None
+
+    def describe(self, index: int) -> str:
+        return f"{self.name}[{index}]"
+
+    def _record(self, index: int, deep: bool) -> bytes:
+        return self.load(index).tobytes() + self.label(index).to_bytes(8, "little", signed=True)
+
+    def fingerprint(self, deep: bool = False) -> dict:
+        h = hashlib.sha256()
+        for i in sorted(set(np.linspace(0, self.n - 1, min(16, self.n)).astype(int).tolist())):
+            rec = self._record(i, deep)
+            h.update(len(rec).to_bytes(8, "little") + rec)
+        if self.user_fingerprint is not None:
+            h.update(str(self.user_fingerprint).encode())
+        return {"kind": self.kind, "n": self.n, "deep": deep, "digest": h.hexdigest(), **self.info()}
+
+    def info(self) -> dict:
+        return {"name": self.name, "fingerprint": self.user_fingerprint}
+
+
+def _as_uint8_hwc(image, name: str) -> np.ndarray:
+    """A PIL image, uint8 array (H×W, H×W×C) or uint8 tensor (C×H×W) → uint8 H×W×C, C = 1 or 3."""
+    if hasattr(image, "mode") and hasattr(image, "convert"):  # PIL
+        image = image if image.mode in ("L", "RGB") else image.convert("RGB")
+        a = np.asarray(image, dtype=np.uint8)
+    elif hasattr(image, "numpy") and hasattr(image, "dim"):  # torch tensor: C×H×W
+        if image.dtype.is_floating_point:
+            raise DatasetError(f"{name}: items are float tensors — its transform (e.g. ToTensor/Normalize) "
+                               "already ran. Create the dataset without transform=: rela applies the views")
+        a = image.numpy()
+        a = a.transpose(1, 2, 0) if a.ndim == 3 else a
+    else:
+        a = np.asarray(image)
+    if a.dtype != np.uint8:
+        raise DatasetError(f"{name}: images must be uint8 (PIL images or 0..255 arrays), got {a.dtype}; drop "
+                           "the dataset's transform, rela applies the views")
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+        raise DatasetError(f"{name}: cannot read an image of shape {a.shape}; expected H×W, H×W×C or C×H×W")
+    return a[..., :3] if a.shape[2] == 4 else a
+
+
+def open_dataset(spec, limit: int | None = None) -> RelaDataset:
+    """`fashion-mnist[:train|:test]`, an image folder, an `.npz` with `images` (and `labels`), or
+    any map-style dataset object (see `MapDataset`)."""
     if isinstance(spec, RelaDataset):
         ds = spec
+    elif not isinstance(spec, (str, Path)) and hasattr(spec, "__getitem__"):
+        ds = MapDataset(spec)
     else:
         s = str(spec)
         if s == "fashion-mnist" or s.startswith("fashion-mnist:"):

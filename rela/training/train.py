@@ -178,7 +178,8 @@ class Trainer:
         cfg = self.cfg
         self.device = device = resolve_device(cfg.device)
         self.dataset = open_dataset(cfg.data, cfg.limit)
-        self.backbone, self.method = build_student(cfg, classes=int(self.dataset.labels().max()) + 1)
+        classes = int(self.dataset.labels().max()) + 1 if cfg.method == "supervised" else 0  # reads every label
+        self.backbone, self.method = build_student(cfg, classes=classes)
         self.backbone.to(device), self.method.to(device)
         store, self.conversion_s = (_open_store(cfg, self.dataset, self.backbone.feature_dim, self.progress, device)
                                     if cfg.uses_rela else (None, 0.0))
