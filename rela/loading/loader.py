@@ -38,6 +38,7 @@ from rela.data.store import TargetStore
 from rela.errors import CorruptImageError, RelaError
 from rela.loading import backends
 from rela.loading.subset import Subset
+from rela.loading.translate import as_views
 from rela.loading.views import ViewSpec, resolve_views
 
 _UNSUPPORTED = {
@@ -104,7 +105,7 @@ class Loader:
             targets.check_dataset(self.dataset)
         self.targets = targets
         self.image_size, self.mean, self.std = image_size, mean, std
-        self._views = resolve_views(views, image_size, mean, std)
+        self._views = resolve_views(as_views(views), image_size, mean, std)
         self._views_version = 0
         valid = targets.valid_mask() if targets is not None else None
         if isinstance(subset, Subset):
@@ -182,7 +183,7 @@ class Loader:
 
     def set_views(self, views: str | ViewSpec | Sequence[ViewSpec]) -> None:
         """Switch the views; the very next batch the loop receives uses them."""
-        self._views = resolve_views(views, self.image_size or self._views[0].size, self.mean, self.std)
+        self._views = resolve_views(as_views(views), self.image_size or self._views[0].size, self.mean, self.std)
         self._views_version += 1
 
     # --- scores --------------------------------------------------------------------------
