@@ -13,7 +13,11 @@ from rela.loading.views import byol_views, eval_view, resolve_views
 
 def test_lightly_transforms_are_the_presets():
     from lightly.transforms import SimCLRTransform
-    from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+    from lightly.transforms.byol_transform import (
+        BYOLTransform,
+        BYOLView1Transform,
+        BYOLView2Transform,
+    )
 
     assert from_lightly(BYOLTransform()) == byol_views(224)
     small = BYOLTransform(BYOLView1Transform(input_size=32, gaussian_blur=0.0),
@@ -47,7 +51,11 @@ def test_what_does_not_map_is_refused_by_name(bad, match):
 
 
 def test_the_loader_takes_a_lightly_transform_as_views():
-    from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+    from lightly.transforms.byol_transform import (
+        BYOLTransform,
+        BYOLView1Transform,
+        BYOLView2Transform,
+    )
 
     images = torch.randint(0, 255, (16, 20, 20, 3), dtype=torch.uint8).numpy()
     t = BYOLTransform(BYOLView1Transform(input_size=16, gaussian_blur=0.0),

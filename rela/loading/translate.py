@@ -78,7 +78,7 @@ def _jitter(op) -> dict:
 
 
 def _blur_sigma(op) -> tuple[float, float]:
-    sigma = getattr(op, "sigmas", None) or getattr(op, "sigma")
+    sigma = getattr(op, "sigmas", None) or op.sigma
     sigma = (sigma, sigma) if isinstance(sigma, (int, float)) else tuple(sigma)
     return float(sigma[0]), float(sigma[-1])
 
