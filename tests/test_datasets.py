@@ -1,3 +1,4 @@
+import os
 import shutil
 
 import numpy as np
@@ -225,3 +226,20 @@ def test_any_map_style_dataset_is_accepted(tmp_path):
 
     with pytest.raises(DatasetError, match="map-style"):
         MapDataset(Stream())
+
+
+def test_a_hugging_face_dataset_with_an_image_column(tmp_path):
+    # A dev dependency, installed by scripts/setup.sh: skipped locally without it, a failure in CI.
+    datasets = __import__("datasets") if os.environ.get("CI") else pytest.importorskip("datasets")
+    from rela import Loader, convert
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(smooth_image(rng, 18, 22)) for _ in range(20)]
+    hf = datasets.Dataset.from_dict({"image": images, "label": [i % 4 for i in range(20)]})
+    hf = hf.cast_column("image", datasets.Image())
+    ds = open_dataset(hf)
+    assert ds.load(3).shape == (18, 22, 3) and ds.labels().tolist() == [i % 4 for i in range(20)]
+    batch = next(iter(Loader(hf, 5, views="eval", image_size=16, shuffle=False, num_workers=2)))
+    assert batch["label"].tolist() == [0, 1, 2, 3, 0] and batch["views"][0].shape == (5, 3, 16, 16)
+    store = convert(hf, "random:resnet18", tmp_path / "s", dim=4, input_size=32, progress=False)
+    assert store.manifest["dataset"]["kind"].endswith("arrow_dataset.Dataset")

@@ -398,7 +398,8 @@ _IMAGE_KEYS, _LABEL_KEYS = ("image", "img", "pixel_values"), ("label", "labels",
 
 
 class MapDataset(RelaDataset):
-    """Any map-style dataset (`__len__` + `__getitem__`: torchvision's, the user's own class) as a
+    """Any map-style dataset (`__len__` + `__getitem__`: torchvision's, Hugging Face `datasets`'
+    with an image column, the user's own class) as a
     rela dataset. An item may be a PIL image, an H×W(×C) uint8 array, a C×H×W uint8 tensor, an
     `(image, label, ...)` tuple or a dict (`image_key=` / `label_key=`, found by name otherwise).
 
@@ -446,10 +447,28 @@ class MapDataset(RelaDataset):
     def load(self, index: int) -> np.ndarray:
         return _as_uint8_hwc(self._split(self._item(index))[0], self.name)
 
+    def _label_column(self) -> np.ndarray | None:
+        """All labels without decoding an image: torchvision's `.targets`, or a Hugging Face
+        `datasets` label column (read once)."""
+        if not hasattr(self, "_labels"):
+            self._labels = None
+            targets = getattr(self.dataset, "targets", None)
+            columns = getattr(self.dataset, "column_names", None)
+            key = self.label_key or next((k for k in _LABEL_KEYS if k in (columns or ())), None)
+            if targets is not None and len(targets) == self.n:
+                self._labels = np.asarray(targets, dtype=np.int64)
+            elif columns is not None and key in columns:
+                self._labels = np.asarray(self.dataset[key], dtype=np.int64)
+        return self._labels
+
+    def labels(self) -> np.ndarray:
+        column = self._label_column()
+        return column.copy() if column is not None else super().labels()
+
     def label(self, index: int) -> int:
-        targets = getattr(self.dataset, "targets", None)  # torchvision datasets: no decode needed
-        if targets is not None and len(targets) == self.n:
-            return int(targets[index])
+        column = self._label_column()
+        if column is not None:
+            return int(column[index])
         value = self._split(self._item(index))[1]
         try:
             return int(value)
