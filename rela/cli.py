@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         "per sample. Killed runs resume from their last committed chunk when rerun with the same "
         "arguments; the result is bit-identical to an uninterrupted run.",
     )
-    c.add_argument("--data", required=True, help="fashion-mnist[:train|:test], an image folder, or an .npz")
+    c.add_argument("--data", required=True, help="fashion-mnist[:train|:test], an image folder, an .npz, or "
+                   "WebDataset shards ('shards/{000000..000009}.tar' or a glob)")
     c.add_argument("--prior", required=True,
                    help="efficientnet-lite0 | random:<arch> | torchvision:<arch> | torchscript:<path> | state_dict:<path>")
     c.add_argument("--out", required=True, help="store directory to create")

@@ -243,3 +243,68 @@ def test_a_hugging_face_dataset_with_an_image_column(tmp_path):
     assert batch["label"].tolist() == [0, 1, 2, 3, 0] and batch["views"][0].shape == (5, 3, 16, 16)
     store = convert(hf, "random:resnet18", tmp_path / "s", dim=4, input_size=32, progress=False)
     assert store.manifest["dataset"]["kind"].endswith("arrow_dataset.Dataset")
+
+
+def _shard(path, items):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in items:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _jpeg(rng, h=30, w=40, fmt="JPEG") -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(smooth_image(rng, h, w)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_webdataset_shards_with_random_access(tmp_path, monkeypatch):
+    from rela import Loader, _ext, convert
+    from rela.data.datasets import WebDataset
+
+    monkeypatch.setenv("RELA_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for s in range(2):
+        items = []
+        for k in range(6):
+            key = f"s{s}/{k:04d}"
+            items += [(f"{key}.jpg", _jpeg(rng)), (f"{key}.cls", str((s * 6 + k) % 3).encode())]
+        _shard(tmp_path / f"{s:06d}.tar", items)
+    ds = open_dataset(str(tmp_path / "{000000..000001}.tar"))
+    assert isinstance(ds, WebDataset) and len(ds) == 12 and ds.labels().tolist() == [i % 3 for i in range(12)]
+    assert ds.describe(7).endswith("000001.tar:s1/0001.jpg") and ds.load(7).shape == (30, 40, 3)
+    assert list((tmp_path / "cache" / "wds").glob("*.json"))  # the offset index is cached
+    assert open_dataset(str(tmp_path / "*.tar")).fingerprint() == ds.fingerprint()
+    if _ext.has_jpeg_decoder():  # JPEG members take the crop-while-decoding path
+        calls = []
+        real = _ext.decode_resized_crops
+        monkeypatch.setattr(_ext, "decode_resized_crops", lambda *a: calls.append(len(a[0])) or real(*a))
+    batches = list(Loader(ds, 4, views="rela", image_size=16, num_workers=2))
+    assert sorted(sum((b["index"].tolist() for b in batches), [])) == list(range(12))
+    if _ext.has_jpeg_decoder():
+        assert sum(calls) == 0  # the workers' calls are in other processes; this process made none
+        list(Loader(ds, 4, views="rela", image_size=16, num_workers=0))
+        assert sum(calls) == 12
+    store = convert(str(tmp_path / "{000000..000001}.tar"), "random:resnet18", tmp_path / "st", dim=4,
+                    input_size=32, progress=False)
+    assert store.manifest["dataset"]["kind"] == "webdataset" and store.manifest["n"] == 12
+    # Bad input: a truncated member is named; a missing shard and a compressed one are one-line errors.
+    _shard(tmp_path / "bad.tar", [("a.jpg", _jpeg(rng)[:200]), ("a.cls", b"1"), ("b.png", _jpeg(rng, fmt="PNG"))])
+    bad = open_dataset(str(tmp_path / "bad.tar"))
+    assert bad.load(1).shape == (30, 40, 3) and bad.label(1) == -1
+    with pytest.raises(CorruptImageError, match="bad.tar:a.jpg"):
+        bad.load(0)
+    with pytest.raises(DatasetError, match="shards not found: .*000002.tar.* and 5 more"):
+        open_dataset(str(tmp_path / "{000000..000009}.tar"))
+    import tarfile
+
+    with tarfile.open(tmp_path / "z.tar", "w:gz") as tar:
+        tar.add(tmp_path / "000000.tar", arcname="x.jpg")
+    with pytest.raises(DatasetError, match="uncompressed"):
+        open_dataset(str(tmp_path / "z.tar"))

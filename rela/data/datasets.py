@@ -56,6 +56,15 @@ class RelaDataset(ABC):
         """The file sample `index` is decoded from, or None when it does not come from a file."""
         return None
 
+    def encoded(self, index: int, suffixes: tuple[str, ...] | None = None) -> tuple[bytes, str] | None:
+        """Sample `index`'s encoded bytes and lower-case suffix, for backends that decode themselves
+        (the JPEG crop decoder, DALI); None when it isn't stored encoded, or its suffix isn't one of
+        `suffixes` (checked before reading). OSError when it can't be read."""
+        path = self.path(index)
+        if path is None or (suffixes is not None and path.suffix.lower() not in suffixes):
+            return None
+        return path.read_bytes(), path.suffix.lower()
+
     @abstractmethod
     def _record(self, index: int, deep: bool) -> bytes:
         """The bytes that identify sample `index` in the fingerprint."""
@@ -280,8 +289,6 @@ def _decode_jpeg(data: bytes) -> np.ndarray | None:
 
 def decode_image(path: str | Path) -> np.ndarray:
     """Decode an image file to uint8 H×W×C (C = 1 or 3); raises ValueError with the reason."""
-    from PIL import Image, UnidentifiedImageError
-
     if str(path).lower().endswith((".jpg", ".jpeg")):
         try:
             data = Path(path).read_bytes()
@@ -294,8 +301,28 @@ def decode_image(path: str | Path) -> np.ndarray:
             if out is not None:
                 return out
 
+    return _decode_pil(path)
+
+
+def decode_bytes(data: bytes) -> np.ndarray:
+    """`decode_image` for an encoded image held in memory (e.g. a tar member)."""
+    import io
+
+    if not data:
+        raise ValueError("empty file")
+    if data[:2] == b"\xff\xd8":
+        out = _decode_jpeg(data)
+        if out is not None:
+            return out
+    return _decode_pil(io.BytesIO(data))
+
+
+def _decode_pil(source) -> np.ndarray:
+    """PIL's decode of a path or file object to uint8 H×W×C; ValueError with the reason."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             w, h = im.size
             if w * h > MAX_PIXELS:
                 raise ValueError(f"declared size {w}x{h} exceeds the {MAX_PIXELS:,}-pixel limit")
@@ -392,6 +419,122 @@ def _scan_images(root: Path, sub: str, recursive: bool = True) -> list[tuple[str
                 out.append((full.relative_to(root).as_posix(), size))
     out.sort()
     return out
+
+
+def cache_root() -> Path:
+    """Where rela caches what it derives from datasets ($RELA_CACHE, default ~/.cache/rela)."""
+    return Path(os.environ.get("RELA_CACHE", Path.home() / ".cache" / "rela"))
+
+
+class WebDataset(RelaDataset):
+    """WebDataset-layout tar shards (`000000.tar`, ... holding `KEY.jpg` + `KEY.cls`), with the
+    random access rela's subsets and exact resume need: each shard's member offsets are indexed
+    once (Python's tarfile, uncompressed shards) and cached under $RELA_CACHE/wds by the shard's
+    path, size and modification time. Order: shards in the given order, samples in tar order.
+    JPEG members reach the C++ crop-while-decoding path through `encoded()`."""
+
+    kind = "webdataset"
+    IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".ppm", ".bmp")
+
+    def __init__(self, shards) -> None:
+        self.shards = _expand_shards(shards)
+        self.samples: list[tuple[int, str, str, int, int, int]] = []  # shard, key, ext, offset, size, label
+        for k, shard in enumerate(self.shards):
+            self.samples += [(k, *rec) for rec in _shard_index(shard)]
+        if not self.samples:
+            raise DatasetError(f"no images in {len(self.shards)} shard(s) (looked for KEY{{{','.join(self.IMAGE_EXTENSIONS)}}})")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def encoded(self, index: int, suffixes: tuple[str, ...] | None = None) -> tuple[bytes, str] | None:
+        shard, _, ext, offset, size, _ = self.samples[index]
+        if suffixes is not None and ext not in suffixes:
+            return None
+        with open(self.shards[shard], "rb") as f:
+            f.seek(offset)
+            return f.read(size), ext
+
+    def load(self, index: int) -> np.ndarray:
+        try:
+            return decode_bytes(self.encoded(index)[0])
+        except (OSError, ValueError) as e:
+            raise CorruptImageError(index, self.describe(index), str(e)) from None
+
+    def label(self, index: int) -> int:
+        return self.samples[index][5]
+
+    def describe(self, index: int) -> str:
+        shard, key, ext = self.samples[index][:3]
+        return f"{self.shards[shard]}:{key}{ext}"
+
+    def _record(self, index: int, deep: bool) -> bytes:
+        shard, key, ext, _, size, label = self.samples[index]
+        rec = f"{self.shards[shard].name}\t{key}{ext}\t{size}\t{label}".encode()
+        return rec + (hashlib.sha256(self.encoded(index)[0]).digest() if deep else b"")
+
+    def info(self) -> dict:
+        return {"shards": len(self.shards), "first_shard": str(self.shards[0].resolve())}
+
+
+def _expand_shards(spec) -> list[Path]:
+    """A list of shard paths, or one string with `{000000..000009}` ranges and/or glob patterns."""
+    import glob
+    import re
+
+    if isinstance(spec, (list, tuple)):
+        names = [str(x) for x in spec]
+    else:
+        names, pending = [], [str(spec)]
+        while pending:
+            s = pending.pop(0)
+            m = re.search(r"\{(\d+)\.\.(\d+)\}", s)
+            if m is None:
+                names += sorted(glob.glob(s)) if any(c in s for c in "*?[") else [s]
+                continue
+            lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
+            pending += [s[:m.start()] + f"{i:0{width}d}" + s[m.end():] for i in range(lo, hi + 1)]
+    paths = [Path(n) for n in names]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if not paths or missing:
+        raise DatasetError(f"shards not found: {', '.join(missing[:3]) or spec}"
+                           + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    return paths
+
+
+def _shard_index(shard: Path) -> list[tuple[str, str, int, int, int]]:
+    """(key, image suffix, data offset, size, label) of each sample in one shard, cached."""
+    import json
+    import tarfile
+
+    st = shard.stat()
+    key = hashlib.sha256(f"{shard.resolve()}\t{st.st_size}\t{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    cached = cache_root() / "wds" / f"{key}.json"
+    if cached.exists():
+        return [tuple(r) for r in json.loads(cached.read_text())]
+    members: dict[str, dict] = {}
+    try:
+        with tarfile.open(shard, mode="r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                stem, dot, ext = m.name.rpartition("/")[2].partition(".")
+                name = m.name.rpartition("/")[0] + "/" + stem if "/" in m.name else stem
+                entry = members.setdefault(name, {})
+                ext = "." + ext.lower()
+                if ext in WebDataset.IMAGE_EXTENSIONS and "image" not in entry:
+                    entry["image"] = (ext, m.offset_data, m.size)
+                elif ext == ".cls":
+                    entry["label"] = int(tar.extractfile(m).read().decode().strip() or -1)
+    except (tarfile.TarError, OSError, ValueError) as e:
+        raise DatasetError(f"{shard}: not a readable uncompressed tar shard ({e}); rela reads members at their "
+                           "offsets, so shards must be plain .tar") from None
+    index = [(k, *v["image"], v.get("label", -1)) for k, v in members.items() if "image" in v]
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(index))
+    os.replace(tmp, cached)
+    return index
 
 
 _IMAGE_KEYS, _LABEL_KEYS = ("image", "img", "pixel_values"), ("label", "labels", "target", "class")
@@ -518,10 +661,13 @@ def _as_uint8_hwc(image, name: str) -> np.ndarray:
 
 
 def open_dataset(spec, limit: int | None = None) -> RelaDataset:
-    """`fashion-mnist[:train|:test]`, an image folder, an `.npz` with `images` (and `labels`), or
-    any map-style dataset object (see `MapDataset`)."""
+    """`fashion-mnist[:train|:test]`, an image folder, an `.npz` with `images` (and `labels`),
+    WebDataset tar shards (`shards/{000000..000009}.tar`, a glob, or a list), or any map-style
+    dataset object (see `MapDataset`)."""
     if isinstance(spec, RelaDataset):
         ds = spec
+    elif isinstance(spec, (list, tuple)) or str(spec).endswith(".tar") or (".tar" in str(spec) and "{" in str(spec)):
+        ds = WebDataset(spec)
     elif not isinstance(spec, (str, Path)) and hasattr(spec, "__getitem__"):
         ds = MapDataset(spec)
     else:

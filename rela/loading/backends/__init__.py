@@ -152,13 +152,15 @@ class SampleRules:
     def jpeg_file(self, i: int) -> tuple[bytes | None, tuple[int, int] | None]:
         """Sample i's JPEG bytes and (width, height) when a fast decoder may take it: a readable
         .jpg whose header is sane and not too large. Anything else → (None, None): general path."""
-        path = self.dataset.path(i) if i not in self.skip else None
-        if path is None or path.suffix.lower() not in (".jpg", ".jpeg"):
+        if i in self.skip:
             return None, None
         try:
-            raw = path.read_bytes()
+            enc = self.dataset.encoded(i, (".jpg", ".jpeg"))
         except OSError:
             return None, None
+        if enc is None:
+            return None, None
+        raw = enc[0]
         size = jpeg_size(raw) if raw[:2] == b"\xff\xd8" else None
         if size is None or size[0] * size[1] > MAX_PIXELS:
             return None, None

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rela.data.datasets import RelaDataset, as_rgb
+from rela.data.datasets import RelaDataset, as_rgb, cache_root
 from rela.errors import CorruptImageError
 from rela.loading.backends import Options, SampleRules, Task, Tasks
 from rela.loading.backends.augment import colour, normalize_batch
@@ -34,7 +34,7 @@ from rela.loading.views import ViewSpec
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("RELA_CACHE", Path.home() / ".cache" / "rela")) / "ffcv"
+    return cache_root() / "ffcv"
 
 
 class _Source:
