@@ -239,7 +239,7 @@ def test_view_flags_are_checked_recorded_and_used(tiny, tmp_path):
     from rela.training.run import load_checkpoint
 
     views = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["loader"]["views"]  # after the switch: SSL's
-    assert len(views) == 2 and views[1].solarize_p == 0 and views[0].blur_p == 0  # 16 px: no blur
+    assert len(views) == 2 and views[1]["solarize_p"] == 0 and views[0]["blur_p"] == 0  # 16 px: no blur
 
 
 def test_warm_heads_log_the_ssl_loss_during_the_rela_phase(tiny, tmp_path):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,12 @@ class Loader:
         per_rank = self.subset.size // self.world_size
         return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
 
+    @property
+    def sampler(self) -> Loader:
+        """The loader is its own sampler: loops that call `dataloader.sampler.set_epoch(epoch)`
+        each epoch (Lightning's, DistributedSampler-style code) reach `set_epoch` here."""
+        return self
+
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch (and so the subset and order). Called each epoch, as with DistributedSampler."""
         if epoch != self.epoch:
@@ -205,7 +212,9 @@ class Loader:
     def state_dict(self) -> dict:
         """Where the loader is: resuming from this replays exactly the remaining batches."""
         state = {"epoch": self.epoch, "batch": self._consumed, "seed": self.seed,
-                 "subset": self.subset.state_dict(), "views": list(self._views)}
+                 "subset": self.subset.state_dict(), "views": [asdict(v) for v in self._views]}
+        # Views as plain dicts: the state loads with torch.load(weights_only=True) anywhere (Lightning
+        # saves it in its own checkpoints) without allow-listing rela's classes.
         if self.subset.policy == "scored":
             state["order"] = torch.from_numpy(self._epoch_order(self.epoch).copy())
         return state
@@ -216,7 +225,7 @@ class Loader:
         self.subset.load_state_dict(state["subset"])
         self.epoch = int(state["epoch"])
         self._resume_batch = self._consumed = int(state["batch"])
-        self._views = tuple(state["views"])
+        self._views = tuple(ViewSpec(**v) if isinstance(v, dict) else v for v in state["views"])
         self._views_version += 1
         self._order_cache = (self.epoch, state["order"].numpy()) if "order" in state else None
 

@@ -199,8 +199,9 @@ def export_student(run: str | Path, out: str | Path) -> Path:
     cfg = config_from_run(run)
     state = load_checkpoint(run / CHECKPOINT)
     view = state["loader"]["views"][0]
+    view = view if isinstance(view, dict) else vars(view)  # plain dicts since the loader saves them so
     meta = {"format": "rela-student", "arch": cfg.arch, "width": repr(cfg.width), "input_size": str(cfg.image_size),
-            "mean": json.dumps(list(view.mean)), "std": json.dumps(list(view.std)), "run": str(run.resolve()),
+            "mean": json.dumps(list(view["mean"])), "std": json.dumps(list(view["std"])), "run": str(run.resolve()),
             "method": cfg.method, "epochs_trained": str(state["epoch"] + 1)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
