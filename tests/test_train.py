@@ -297,3 +297,18 @@ def test_lbfgs_probe_refuses_features_too_large_to_hold(monkeypatch):
     with pytest.raises(RelaError, match="--probe adam"):
         ev.lbfgs_probe(x, y, x, y)
     assert ev.adam_probe(x, y, x, y, epochs=1)["top1"] >= 0
+
+
+def test_training_on_a_torchvision_dataset_object(tmp_path):
+    import torchvision
+
+    train_set = torchvision.datasets.FakeData(size=64, image_size=(3, 20, 20), num_classes=4, random_offset=3)
+    test_set = torchvision.datasets.FakeData(size=32, image_size=(3, 20, 20), num_classes=4, random_offset=9)
+    cfg = TrainConfig(data="fakedata", out=str(tmp_path / "run"), prior="random:resnet18", dim=8, epochs=2,
+                      batch_size=16, image_size=16, width=0.0625, phase="fixed:0.5", num_workers=0)
+    s = train(cfg, dataset=train_set, test_dataset=test_set, progress=False)
+    assert s["steps"] == 8 and s["switch"]["epoch"] == 1 and 0 <= s["switch"]["knn_top1"] <= 1
+    store_kind = json.loads((tmp_path / "run" / "store" / "manifest.json").read_text())["dataset"]["kind"]
+    assert store_kind.endswith("FakeData")
+    r = evaluate_run(tmp_path / "run", train_data=train_set, test_data=test_set, progress=False)
+    assert r["train_samples"] == 64 and r["test_samples"] == 32 and r["test_data"].endswith("FakeData")

@@ -168,7 +168,7 @@ def adam_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tenso
 
 
 def evaluate_run(run: str | Path, *, probe: str = "lbfgs", probe_epochs: int = 100, C: float = 1.0, k: int = 20,
-                 test_data: str | None = None, progress: bool = True) -> dict:
+                 test_data=None, progress: bool = True, train_data=None) -> dict:
     """Linear probe (`probe`: lbfgs or adam) and kNN of a run's final backbone; written to RUN/eval.json."""
     run = Path(run)
     cfg = config_from_run(run)
@@ -181,7 +181,8 @@ def evaluate_run(run: str | Path, *, probe: str = "lbfgs", probe_epochs: int = 1
     if test_name is None:
         raise RelaError(f"no test split known for {cfg.data!r}: pass --test-data")
     t0 = time.perf_counter()
-    train_x, train_y = extract_features(backbone, open_dataset(cfg.data, cfg.limit), cfg.image_size,
+    train_x, train_y = extract_features(backbone, open_dataset(cfg.data if train_data is None else train_data, cfg.limit),
+                                        cfg.image_size,
                                         progress=progress, desc="train features", device=device)
     test_x, test_y = extract_features(backbone, open_dataset(test_name), cfg.image_size,
                                       progress=progress, desc="test features", device=device)
@@ -191,7 +192,7 @@ def evaluate_run(run: str | Path, *, probe: str = "lbfgs", probe_epochs: int = 1
            "linear_final": result["final"], "knn_top1": knn_accuracy(train_x, train_y, test_x, test_y, k=k),
            "k": k, "probe": result["protocol"], "linear_curve": result.get("curve"),
            "probe_converged": result.get("converged"), "probe_iterations": result.get("iterations"),
-           "test_data": test_name, "train_samples": len(train_x), "test_samples": len(test_x),
+           "test_data": test_name if isinstance(test_name, str) else open_dataset(test_name).kind, "train_samples": len(train_x), "test_samples": len(test_x),
            "eval_seconds": time.perf_counter() - t0}
     (run / "eval.json").write_text(json.dumps(out, indent=1))
     return out

@@ -128,8 +128,9 @@ class Trainer:
     builds one; rank 0 alone writes the run directory."""
 
     def __init__(self, cfg: TrainConfig, *, resume: bool | str = False, overwrite: bool = False,
-                 progress: bool = True) -> None:
+                 progress: bool = True, dataset=None, test_dataset=None) -> None:
         self.cfg = cfg
+        self.data = cfg.data if dataset is None else dataset  # a spec string, or the user's dataset object
         self.rank, self.world = dist_util.rank_world()
         self.main = self.rank == 0
         self.progress = progress and self.main
@@ -142,7 +143,7 @@ class Trainer:
             self._restore(state)
         self.log = StepLog(self.out / "steps.csv", self.step) if self.main else None
         self.epochs_log = EpochLog(self.out / "epochs.csv", self.epoch, state is not None) if self.main else None
-        self.test_name = cfg.test_data or default_test_data(cfg.data)
+        self.test_name = test_dataset if test_dataset is not None else cfg.test_data or default_test_data(cfg.data)
         self.ranks: list[dict] = []
 
     # --- 1. the run directory ------------------------------------------------------------------
@@ -177,7 +178,7 @@ class Trainer:
 
         cfg = self.cfg
         self.device = device = resolve_device(cfg.device)
-        self.dataset = open_dataset(cfg.data, cfg.limit)
+        self.dataset = open_dataset(self.data, cfg.limit)
         classes = int(self.dataset.labels().max()) + 1 if cfg.method == "supervised" else 0  # reads every label
         self.backbone, self.method = build_student(cfg, classes=classes)
         self.backbone.to(device), self.method.to(device)
@@ -341,7 +342,7 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, *, resume: bool | str = False, overwrite: bool = False, progress: bool = True,
-          stop_after_steps: int | None = None) -> dict:
+          stop_after_steps: int | None = None, dataset=None, test_dataset=None) -> dict:
     """Train as configured; returns the summary (also written to RUN/summary.json).
 
     resume: True continues the run in cfg.out (refused without a checkpoint); "auto" continues it
@@ -351,5 +352,10 @@ def train(cfg: TrainConfig, *, resume: bool | str = False, overwrite: bool = Fal
     Under torch.distributed (`torchrun -m rela train`) every rank calls this with the same
     configuration; the run directory must be on a filesystem all ranks share. Rank 0 alone
     writes checkpoints, logs and summaries. `stop_after_steps` ends the run early without
-    finishing the epoch (tests simulate a crash)."""
-    return Trainer(cfg, resume=resume, overwrite=overwrite, progress=progress).fit(stop_after_steps)
+    finishing the epoch (tests simulate a crash).
+
+    dataset / test_dataset: train (and probe) on dataset objects instead of cfg.data / cfg.test_data
+    — any map-style dataset, e.g. torchvision's (`rela.data.datasets.MapDataset`). The run's
+    config records cfg.data as given; the target store still checks the data by fingerprint."""
+    return Trainer(cfg, resume=resume, overwrite=overwrite, progress=progress, dataset=dataset,
+                   test_dataset=test_dataset).fit(stop_after_steps)
