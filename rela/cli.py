@@ -175,6 +175,14 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+class _Terminated(Exception):
+    """SIGTERM: torchrun ends the other ranks this way when one of them fails."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     """Under torchrun (WORLD_SIZE > 1), `convert` and `train` join the process group first."""
     args = build_parser().parse_args(argv)
@@ -183,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("convert", "train"):
             from rela import distributed as dist_util  # imports torch: not for --help or info
 
+            if dist_util.launched():  # a rank the launcher stops still says why, in one line
+                import signal
+
+                signal.signal(signal.SIGTERM, _on_sigterm)
             joined = dist_util.init(args.device)
         code = {"convert": cmd_convert, "info": cmd_info, "train": cmd_train, "eval": cmd_eval,
                 "export": cmd_export}[args.command](args)
@@ -194,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rela: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        rank, world = dist_util.rank_world() if dist_util else (0, 1)
+        print(f"rela: error (rank {rank} of {world}): stopped by the launcher (SIGTERM): another rank stopped "
+              "(its error is above) or the job was cancelled", file=sys.stderr, flush=True)
+        return 143
     except RuntimeError as e:
         if not (dist_util and dist_util.active() and dist_util.lost_peer(e)):
             raise
