@@ -189,6 +189,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=0, help="loader workers (0: in the training process)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--out", type=Path, default=Path("bench/out/e2e"))
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW lr of every arm (without --sweep)")
+    p.add_argument("--min-scale", type=float, default=0.08, help="BYOL crop min-scale of every arm (without --sweep)")
     p.add_argument("--sweep", action="store_true",
                    help="tune BYOL-100 first (crop min-scale x lr, 5 runs) and run every arm at the best setting")
     p.add_argument("--quiet", action="store_true", help="no progress bars (a line per finished arm still)")
@@ -205,12 +207,15 @@ def main() -> None:
         arms = {k: v for k, v in arms.items() if k in args.arms or k == "byol-100"}
     print(f"device: {device_line()}; torch threads {args.threads}; loader workers {args.workers}")
     print(f"data: Fashion-MNIST train first {args.limit or 60000}, test 10000; 32 px; resnet18-cifar x0.125; "
-          f"batch 128; AdamW (lr {'swept' if args.sweep else '1e-3'}); {args.epochs} epochs; rela phase {args.phase}; "
+          f"batch 128; AdamW (lr {'swept' if args.sweep else f'{args.lr:g}'}, BYOL min-scale "
+          f"{'swept' if args.sweep else args.min_scale}); {args.epochs} epochs; rela phase {args.phase}; "
           f"seeds {args.seeds}; probe: L-BFGS logistic regression (C=1), kNN-20")
     t0 = time.perf_counter()
     needed = {spec[0] for spec in arms.values() if spec[0] in PRIORS}
     stores = {name: make_store(name, "fashion-mnist", args.limit, args.out) for name in sorted(needed)}
-    args.tuned, args.best = {}, {"min_scale": 0.08, "lr": 1e-3}  # lightly's defaults unless --sweep
+    args.best = {"min_scale": args.min_scale, "lr": args.lr}
+    args.tuned = ({} if (args.min_scale, args.lr) == (0.08, 1e-3)  # lightly's defaults: the plain configs
+                  else {"ssl_views": f"byol,scale={args.min_scale}:1", "lr": args.lr})
     if args.sweep:
         args.best = sweep(args, stores)
         args.tuned = {"ssl_views": f"byol,scale={args.best['min_scale']}:1", "lr": args.best["lr"]}
