@@ -289,18 +289,11 @@ def _decode_jpeg(data: bytes) -> np.ndarray | None:
 
 def decode_image(path: str | Path) -> np.ndarray:
     """Decode an image file to uint8 H×W×C (C = 1 or 3); raises ValueError with the reason."""
-    if str(path).lower().endswith((".jpg", ".jpeg")):
+    if str(path).lower().endswith((".jpg", ".jpeg")):  # read once; libjpeg-turbo first, PIL for the rest
         try:
-            data = Path(path).read_bytes()
+            return decode_bytes(Path(path).read_bytes())
         except OSError as e:
             raise ValueError(str(e)) from None
-        if not data:
-            raise ValueError("empty file")
-        if data[:2] == b"\xff\xd8":
-            out = _decode_jpeg(data)
-            if out is not None:
-                return out
-
     return _decode_pil(path)
 
 
