@@ -219,7 +219,7 @@ def test_any_map_style_dataset_is_accepted(tmp_path):
         MapDataset(Dicts()).load(0)
     to_tensor = torchvision.datasets.FakeData(size=4, image_size=(3, 8, 8), transform=torchvision.transforms.ToTensor())
     with pytest.raises(DatasetError, match="without transform="):
-        open_dataset(to_tensor).load(0)
+        open_dataset(to_tensor)
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
             yield from range(3)
@@ -308,3 +308,105 @@ def test_webdataset_shards_with_random_access(tmp_path, monkeypatch):
         tar.add(tmp_path / "000000.tar", arcname="x.jpg")
     with pytest.raises(DatasetError, match="uncompressed"):
         open_dataset(str(tmp_path / "z.tar"))
+
+
+def test_items_as_they_are_with_views_as_is(tmp_path):
+    """A dataset whose own transform makes the views (lightly's BYOL example) trains as-is."""
+    import torch
+    import torchvision
+    from lightly.transforms import BYOLTransform
+    from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
+
+    from rela import Loader, convert
+    from rela.errors import RelaError
+
+    transform = BYOLTransform(BYOLView1Transform(input_size=16), BYOLView2Transform(input_size=16))
+    raw = torchvision.datasets.FakeData(size=20, image_size=(3, 20, 20), num_classes=3)
+    viewed = torchvision.datasets.FakeData(size=20, image_size=(3, 20, 20), num_classes=3, transform=transform)
+    with pytest.raises(DatasetError, match="list of 2 images.*views='as-is'"):
+        Loader(viewed, 4, views="rela", image_size=16)  # refused at once, not in a worker
+    loader = Loader(viewed, 4, views="as-is", batch_format="tuple", num_workers=2)
+    (x0, x1), y = next(iter(loader))  # lightly's loop body, unchanged
+    assert x0.shape == x1.shape == (4, 3, 16, 16) and x0.dtype == torch.float32 and y.shape == (4,)
+    assert [len(b[1]) for b in loader] == [4] * 5
+    with pytest.raises(RelaError, match="second Loader"):
+        loader.set_views("byol")
+    with pytest.raises(RelaError, match="no transform"):
+        Loader(tmp_path, 4, views="as-is")  # a built-in kind of data has no transform to use
+
+    # Targets: converted from the raw images, matched to the as-is dataset by the fingerprint given.
+    store = convert(MapDataset(raw, fingerprint="fake-v1"), "random:resnet18", tmp_path / "s", dim=4,
+                    input_size=32, progress=False)
+    as_is = MapDataset(viewed, fingerprint="fake-v1", as_is=True)
+    batch = next(iter(Loader(as_is, 4, views="as-is", targets=store)))
+    assert batch["target"].shape == (4, 4) and torch.equal(
+        batch["target"], torch.from_numpy(store[batch["index"].numpy()]))
+    with pytest.raises(DatasetError, match="fingerprint="):
+        Loader(viewed, 4, views="as-is", targets=store)
+    with pytest.raises(Exception, match="different dataset"):
+        Loader(MapDataset(viewed, fingerprint="fake-v2", as_is=True), 4, views="as-is", targets=store)
+    with pytest.raises(RelaError, match="pass views='as-is'"):
+        Loader(as_is, 4, views="rela", image_size=16)
+    with pytest.raises(DatasetError, match="can't decode"):
+        convert(as_is, "random:resnet18", tmp_path / "s2", dim=4, input_size=32, progress=False)
+
+    class Flaky(torch.utils.data.Dataset):  # on_error="skip" walks past a failing item as elsewhere
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            if i == 3:
+                raise OSError("unreadable")
+            return torch.full((3, 4, 4), float(i)), i
+
+    got = list(Loader(Flaky(), 4, views="as-is", shuffle=False, on_error="skip"))
+    assert got[0]["index"].tolist() == [0, 1, 2, 4] and got[0]["views"][0][3, 0, 0, 0] == 4.0
+    assert got[0]["label"].tolist() == [0, 1, 2, 4]
+    with pytest.raises(CorruptImageError, match="OSError: unreadable"):
+        list(Loader(Flaky(), 4, views="as-is", shuffle=False))
+
+
+def _kind(tmp_path, kind):
+    """12 samples as a user's dataset object or as WebDataset shards."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    if kind == "map-dataset":
+        images = [smooth_image(rng, 20, 24) for _ in range(12)]
+
+        class Mine(torch.utils.data.Dataset):
+            def __len__(self):
+                return 12
+
+            def __getitem__(self, i):
+                return Image.fromarray(images[i]), i % 3
+
+        return Mine()
+    for s in range(2):
+        _shard(tmp_path / f"{s:06d}.tar", [x for k in range(6) for x in
+                                            ((f"{s}_{k}.jpg", _jpeg(rng)), (f"{s}_{k}.cls", str(k % 3).encode()))])
+    return str(tmp_path / "*.tar")
+
+
+@pytest.mark.parametrize("kind", ["map-dataset", "webdataset"])
+def test_new_dataset_kinds_shard_and_resume_like_built_in_ones(tmp_path, monkeypatch, kind):
+    import torch
+
+    from rela import Loader
+
+    monkeypatch.setenv("RELA_CACHE", str(tmp_path / "cache"))
+    data = _kind(tmp_path, kind)
+    kw = dict(views="rela", image_size=16, num_workers=2, seed=3)
+    ranks = [torch.cat([b["index"] for b in Loader(data, 2, rank=r, world_size=2, **kw)]) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 6 and not set(ranks[0].tolist()) & set(ranks[1].tolist())
+    full = list(Loader(data, 2, **kw))
+    it = iter(first := Loader(data, 2, **kw))
+    next(it), next(it)
+    state = first.state_dict()
+    it.close()
+    again = Loader(data, 2, **kw)
+    again.load_state_dict(state)
+    rest = list(again)
+    assert len(rest) == len(full) - 2
+    for a, b in zip(full[2:], rest, strict=True):  # the remaining batches, views and all, replayed exactly
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["views"][1], b["views"][1])

@@ -541,14 +541,18 @@ class MapDataset(RelaDataset):
 
     Fingerprint: the class, the length and a hash of 16 items at fixed, evenly spaced positions
     (their pixels and labels) — cheap, and it catches another dataset, another order of a sorted
-    one or changed files among those 16; it cannot see a change elsewhere, so pass `fingerprint=`
-    (e.g. a dataset version) where that matters. A dataset whose transform already turns items
-    into float tensors is refused: rela applies the views itself."""
+    one or changed files among those 16; it cannot see a change elsewhere. `fingerprint=` (e.g. a
+    dataset version) replaces that hash: the class, the length and your string are then the identity.
+
+    A dataset whose transform already turns items into float tensors is refused: rela applies the
+    views itself. `as_is=True` (what `rela.Loader(views="as-is")` sets) takes such items as they
+    are — a tensor, or a list of tensors, one per view — and stacks them into the batch; rela then
+    draws no views, and since random views can't be hashed, a store is matched by `fingerprint=`."""
 
     kind = "map-dataset"
 
     def __init__(self, dataset, image_key: str | None = None, label_key: str | None = None,
-                 fingerprint: str | None = None) -> None:
+                 fingerprint: str | None = None, as_is: bool = False) -> None:
         try:
             n = len(dataset)
         except TypeError:
@@ -557,8 +561,23 @@ class MapDataset(RelaDataset):
         self.dataset, self.n, self.image_key, self.label_key = dataset, n, image_key, label_key
         self.name, self.user_fingerprint = f"{type(dataset).__module__}.{type(dataset).__qualname__}", fingerprint
         self.kind = f"map-dataset:{self.name}"  # compared when a store is opened: another class is other data
+        self.as_is = as_is
         if n == 0:
             raise DatasetError(f"{self.name} is empty")
+        self._probe()
+
+    def _probe(self) -> None:
+        """Read item 0 once, so a dataset rela can't use is refused here, in the caller's process,
+        not in a worker (a broken item 0 itself is left to on_error, like any other sample)."""
+        try:
+            self.item_views(0) if self.as_is else self.load(0)
+        except CorruptImageError:
+            pass
+
+    def used_as_is(self) -> MapDataset:
+        """The same dataset with its items taken as they are (see the class doc)."""
+        return self if self.as_is else MapDataset(self.dataset, self.image_key, self.label_key,
+                                                  self.user_fingerprint, as_is=True)
 
     def __len__(self) -> int:
         return self.n
@@ -581,7 +600,23 @@ class MapDataset(RelaDataset):
         return item, -1
 
     def load(self, index: int) -> np.ndarray:
+        if self.as_is:
+            raise DatasetError(f"{self.name} is used as-is (its own transform makes the views): rela can't "
+                               "decode its items. Convert and evaluate from the dataset without its transform")
         return _as_uint8_hwc(self._split(self._item(index))[0], self.name)
+
+    def item_views(self, index: int) -> tuple[list, int]:
+        """As-is: the item's views (its tensor, or its list of tensors) and its label."""
+        image, label = self._split(self._item(index))
+        views = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not all(hasattr(v, "dim") and hasattr(v, "dtype") for v in views):
+            raise DatasetError(f"{self.name}[{index}]: as-is items must be tensors (or a list of them, one "
+                               f"per view), got {type(views[0]).__name__}; without a transform, let rela "
+                               "make the views (views='rela', 'byol', ...)")
+        try:
+            return views, int(label)
+        except (TypeError, ValueError):
+            raise DatasetError(f"{self.name}: label {label!r} of sample {index} is not a class index") from None
 
     def _label_column(self) -> np.ndarray | None:
         """All labels without decoding an image: torchvision's `.targets`, or a Hugging Face
@@ -619,11 +654,16 @@ class MapDataset(RelaDataset):
 
     def fingerprint(self, deep: bool = False) -> dict:
         h = hashlib.sha256()
-        for i in sorted(set(np.linspace(0, self.n - 1, min(16, self.n)).astype(int).tolist())):
-            rec = self._record(i, deep)
-            h.update(len(rec).to_bytes(8, "little") + rec)
         if self.user_fingerprint is not None:
-            h.update(str(self.user_fingerprint).encode())
+            h.update(b"user:" + str(self.user_fingerprint).encode())
+        elif self.as_is:
+            raise DatasetError(f"{self.name} is used as-is: its items are random views, so rela can't "
+                               "fingerprint them to match a target store. Pass the same fingerprint= (e.g. a "
+                               "dataset version) to rela.data.MapDataset when converting and when training")
+        else:
+            for i in sorted(set(np.linspace(0, self.n - 1, min(16, self.n)).astype(int).tolist())):
+                rec = self._record(i, deep)
+                h.update(len(rec).to_bytes(8, "little") + rec)
         return {"kind": self.kind, "n": self.n, "deep": deep, "digest": h.hexdigest(), **self.info()}
 
     def info(self) -> dict:
@@ -638,14 +678,19 @@ def _as_uint8_hwc(image, name: str) -> np.ndarray:
     elif hasattr(image, "numpy") and hasattr(image, "dim"):  # torch tensor: C×H×W
         if image.dtype.is_floating_point:
             raise DatasetError(f"{name}: items are float tensors — its transform (e.g. ToTensor/Normalize) "
-                               "already ran. Create the dataset without transform=: rela applies the views")
+                               "already ran. Create the dataset without transform=: rela applies the views "
+                               "(or, to train on its items as they are, pass views='as-is' to rela.Loader)")
         a = image.numpy()
         a = a.transpose(1, 2, 0) if a.ndim == 3 else a
+    elif isinstance(image, (list, tuple)):
+        raise DatasetError(f"{name}: items hold a list of {len(image)} images — its transform already makes "
+                           "views. Create the dataset without transform= (rela applies the views), or pass "
+                           "views='as-is' to rela.Loader to train on them as they are")
     else:
         a = np.asarray(image)
     if a.dtype != np.uint8:
         raise DatasetError(f"{name}: images must be uint8 (PIL images or 0..255 arrays), got {a.dtype}; drop "
-                           "the dataset's transform, rela applies the views")
+                           "the dataset's transform (rela applies the views) or pass views='as-is' to rela.Loader")
     if a.ndim == 2:
         a = a[..., None]
     if a.ndim != 3 or a.shape[2] not in (1, 3, 4):

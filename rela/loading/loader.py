@@ -18,6 +18,10 @@ crop-while-decoding in `rela._C`), `dali` and `ffcv`; all return the same batch 
 torchvision's SSL loops unpack (`(x0, x1), y = batch`), so such a loop runs unchanged (targets and
 indices are then not handed over: the RELA phase needs the dict).
 
+`views="as-is"` takes a dataset object's items as its own transform made them (lightly's
+`BYOLTransform` in a torchvision dataset, say): rela stacks them and still owns order, subsets,
+resume, targets and `on_error`, but the views' randomness is then the transform's, not rela's.
+
 Every random choice is a function of (seed, epoch, sample index), so results do not depend on
 the number of workers, a resumed run replays the same remaining batches, and every rank agrees.
 """
@@ -34,13 +38,15 @@ import torch
 
 from rela import distributed as dist_util
 from rela._alloc import keep_freed_memory
-from rela.data.datasets import RelaDataset, open_dataset
+from rela.data.datasets import MapDataset, RelaDataset, open_dataset
 from rela.data.store import TargetStore
 from rela.errors import CorruptImageError, RelaError
 from rela.loading import backends
 from rela.loading.subset import Subset
 from rela.loading.translate import as_views
 from rela.loading.views import ViewSpec, resolve_views
+
+AS_IS = "as-is"  # views=: the dataset's own transform makes the views (MapDataset(as_is=True))
 
 _UNSUPPORTED = {
     "sampler": "rela.Loader draws its own order from seed + epoch; use shuffle=, subset= and seed=",
@@ -99,14 +105,18 @@ class Loader:
         if batch_format not in ("dict", "tuple"):
             raise RelaError(f"batch_format must be 'dict' or 'tuple', not {batch_format!r}")
         self.batch_format = batch_format
-        self.dataset = open_dataset(dataset) if not isinstance(dataset, RelaDataset) else dataset
+        self.as_is = isinstance(views, str) and views == AS_IS
+        self.dataset = self._as_is_dataset(dataset, backend) if self.as_is else open_dataset(dataset)
+        if getattr(self.dataset, "as_is", False) and not self.as_is:
+            raise RelaError(f"{self.dataset.name} was made with as_is=True: its transform makes the views, "
+                            "so pass views='as-is'")
         if targets is not None and not isinstance(targets, TargetStore):
             targets = TargetStore.open(targets, self.dataset)
         elif targets is not None:
             targets.check_dataset(self.dataset)
         self.targets = targets
         self.image_size, self.mean, self.std = image_size, mean, std
-        self._views = resolve_views(as_views(views), image_size, mean, std)
+        self._views = () if self.as_is else resolve_views(as_views(views), image_size, mean, std)
         self._views_version = 0
         valid = targets.valid_mask() if targets is not None else None
         if isinstance(subset, Subset):
@@ -143,6 +153,20 @@ class Loader:
         self.skipped: list = []  # (index, source, reason) of each sample replaced in the last epoch, once
         self._skipped_seen: set[int] = set()
         self._consumed = 0
+
+    @staticmethod
+    def _as_is_dataset(dataset, backend: str) -> MapDataset:
+        """`views="as-is"`: a dataset object whose own transform makes the views, items unchanged."""
+        if isinstance(dataset, MapDataset):
+            dataset = dataset.used_as_is()
+        elif isinstance(dataset, (str, Path, RelaDataset)) or not hasattr(dataset, "__getitem__"):
+            raise RelaError(f"views='as-is' takes the items of a dataset object (whose transform makes the "
+                            f"views); {dataset} has no transform: use views='rela', 'byol', ...")
+        else:
+            dataset = MapDataset(dataset, as_is=True)
+        if backend not in ("auto", "torch"):
+            raise RelaError(f"views='as-is' runs the dataset's own transform in the torch backend, not {backend!r}")
+        return dataset
 
     def _pick_backend(self, backend: str, device: torch.device) -> str:
         """`auto`: DALI on a GPU (hardware-assisted decode) when installed; on the CPU rela's own
@@ -190,6 +214,9 @@ class Loader:
 
     def set_views(self, views: str | ViewSpec | Sequence[ViewSpec]) -> None:
         """Switch the views; the very next batch the loop receives uses them."""
+        if self.as_is:
+            raise RelaError("this loader takes its views from the dataset (views='as-is'); to switch views at "
+                            "the RELA → SSL hand-over, make a second Loader over a dataset with the other transform")
         self._views = resolve_views(as_views(views), self.image_size or self._views[0].size, self.mean, self.std)
         self._views_version += 1
 

@@ -137,16 +137,19 @@ class SampleRules:
     def load(self, index: int, skipped: list) -> tuple[int, torch.Tensor]:
         """Decode `index` to uint8 C×H×W; with on_error='skip', walk forward to the next decodable
         sample, recording each one passed over in `skipped` as (index, source, reason)."""
+        i, img = self.read(index, skipped, self.dataset.load)
+        t = torch.from_numpy(img if img.flags.writeable else img.copy())  # strided views are fine
+        return i, t.permute(2, 0, 1)
+
+    def read(self, index: int, skipped: list, read: Callable[[int], object]) -> tuple[int, object]:
+        """`read(i)` for the first of `candidates(index)` it succeeds on (the skip walk of `load`)."""
         for i in self.candidates(index):
             try:
-                img = self.dataset.load(i)
+                return i, read(i)
             except CorruptImageError as e:
                 if self.on_error == "raise":
                     raise
                 skipped.append((i, e.source, e.reason))
-                continue
-            t = torch.from_numpy(img if img.flags.writeable else img.copy())  # strided views are fine
-            return i, t.permute(2, 0, 1)
         raise AssertionError("unreachable: candidates() raises when it runs out")
 
     def jpeg_file(self, i: int) -> tuple[bytes | None, tuple[int, int] | None]:
@@ -166,11 +169,14 @@ class SampleRules:
             return None, None
         return raw, size
 
-    def assemble(self, task: Task, views: list[torch.Tensor], index: torch.Tensor, skipped: list) -> dict:
+    def assemble(self, task: Task, views: list[torch.Tensor], index: torch.Tensor, skipped: list,
+                 labels: list[int] | None = None) -> dict:
         """The batch dict every backend returns: views plus label, target and bookkeeping."""
+        if labels is None:
+            labels = [self.dataset.label(i) for i in index.tolist()]
         batch = {
             "views": views,
-            "label": torch.tensor([self.dataset.label(i) for i in index.tolist()], dtype=torch.int64),
+            "label": torch.tensor(labels, dtype=torch.int64),
             "index": index,
             "version": task.version,
             "drawn": task.indices,

@@ -17,7 +17,7 @@ import torch
 
 from rela import _ext
 from rela._alloc import keep_freed_memory
-from rela.errors import CorruptImageError
+from rela.errors import CorruptImageError, RelaError
 from rela.loading.backends import Options, SampleRules, Task, Tasks
 from rela.loading.backends.augment import augment, augment_batch, colour, normalize_batch
 from rela.loading.backends.threads import ThreadedBatches
@@ -38,7 +38,26 @@ class TorchBuilder(torch.utils.data.Dataset):
         return self.build(task)
 
     def build(self, task: Task) -> dict:
+        if getattr(self.rules.dataset, "as_is", False):
+            return self.stack_items(task)
         return self.finish(self.decode(task))
+
+    def stack_items(self, task: Task) -> dict:
+        """A dataset used as-is (`views="as-is"`): its items' own views, stacked per view."""
+        skipped: list = []
+        index, labels, rows = [], [], []
+        for i in task.indices:
+            try:
+                j, (views, label) = self.rules.read(i, skipped, self.rules.dataset.item_views)
+            except CorruptImageError as e:
+                return {"error": (e.index, e.source, e.reason), "version": task.version}
+            index.append(j), labels.append(label), rows.append(views)
+        shapes = {tuple((tuple(v.shape), v.dtype) for v in r) for r in rows}
+        if len(shapes) != 1:
+            raise RelaError(f"{self.rules.dataset.name}: as-is items of one batch differ in view count, shape or "
+                            f"dtype ({sorted(map(str, shapes))[:2]}); its transform must make same-size views")
+        views = [torch.stack([r[k] for r in rows]) for k in range(len(rows[0]))]
+        return self.rules.assemble(task, views, torch.tensor(index, dtype=torch.int64), skipped, labels)
 
     def decode(self, task: Task) -> tuple:
         """Stage 1: JPEG files through rela._C, reading only what the views' boxes need. Returns
