@@ -161,7 +161,7 @@ def _steps(run: Path) -> list[dict]:
 def test_torchrun_training_stays_in_sync_switches_together_and_resumes(tmp_path, npz_dataset):
     args = ["train", "--data", str(npz_dataset), "--prior", "random:resnet18", "--prior-input-size", "32",
             "--dim", "16", "--budget", "0.5", "--epochs", "3", "--batch-size", "16", "--image-size", "16",
-            "--width", "0.0625", "--phase", "adaptive", "--switch-threshold", "0.45",
+            "--width", "0.0625", "--phase", "adaptive", "--switch-threshold", "0.45", "--log-every", "4",
             "--test-data", str(npz_dataset), "--workers", "0", "--quiet", "--out"]
     full = tmp_path / "full"
     r = torchrun(*args, str(full))
@@ -173,6 +173,7 @@ def test_torchrun_training_stays_in_sync_switches_together_and_resumes(tmp_path,
     assert (a["rank"], b["rank"]) == (0, 1)
     assert a["params"] == b["params"] and a["rho"] == b["rho"]  # bit-identical weights and ρ on both ranks
     assert a["switch_step"] == b["switch_step"] == s["switch"]["step"] > 0  # switched together, mid-run
+    assert s["switch"]["step"] % 4 == 0 or s["switch"]["step"] % 9 == 0  # at a decision point (--log-every, epoch end)
     rows = _steps(full)
     assert len(rows) == s["steps"]  # one writer (rank 0): no interleaved or doubled rows
     assert len((full / "epochs.csv").read_text().splitlines()) == 1 + 3

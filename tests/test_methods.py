@@ -188,3 +188,28 @@ def test_warm_heads_train_the_heads_and_leave_the_backbone_to_rela():
     assert all(p.grad is None for p in m_cold.online_parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m_warm.projection.parameters())
     assert all(p.grad is None for p in m_warm.target_backbone.parameters())
+
+
+def test_foreach_momentum_update_matches_lightlys():
+    """The two-call `torch._foreach_*` EMA gives lightly's `update_momentum` result."""
+    import copy
+
+    import torch
+    from lightly.models.utils import update_momentum
+
+    from rela.models import build_backbone
+    from rela.training.methods import build_method
+
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet18-cifar", 0.0625)
+    method = build_method("byol", backbone, backbone.feature_dim)
+    with torch.no_grad():
+        for p in [*backbone.parameters(), *method.projection.parameters()]:
+            p.add_(torch.randn_like(p))  # online and target now differ
+    ref_b, ref_p = copy.deepcopy(method.target_backbone), copy.deepcopy(method.target_projection)
+    update_momentum(backbone, ref_b, 0.99)
+    update_momentum(method.projection, ref_p, 0.99)
+    method.update_target(0, 10)
+    for ref, got in ((ref_b, method.target_backbone), (ref_p, method.target_projection)):
+        for a, b in zip(ref.parameters(), got.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

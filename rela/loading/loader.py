@@ -81,6 +81,7 @@ class Loader:
         backend: str = "auto",
         device: str | torch.device = "cpu",
         pin_memory: bool = False,
+        memory_format: torch.memory_format = torch.contiguous_format,
         prefetch_factor: int | None = 2,
         persistent_workers: bool = False,
         on_error: str = "raise",
@@ -133,6 +134,7 @@ class Loader:
         self.device = torch.device(device)
         self.backend = self._pick_backend(backend, self.device)
         self.pin_memory = pin_memory and self.device.type == "cuda"
+        self.memory_format = memory_format  # torch.channels_last: views handed over N×C×H×W in NHWC order
         self.prefetch_factor = prefetch_factor if num_workers > 0 else None
         if persistent_workers:
             warnings.warn("rela.Loader: persistent_workers is not supported yet; workers start at each "
@@ -302,10 +304,12 @@ class Loader:
         self._backend.close()
 
     def _to_device(self, batch: dict) -> dict:
+        """Views to the device (non-blocking from pinned memory), then into the memory format
+        there (a GPU-side copy, off the host)."""
+        nb, fmt = self.pin_memory, self.memory_format
+        batch["views"] = [v.to(self.device, non_blocking=nb).contiguous(memory_format=fmt) for v in batch["views"]]
         if self.device.type == "cpu":
             return batch
-        nb = self.pin_memory
-        batch["views"] = [v.to(self.device, non_blocking=nb) for v in batch["views"]]
         for key in ("target", "label", "index"):
             if key in batch:
                 batch[key] = batch[key].to(self.device, non_blocking=nb)

@@ -21,6 +21,13 @@ Phases (`phase=`):
   SSL method's views (the accelerator sets them on the loader when it is created).
 - `off` — no RELA at all (the plain SSL baseline).
 
+`acc.step()` advances the rule by one step from the last RELA loss (reading it on the host and,
+under torch.distributed, averaging it over ranks: a sync and a collective per step). A loop that
+keeps the device busy instead calls `acc.observe(losses)` every k steps with those steps'
+rank-averaged RELA losses: the same recursion over the same values, so ρ is identical; adaptive
+and blend then decide at those points (the switch lands on the first decision point at or after
+the step where ρ crossed). `rela train` does this every `--log-every` steps.
+
 λ (`acc.lam`) is the RELA loss weight: 1 in the RELA phase, 0 after the switch. At the switch the
 accelerator calls `loader.set_views(ssl_views)`, which takes effect from the very next batch.
 Unlike the reference code, the transfer head is trained (`freeze_transfer=True` reproduces the
@@ -68,34 +75,49 @@ class Accelerator(nn.Module):
         self.transfer.requires_grad_(not freeze_transfer)
         self.loader, self.ssl_views = loader, ssl_views
         self.fast_momentum, self.slow_momentum, self.threshold = fast_momentum, slow_momentum, threshold
-        self.register_buffer("fast", torch.tensor(fast_init, dtype=torch.float64))
-        self.register_buffer("slow", torch.tensor(slow_init, dtype=torch.float64))
+        # The phase state: host floats (read every step without touching the device), mirrored
+        # into buffers (state_dict, DDP's broadcast) whenever it changes.
+        self._fast, self._slow, self._steps, self._switch_step = fast_init, slow_init, 0, -1
+        self._weight = 0.0 if self.mode == "off" else 1.0
+        for name in ("fast", "slow", "weight"):
+            self.register_buffer(name, torch.tensor(0.0, dtype=torch.float64))
         self.register_buffer("steps", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("switch_step", torch.tensor(-1, dtype=torch.int64))  # -1: not switched
-        self.register_buffer("weight", torch.tensor(0.0 if self.mode == "off" else 1.0, dtype=torch.float64))
+        self.register_load_state_dict_post_hook(lambda module, _: module._read_buffers())
         if self.mode == "blend":
-            self.weight.fill_(1.0 - self.rho)
+            self._weight = 1.0 - self.rho
             if loader is not None:
                 loader.set_views(ssl_views)  # both losses every step, on the SSL method's views
-        self.last_loss = 0.0  # the last mean RELA loss, for step() and the logs
+        self._write_buffers()
+        self.last_loss = torch.zeros(())  # the last mean RELA loss (a device tensor), for step()
+        self._scores: list[tuple[torch.Tensor, torch.Tensor]] = []  # (index, loss) not yet sent to the loader
+
+    def _write_buffers(self) -> None:
+        for name, value in (("fast", self._fast), ("slow", self._slow), ("weight", self._weight),
+                            ("steps", self._steps), ("switch_step", self._switch_step)):
+            getattr(self, name).fill_(value)  # a device fill from a host scalar: no sync
+
+    def _read_buffers(self) -> None:
+        self._fast, self._slow, self._weight = float(self.fast), float(self.slow), float(self.weight)
+        self._steps, self._switch_step = int(self.steps), int(self.switch_step)
 
     # --- the phase --------------------------------------------------------------------------
     @property
     def rho(self) -> float:
-        return math.exp(-max(float(self.slow) - float(self.fast), 0.0))
+        return math.exp(-max(self._slow - self._fast, 0.0))
 
     @property
     def lam(self) -> float:
         """Weight of the RELA loss this step (1 − λ goes to the SSL loss)."""
-        return float(self.weight)
+        return self._weight
 
     @property
     def switched(self) -> bool:
-        return int(self.switch_step) >= 0
+        return self._switch_step >= 0
 
     def _switch(self) -> None:
-        self.weight.fill_(0.0)
-        self.switch_step.fill_(int(self.steps))
+        self._weight, self._switch_step = 0.0, self._steps
+        self._write_buffers()
         if self.loader is not None:
             self.loader.set_views(self.ssl_views)
 
@@ -109,28 +131,44 @@ class Accelerator(nn.Module):
     def step(self, loss: float | torch.Tensor | None = None) -> bool:
         """After each optimizer step: update ρ from the RELA loss (averaged over ranks) and, for
         adaptive/blend, λ. Returns True on the step that switched."""
-        self.steps += 1
-        if loss is None:
-            loss = self.last_loss
-        if self.mode == "off" or self.switched:
-            return False  # ρ is tracked in every mode while RELA runs (logged); only adaptive acts on it
-        value = torch.as_tensor(float(loss), dtype=torch.float64, device=self.fast.device)  # NCCL: on the GPU
+        value = torch.as_tensor(self.last_loss if loss is None else loss, dtype=torch.float64)
         from rela import distributed as dist_util
 
-        if dist_util.active():
+        if dist_util.active() and not (self.mode == "off" or self.switched):
             import torch.distributed as dist
 
+            value = value.to(self.fast.device)  # NCCL reduces on the GPU
             dist.all_reduce(value)  # every rank takes the same decision at the same step
             value /= dist.get_world_size()
-        self.fast.mul_(self.fast_momentum).add_((1 - self.fast_momentum) * value)
-        self.slow.mul_(self.slow_momentum).add_((1 - self.slow_momentum) * self.fast)
+        return self.observe([float(value)])[0]
+
+    def observe(self, losses: list[float]) -> tuple[bool, list[float]]:
+        """Advance the rule over several steps' RELA losses (already averaged over ranks), then
+        decide once. Returns (switched now, ρ after each of those steps)."""
+        self.flush_scores()
+        rhos = []
+        for value in losses:
+            self._steps += 1
+            if not (self.mode == "off" or self.switched):  # ρ is tracked in every mode while RELA runs
+                self._fast = self.fast_momentum * self._fast + (1 - self.fast_momentum) * value
+                self._slow = self.slow_momentum * self._slow + (1 - self.slow_momentum) * self._fast
+            rhos.append(self.rho)
+        switched = False
         if self.mode == "blend":
-            self.weight.fill_(1.0 - self.rho)
-            return False
-        if self.mode == "adaptive" and self.rho >= self.threshold:
+            self._weight = 1.0 - self.rho
+        elif self.mode == "adaptive" and not self.switched and self.rho >= self.threshold:
+            switched = True
             self._switch()
-            return True
-        return False
+        self._write_buffers()
+        return switched, rhos
+
+    def flush_scores(self) -> None:
+        """Hand the per-sample RELA losses gathered since the last call to the loader's scores
+        (one transfer, and under DDP one all-gather, per call instead of per step)."""
+        if self._scores:
+            index, loss = (torch.cat(t) for t in zip(*self._scores, strict=True))
+            self._scores = []
+            self.loader.update_scores(index, loss)
 
     # --- the loss ---------------------------------------------------------------------------
     def loss(self, features: torch.Tensor, target: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
@@ -142,10 +180,10 @@ class Accelerator(nn.Module):
         per = rela_loss(pred, target.to(pred.device), reduction="none")
         per = per.mean(0) if per.dim() == 2 else per
         if index is not None and self.loader is not None and self.loader.subset.policy == "scored":
-            self.loader.update_scores(index, per.detach())
+            self._scores.append((index.detach(), per.detach()))  # scores matter from the next epoch's draw
         mean = per.mean()
-        self.last_loss = float(mean.detach())
+        self.last_loss = mean.detach()
         return mean
 
     def extra_repr(self) -> str:
-        return f"phase={self.phase}, lam={self.lam:.3f}, rho={self.rho:.4f}, steps={int(self.steps)}"
+        return f"phase={self.phase}, lam={self.lam:.3f}, rho={self.rho:.4f}, steps={self._steps}"

@@ -40,8 +40,18 @@ class TrainConfig:
     epochs: int = option(20, "passes over the (budgeted) data", type=positive_int)
     batch_size: int = option(128, "global batch; under torchrun each rank takes an equal share",
                              type=positive_int)
-    lr: float = option(1e-3, "AdamW learning rate")
-    weight_decay: float = option(0.01, "AdamW weight decay")
+    lr: float = option(1e-3, "base learning rate (see --lr-scale)")
+    weight_decay: float = option(0.01, "weight decay (sgd/lars: not on biases and norm weights)")
+    optimizer: str = option("adamw", "adamw | sgd | lars (lightly's; momentum 0.9, for large batches)")
+    lr_schedule: str = option("constant", "constant | cosine (to 0 at the last step), per optimizer step")
+    warmup_epochs: float = option(0.0, "linear learning-rate warm-up over this many epochs")
+    lr_scale: str = option("none", "none | linear: lr x global batch / 256")
+    precision: str = option("fp32", "fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler; losses in fp32)")
+    channels_last: bool = option(False, "channels_last memory format for the student and every view batch")
+    compile: bool = option(False, "torch.compile the student (the first steps pay the compilation: "
+                           "tens of seconds to minutes)")
+    log_every: int = option(10, "read losses on the host, check for NaN, log and take the adaptive decision "
+                            "every N steps (1: every step; larger: fewer device syncs)", type=positive_int)
     phase: str = option("adaptive", "adaptive | fixed:<fraction> | blend (see README)")  # the best arm at 50%
     image_size: int = option(32, "training view size in pixels", type=positive_int)
     rela_views: str = option("rela", "the RELA phase's views: a preset (rela, byol, eval) with optional overrides, "
@@ -81,6 +91,17 @@ class TrainConfig:
         from rela.training.methods import METHODS
 
         parse_phase(self.phase)
+        from rela.training.optim import OPTIMIZERS, SCHEDULES
+        from rela.training.precision import DTYPES
+
+        for flag, value, allowed in (("--optimizer", self.optimizer, OPTIMIZERS),
+                                     ("--lr-schedule", self.lr_schedule, SCHEDULES),
+                                     ("--lr-scale", self.lr_scale, ("none", "linear")),
+                                     ("--precision", self.precision, tuple(DTYPES))):
+            if value not in allowed:
+                raise RelaError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}")
+        if self.warmup_epochs < 0:
+            raise RelaError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
         if not 0 < self.switch_threshold <= 1:
             raise RelaError(f"--switch-threshold must be in (0, 1], got {self.switch_threshold}")
         if self.method not in METHODS:

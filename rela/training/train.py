@@ -72,6 +72,7 @@ class _Student(nn.Module):
     def forward(self, views: list[torch.Tensor], target, index, lam: float, step: int, total_steps: int,
                 labels: torch.Tensor | None = None):
         feats = self.backbone(torch.cat(views)).view(len(views), len(index), -1)
+        feats = feats.float()  # heads run under autocast as they like; the losses see fp32 (precision.py)
         nan = torch.full((), math.nan, device=feats.device)
         loss, rela_l, ssl_l = feats.new_zeros(()), nan, nan
         if lam > 0:
@@ -139,6 +140,7 @@ class Trainer:
         state = self._open_run(resume, overwrite)
         self._build()
         self.epoch, self.step, self.train_s, self.images, self.step_times, self.switch = 0, 0, 0.0, 0, [], None
+        self.pending: list[tuple] = []  # steps whose losses are still on the device (see _flush)
         if state is not None:
             self._restore(state)
         self.log = StepLog(self.out / "steps.csv", self.step) if self.main else None
@@ -179,7 +181,13 @@ class Trainer:
         cfg = self.cfg
         self.device = device = resolve_device(cfg.device)
         self.dataset = open_dataset(self.data, cfg.limit)
-        classes = int(self.dataset.labels().max()) + 1 if cfg.method == "supervised" else 0  # reads every label
+        classes = 0
+        if cfg.method == "supervised":  # reads every label
+            labels = self.dataset.labels()
+            if labels.min() < 0:
+                raise RelaError("method 'supervised' needs a labelled dataset (class sub-folders, an .npz with "
+                                f"labels, fashion-mnist); {int((labels < 0).sum())} samples have no label")
+            classes = int(labels.max()) + 1
         self.backbone, self.method = build_student(cfg, classes=classes)
         self.backbone.to(device), self.method.to(device)
         store, self.conversion_s = (_open_store(cfg, self.dataset, self.backbone.feature_dim, self.progress, device)
@@ -188,23 +196,42 @@ class Trainer:
         self.loader = Loader(self.dataset, self.batch_size, targets=store,
                              views=cfg.rela_views if cfg.uses_rela else ssl_views, image_size=cfg.image_size,
                              subset=cfg.budget, policy=cfg.policy, seed=cfg.seed, num_workers=cfg.num_workers,
-                             backend=cfg.backend, device=device, pin_memory=device.type == "cuda")
+                             backend=cfg.backend, device=device, pin_memory=device.type == "cuda",
+                             memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
         self.acc = None
         if cfg.uses_rela:
             self.acc = Accelerator(self.backbone.feature_dim, store.dim, cfg.phase,
                                    freeze_transfer=cfg.freeze_transfer, loader=self.loader,
                                    ssl_views=ssl_views, threshold=cfg.switch_threshold).to(device)
         self.student = _Student(self.backbone, self.method, self.acc, cfg.warm_heads)
+        if cfg.channels_last:
+            self.student.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            self.backbone.compile()  # in place: state_dict keys stay; the heads and losses run eagerly
         self.model = _wrap(self.student, cfg, device)
-        params = list(self.backbone.parameters()) + self.method.online_parameters()
-        if self.acc is not None and not cfg.freeze_transfer:
-            params += list(self.acc.transfer.parameters())
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.total_steps = len(self.loader) * cfg.epochs
         if self.total_steps == 0:
             raise RelaError(f"--budget {cfg.budget} of {len(self.dataset)} samples is {self.loader.subset.size} per "
                             f"epoch, fewer than one batch of {cfg.batch_size}: nothing would train. Raise --budget "
                             "or --limit, or lower --batch-size")
+        self._build_optimizer()
+
+    def _build_optimizer(self) -> None:
+        """Optimizer, per-step learning-rate schedule and precision (rela.training.optim / .precision)."""
+        from rela.training.optim import build_optimizer, build_schedule, scaled_lr
+        from rela.training.precision import Precision, float32_loss
+
+        cfg = self.cfg
+        params = list(self.backbone.parameters()) + self.method.online_parameters()
+        if self.acc is not None and not cfg.freeze_transfer:
+            params += list(self.acc.transfer.parameters())
+        lr = scaled_lr(cfg.lr, cfg.lr_scale, cfg.batch_size)
+        self.opt = build_optimizer(cfg.optimizer, params, lr, cfg.weight_decay, self.device)
+        warmup = round(cfg.warmup_epochs * len(self.loader))
+        self.schedule = build_schedule(self.opt, cfg.lr_schedule, self.total_steps, warmup)
+        self.precision = Precision(cfg.precision, self.device)
+        if hasattr(self.method, "criterion"):
+            float32_loss(self.method.criterion)
 
     # --- 3. checkpoints: what is saved, and restored from it -----------------------------------
     def _checkpoint_state(self, epoch: int) -> dict:
@@ -213,6 +240,7 @@ class Trainer:
             "images": self.images, "step_seconds": self.step_times, "switch": self.switch, "world_size": self.world,
             "backbone": self.backbone.state_dict(), "method": self.method.state_dict(),
             "optimizer": self.opt.state_dict(), "loader": self.loader.state_dict(),
+            "schedule": self.schedule.state_dict(), "scaler": self.precision.state_dict(),
             "accelerator": self.acc.state_dict() if self.acc is not None else {},
         }
 
@@ -220,6 +248,9 @@ class Trainer:
         self.backbone.load_state_dict(state["backbone"])
         self.method.load_state_dict(state["method"])
         self.opt.load_state_dict(state["optimizer"])
+        if "schedule" in state:  # checkpoints before schedules existed ran at a constant rate
+            self.schedule.load_state_dict(state["schedule"])
+            self.precision.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["loader"])
         if self.acc is not None:
             self.acc.load_state_dict(state["accelerator"])
@@ -248,53 +279,73 @@ class Trainer:
         if self.acc is not None and self.acc.begin_epoch(epoch, self.cfg.epochs):
             self.switch = self._on_switch(epoch)
         t_epoch, n_epoch = time.perf_counter(), 0
-        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not self.progress, leave=False)
+        self.bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not self.progress,
+                        leave=False)
         t0 = time.perf_counter()
-        for batch in bar:
-            lam = self.acc.lam if self.acc is not None else 0.0
-            loss_v, switched = self.train_step(batch, epoch, lam, t0)
+        for batch in self.bar:
+            self.train_step(batch, epoch, t0)
             n_epoch += len(batch["index"]) * self.world
-            bar.set_postfix(loss=f"{loss_v:.4f}", lam=f"{lam:.2f}")
-            if switched:
-                t_probe = time.perf_counter()
-                self.switch = self._on_switch(epoch)
-                t_epoch += time.perf_counter() - t_probe  # monitoring, not training
+            if self.step % self.cfg.log_every == 0:
+                t_epoch += self._flush(epoch)  # the time of a switch probe is monitoring, not training
             if stop_after_steps is not None and self.step >= stop_after_steps:
+                self._flush(epoch)
                 return False
             t0 = time.perf_counter()
+        t_epoch += self._flush(epoch)
         self._end_epoch(epoch, time.perf_counter() - t_epoch, n_epoch)
         return True
 
-    def train_step(self, batch: dict, epoch: int, lam: float, t0: float) -> tuple[float, bool]:
-        """Forward, NaN check, backward, optimizer and target updates, the step's log row.
-        Returns the (rank-mean) loss and whether the phase switched at this step."""
-        loss, rela_l, ssl_l = self.model(batch["views"], batch.get("target"), batch["index"], lam, self.step,
-                                         self.total_steps, batch["label"])
-        # The logged and checked values are the means over ranks: every rank stops together.
-        values = torch.stack([loss.detach(), rela_l, ssl_l]).double()
+    def train_step(self, batch: dict, epoch: int, t0: float) -> None:
+        """Forward (under autocast), backward, optimizer, schedule and target updates. Nothing
+        here waits for the device: the step's losses stay there until `_flush` reads them."""
+        lam = self.acc.lam if self.acc is not None else 0.0
+        views = batch["views"]
+        with self.precision.autocast():
+            loss, rela_l, ssl_l = self.model(views, batch.get("target"), batch["index"], lam, self.step,
+                                             self.total_steps, batch["label"])
+        self.opt.zero_grad(set_to_none=True)
+        self.precision.backward_step(loss, self.opt)
+        self.schedule.step()
+        self.method.update_target(self.step, self.total_steps)
+        self.pending.append((torch.stack([loss.detach(), rela_l, ssl_l]).double(), lam, epoch,
+                             time.perf_counter() - t0))
+        self.step += 1
+
+    def _flush(self, epoch: int) -> float:
+        """Every --log-every steps: the pending steps' losses, averaged over ranks in one
+        collective and read on the host once; the NaN check, the adaptive decision, the log rows.
+        Returns the seconds a switch probe took (not training time)."""
+        if not self.pending:
+            return 0.0
+        values = torch.stack([v for v, *_ in self.pending])
         if self.world > 1:
             import torch.distributed as dist
 
             dist.all_reduce(values)
             values /= self.world
-        loss_v, rela_v, ssl_v = values.tolist()
-        if not math.isfinite(loss_v):
-            raise RelaError(f"the loss became {loss_v} at step {self.step} (epoch {epoch}); lower --lr "
-                            "or check the targets (rela info STORE)")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.method.update_target(self.step, self.total_steps)
-        switched = self.acc.step() if self.acc is not None and lam > 0 else False
-        dt = time.perf_counter() - t0
-        if self.log is not None:
-            self.log.write({"step": self.step, "epoch": epoch, "lam": round(lam, 6),
-                            "rho": round(self.acc.rho, 6) if self.acc is not None else math.nan,
-                            "phase": phase_name(lam), "loss": loss_v, "rela_loss": rela_v,
-                            "ssl_loss": ssl_v, "seconds": round(dt, 5)})
-        self.step_times.append(dt)
-        self.step += 1
-        return loss_v, switched
+        rows, pending, self.pending = values.tolist(), self.pending, []
+        first = self.step - len(rows)
+        bad = next((k for k, r in enumerate(rows) if not math.isfinite(r[0])), None)
+        if bad is not None:
+            raise RelaError(f"the loss became {rows[bad][0]} at step {first + bad} (epoch {pending[bad][2]}); lower "
+                            "--lr or check the targets (rela info STORE); no checkpoint holds the weights it produced")
+        switched, rhos = False, [math.nan] * len(rows)
+        rela_steps = [r[1] for r, (_, lam, *_) in zip(rows, pending, strict=True) if lam > 0]
+        if self.acc is not None and rela_steps:
+            switched, rhos = self.acc.observe(rela_steps)
+            rhos += [self.acc.rho] * (len(rows) - len(rhos))
+        for k, (row, (_, lam, ep, dt)) in enumerate(zip(rows, pending, strict=True)):
+            if self.log is not None:
+                self.log.write({"step": first + k, "epoch": ep, "lam": round(lam, 6), "rho": round(rhos[k], 6),
+                                "phase": phase_name(lam), "loss": row[0], "rela_loss": row[1],
+                                "ssl_loss": row[2], "seconds": round(dt, 5)})
+            self.step_times.append(dt)
+        self.bar.set_postfix(loss=f"{rows[-1][0]:.4f}", lam=f"{pending[-1][1]:.2f}")
+        if not switched:
+            return 0.0
+        t_probe = time.perf_counter()
+        self.switch = self._on_switch(epoch)
+        return time.perf_counter() - t_probe
 
     def _end_epoch(self, epoch: int, epoch_s: float, n_epoch: int) -> None:
         """Costs, the ranks' sync check, the epoch's log row and the checkpoint."""
@@ -314,7 +365,7 @@ class Trainer:
     def _on_switch(self, epoch: int) -> dict:
         """ρ, the RELA loss and (rank 0, with a test split) a kNN probe at the switch → switch.json."""
         acc = self.acc
-        info = {"step": self.step, "epoch": epoch, "rho": acc.rho, "rela_loss": acc.last_loss}
+        info = {"step": self.step, "epoch": epoch, "rho": acc.rho, "rela_loss": float(acc.last_loss)}
         if not self.main:
             return info
         if self.cfg.probe_at_switch and self.test_name:

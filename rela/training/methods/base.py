@@ -71,11 +71,14 @@ class MomentumTeacher(SSLMethod):
         return cosine_schedule(step, max(total_steps, 1), self.momentum, 1.0)
 
     def update_target(self, step: int, total_steps: int) -> None:
-        from lightly.models.utils import update_momentum
-
+        """target ← m·target + (1 − m)·online, as lightly's `update_momentum`, but in two
+        `torch._foreach_*` calls over every parameter instead of two kernels per parameter."""
         m = self._momentum(step, total_steps)
-        update_momentum(self.backbone[0], self.target_backbone, m)
-        update_momentum(self.projection, self.target_projection, m)
+        online = [*self.backbone[0].parameters(), *self.projection.parameters()]
+        target = [*self.target_backbone.parameters(), *self.target_projection.parameters()]
+        with torch.no_grad():
+            torch._foreach_mul_(target, m)
+            torch._foreach_add_(target, online, alpha=1 - m)
 
     @torch.no_grad()
     def teacher(self, views: list[torch.Tensor]) -> torch.Tensor:

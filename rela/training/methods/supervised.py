@@ -21,8 +21,10 @@ class Supervised(SSLMethod):
         self.classifier = nn.Linear(feature_dim, max(classes, 1))
 
     def loss(self, features, views, step, total_steps, labels=None) -> torch.Tensor:
-        if labels is None or self.classes < 2 or bool((labels < 0).any()):
+        # Unlabelled samples (-1): checked here only where that costs no device sync; rela train
+        # checks the whole dataset's labels before training.
+        if labels is None or self.classes < 2 or (labels.device.type == "cpu" and bool((labels < 0).any())):
             raise RelaError("method 'supervised' needs a labelled dataset (class sub-folders, an .npz with "
                             "labels, fashion-mnist); this one has unlabelled samples")
         logits = self.classifier(features.flatten(0, 1))
-        return nn.functional.cross_entropy(logits, labels.to(logits.device).repeat(features.shape[0]))
+        return nn.functional.cross_entropy(logits.float(), labels.to(logits.device).repeat(features.shape[0]))
