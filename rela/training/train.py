@@ -141,6 +141,7 @@ class Trainer:
         self._build()
         self.epoch, self.step, self.train_s, self.images, self.step_times, self.switch = 0, 0, 0.0, 0, [], None
         self.pending: list[tuple] = []  # steps whose losses are still on the device (see _flush)
+        self.bar = None  # the epoch's progress bar (run_epoch)
         if state is not None:
             self._restore(state)
         self.log = StepLog(self.out / "steps.csv", self.step) if self.main else None
@@ -340,7 +341,8 @@ class Trainer:
                                 "phase": phase_name(lam), "loss": row[0], "rela_loss": row[1],
                                 "ssl_loss": row[2], "seconds": round(dt, 5)})
             self.step_times.append(dt)
-        self.bar.set_postfix(loss=f"{rows[-1][0]:.4f}", lam=f"{pending[-1][1]:.2f}")
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{rows[-1][0]:.4f}", lam=f"{pending[-1][1]:.2f}")
         if not switched:
             return 0.0
         t_probe = time.perf_counter()
