@@ -1,7 +1,7 @@
 PYTHON ?= python3
 export PYTHON
 
-.PHONY: setup demo test wheel lint bench
+.PHONY: setup demo test wheel lint bench gpu-wheels
 
 setup:
 	@bash scripts/setup.sh
@@ -33,3 +33,9 @@ bench: setup
 	$(PYTHON) bench/loader.py
 	$(PYTHON) bench/scaling.py
 	$(PYTHON) bench/end_to_end.py --extra --quiet
+
+# What bench/gpu_check.sh needs beside a fresh clone on an air-gapped GPU host whose image lacks
+# them: lightly and its pure-Python dependencies, as wheels (< 1 MB), in .gpu-wheels/.
+gpu-wheels:
+	$(PYTHON) -m pip wheel -q --no-deps -w .gpu-wheels lightly==1.6.0 hydra-core==1.3.8 omegaconf==2.3.1 \
+		antlr4-python3-runtime==4.9.3

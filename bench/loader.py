@@ -88,16 +88,20 @@ def measure(name: str, make_epoch, n_images: int, epochs: int) -> dict:
 
 # --- the loaders ---------------------------------------------------------------------------
 
-def rela_epoch(folder: Path, views: int, workers: int, worker_type: str = "process", backend: str = "torch"):
+def rela_epoch(folder: Path, views: int, workers: int, worker_type: str = "process", backend: str = "torch",
+               device: str = "cpu"):
     from rela import Loader
     from rela.loading.views import ViewSpec
 
     spec = ViewSpec(224, scale=(0.08, 1.0), flip=0.5, mean=MEAN, std=STD)
     loader = Loader(str(folder), 64, views=[spec] * views, num_workers=workers, drop_last=False,
-                    worker_type=worker_type, backend=backend)
+                    worker_type=worker_type, backend=backend, device=device, pin_memory=device != "cpu")
 
     def run() -> int:
-        return sum(len(b["index"]) for b in loader)
+        n = sum(len(b["index"]) for b in loader)
+        if device != "cpu":
+            torch.cuda.synchronize()  # the batches are on the GPU: count them once they are there
+        return n
 
     return run
 
@@ -228,6 +232,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--views", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--device", default="cpu", help="cuda: also rela's dali backend with the mixed (GPU) decoder, "
+                   "batches delivered on the GPU")
     args = p.parse_args()
     folder = build_jpegs(args.images, OUT)
     files = list((folder / "all").iterdir())
@@ -248,11 +254,15 @@ def main() -> None:
                         rela_epoch(folder, views, args.workers, "thread"), len(files), args.epochs)]
         for name, fn in (("FFCV 1.x Loader", ffcv_epoch), ("DALI CPU pipeline", dali_epoch),
                          ("rela.Loader, dali backend", lambda f, v, w: rela_epoch(f, v, w, backend="dali")),
-                         ("rela.Loader, ffcv backend", lambda f, v, w: rela_epoch(f, v, w, backend="ffcv"))):
+                         ("rela.Loader, ffcv backend", lambda f, v, w: rela_epoch(f, v, w, backend="ffcv")),
+                         *((("rela.Loader, dali backend, GPU decode", lambda f, v, w: rela_epoch(
+                             f, v, w, backend="dali", device=args.device)),) if args.device != "cpu" else ())):
             try:
                 rows.append(measure(name, fn(folder, views, args.workers), len(files), args.epochs))
             except (ImportError, RelaError) as e:
                 print(f"  {name:44s} not installed ({e}); `bash scripts/setup.sh` installs it")
+            except Exception as e:  # one peer failing on this host must not hide the other rows
+                print(f"  {name:44s} FAILED: {type(e).__name__}: {e}")
         base = rows[0]
         rela = max((r for r in rows if r["name"].startswith("rela")), key=lambda r: r["img_s"])
         for r in rows:

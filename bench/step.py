@@ -14,13 +14,14 @@ in-memory uint8 images with the real views).
 
     python bench/step.py                                   # CPU: CIFAR ResNet-18 at width 1/8, 32 px
     python bench/step.py --device cuda --arch resnet50 --width 1 --image-size 224 --batch-size 128 \\
-        --channels-last --with-loader                      # what bench/gpu_check.sh runs
+        --channels-last --with-loader --jpegs              # what bench/gpu_check.sh runs
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import shutil
 import statistics
 import sys
 import tempfile
@@ -46,6 +47,18 @@ def _images(n: int, side: int) -> np.ndarray:
     return rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
 
 
+def _jpeg_folder(root: Path, n: int, side: int) -> Path:
+    """n synthetic JPEGs (smooth colour fields, q90) in one class folder: what the loader decodes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "all").mkdir(parents=True)
+    for i in range(n):
+        low = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(low).resize((side, side), Image.BICUBIC).save(root / "all" / f"{i:05d}.jpg", quality=90)
+    return root
+
+
 def make_trainer(args, precision: str, phase: str, out: Path, data):
     from rela.training.run import TrainConfig
     from rela.training.train import Trainer
@@ -54,7 +67,8 @@ def make_trainer(args, precision: str, phase: str, out: Path, data):
                       epochs=1000, batch_size=args.batch_size, image_size=args.image_size, arch=args.arch,
                       width=args.width, phase="fixed:1" if phase == "rela" else "off", method="byol",
                       precision=precision, channels_last=args.channels_last, device=args.device,
-                      num_workers=args.workers, probe_at_switch=False, log_every=args.log_every)
+                      num_workers=args.workers, probe_at_switch=False, log_every=args.log_every,
+                      handoff=args.handoff)
     if phase == "ssl":
         cfg.prior = None
     return Trainer(cfg, progress=False, overwrite=True, dataset=data)
@@ -162,23 +176,37 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--with-loader", action="store_true", help="also time rela with its Loader in the loop")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--handoff", default="float32", help="the Loader's hand-off: float32 | uint8 (normalised on "
+                    "the device)")
+    ap.add_argument("--jpegs", action="store_true", help="the loader decodes synthetic JPEG files (an image "
+                    "folder) instead of in-memory uint8 images")
     args = ap.parse_args(argv)
-    from rela import convert
-    from rela.data.datasets import ArrayDataset
     from rela.distributed import resolve_device
 
     device = resolve_device(args.device)
     args.device = str(device)
     side = args.image_size + args.image_size // 8
     n = args.batch_size * (args.steps + 4) if args.with_loader else args.batch_size * 2
-    data = ArrayDataset(_images(n, side), np.zeros(n, dtype=np.int64), name="bench-step")
-    print(f"# {device_line()}; measured on {device}")
+    tmp_root = Path(tempfile.mkdtemp(prefix="rela-step-"))
+    try:
+        run_all(args, device, tmp_root, n, side)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def run_all(args, device: torch.device, tmp_root: Path, n: int, side: int) -> None:
+    from rela import convert
+    from rela.data.datasets import ArrayDataset, ImageFolder
+
+    data = (ImageFolder(_jpeg_folder(tmp_root / "jpegs", n, side)) if args.jpegs
+            else ArrayDataset(_images(n, side), np.zeros(n, dtype=np.int64), name="bench-step"))
+    print(f"# {device_line()}; measured on {device}; loader data: {'JPEG files' if args.jpegs else 'uint8 arrays'}")
     print(f"# {args.arch} width {args.width}, {args.image_size} px, batch {args.batch_size}, BYOL heads, "
           f"AdamW, channels_last={args.channels_last}, log every {args.log_every}; median of {args.repeats} x "
           f"{args.steps} steps")
     print(f"{'phase':6} {'precision':9} {'bare ms':>9} {'rela ms':>9} {'bare img/s':>11} {'rela img/s':>11} "
           f"{'rela/bare':>10} {'overhead':>9}")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
         out = Path(tmp)
         convert(data, "random:resnet18", out / "store", dim=64, input_size=32, progress=False, device=device)
         for phase in args.phases.split(","):
@@ -193,7 +221,8 @@ def main(argv=None) -> None:
                 if args.with_loader:
                     fed = time_with_loader(trainer, device, args.steps)
                     print(f"{phase:6} {precision:9} {'':9} {1e3 * fed:9.1f} {'':11} {b / fed:11.0f} "
-                          f"{bare / fed:10.3f}  (rela with its Loader: {args.workers} workers)", flush=True)
+                          f"{bare / fed:10.3f}  (rela with its Loader: {args.workers} workers, {args.handoff} hand-off)",
+                          flush=True)
 
 
 if __name__ == "__main__":

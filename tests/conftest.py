@@ -10,8 +10,10 @@ from pathlib import Path
 # One intra-op thread: faster and steadier for the tiny models the tests run on 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The Triton interpreter runs the kernels on CPU tensors. It is read when @triton.jit decorates
-# a kernel, so it must be set before rela.kernels is imported by any test.
-os.environ["TRITON_INTERPRET"] = "1"
+# a kernel, so it must be set before rela.kernels is imported by any test. On a GPU host
+# (bench/gpu_check.sh sets RELA_GPU_CHECK=1) the kernels compile for the device instead.
+if not os.environ.get("RELA_GPU_CHECK"):
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -273,3 +273,17 @@ def test_tuple_batches_unpack_like_a_lightly_loop(arrays):
     assert torch.equal(x0, ref["views"][0]) and torch.equal(x1, ref["views"][1]) and torch.equal(labels, ref["label"])
     with pytest.raises(RelaError, match="batch_format"):
         Loader(arrays, 8, image_size=20, batch_format="list")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_uint8_handoff_normalises_after_the_transfer_to_the_same_pixels(arrays, workers):
+    """handoff='uint8': workers ship uint8 (4x fewer bytes); the loader normalises where the batch
+    lands — the same float32 batches as the default hand-off."""
+    kw = dict(views="byol", image_size=16, num_workers=workers, seed=5)
+    ref, got = list(Loader(arrays, 16, **kw)), list(Loader(arrays, 16, handoff="uint8", **kw))
+    assert len(ref) == len(got)
+    for a, b in zip(ref, got, strict=True):
+        assert b["views"][0].dtype == torch.float32
+        assert all(torch.equal(x, y) for x, y in zip(a["views"], b["views"], strict=True))
+    with pytest.raises(RelaError, match="torch backend"):
+        Loader(arrays, 16, handoff="uint8", backend="ffcv", image_size=16)

@@ -65,7 +65,7 @@ class Subset:
     def epoch_indices(self, epoch: int, shuffle: bool = True) -> np.ndarray:
         """The epoch's samples in visiting order (the same on every rank)."""
         if self.policy == "scored":
-            w = self.weights().numpy()
+            w = self.weights().cpu().numpy()  # the table may live on the GPU: one copy per epoch
             chosen = _ext.weighted_subset(w, self.size, stream_seed(self.seed, epoch, 1))  # sorted
         elif self.size == len(self.valid_index):
             chosen = self.valid_index
@@ -76,20 +76,32 @@ class Subset:
             return chosen
         return chosen[_ext.permutation(len(chosen), stream_seed(self.seed, epoch, 2))]
 
+    def to(self, device: str | torch.device) -> Subset:
+        """Keep the score table on `device` (the training GPU): `update` then runs there, in
+        place (the Triton kernel on CUDA), and only the weights come to the host, once per epoch."""
+        self.score, self.seen = self.score.to(device), self.seen.to(device)
+        self._valid_t = None
+        return self
+
     def weights(self) -> torch.Tensor:
         """Current sampling weights (0 for samples that must never be drawn)."""
-        return scores_to_weights(self.score, self.seen, torch.from_numpy(self.valid),
+        if getattr(self, "_valid_t", None) is None:
+            self._valid_t = torch.from_numpy(self.valid).to(self.score.device)
+        return scores_to_weights(self.score, self.seen, self._valid_t,
                                  temperature=self.temperature, floor=self.floor)
 
     def loss_scale(self, index: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Multipliers for the losses of `index` that keep scored-subset training unbiased."""
         if self.policy != "scored":
             return torch.ones(len(index))
-        return loss_scale(self.weights(), self.size)[torch.as_tensor(index)]
+        return loss_scale(self.weights(), self.size)[torch.as_tensor(index, device=self.score.device)]
 
     def update(self, index: torch.Tensor | np.ndarray, loss: torch.Tensor | np.ndarray) -> None:
-        """Fold per-sample losses into the score table (EMA; used by the `scored` policy)."""
-        update_scores(self.score, self.seen, torch.as_tensor(index), torch.as_tensor(loss), self.momentum)
+        """Fold per-sample losses into the score table (EMA; used by the `scored` policy), on the
+        table's device."""
+        device = self.score.device
+        update_scores(self.score, self.seen, torch.as_tensor(index).to(device),
+                      torch.as_tensor(loss).to(device, torch.float32), self.momentum)
 
     @staticmethod
     def shard(order: np.ndarray, rank: int, world: int, batch_size: int, drop_last: bool) -> np.ndarray:

@@ -198,7 +198,8 @@ class Trainer:
                              views=cfg.rela_views if cfg.uses_rela else ssl_views, image_size=cfg.image_size,
                              subset=cfg.budget, policy=cfg.policy, seed=cfg.seed, num_workers=cfg.num_workers,
                              backend=cfg.backend, device=device, pin_memory=device.type == "cuda",
-                             memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+                             memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format,
+                             handoff=cfg.handoff)
         self.acc = None
         if cfg.uses_rela:
             self.acc = Accelerator(self.backbone.feature_dim, store.dim, cfg.phase,

@@ -83,6 +83,7 @@ class Options:
     pin_memory: bool = False
     timeout: float = 0
     device: torch.device = torch.device("cpu")
+    handoff: str = "float32"  # torch backend: "uint8" leaves normalisation to the loader, on the device
 
     @property
     def decode_threads(self) -> int:

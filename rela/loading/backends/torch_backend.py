@@ -27,9 +27,10 @@ from rela.loading.views import geometry
 class TorchBuilder(torch.utils.data.Dataset):
     """Builds one task's batch; a Dataset of tasks, so DataLoader workers can run it."""
 
-    def __init__(self, rules: SampleRules, decode_threads: int = 1) -> None:
+    def __init__(self, rules: SampleRules, decode_threads: int = 1, uint8: bool = False) -> None:
         self.rules = rules
         self.decode_threads = decode_threads  # C++ JPEG decode threads per batch (thread workers)
+        self.uint8 = uint8  # hand the views over as uint8; the loader normalises them on the device
 
     def __len__(self) -> int:
         return len(self.rules.dataset)
@@ -108,6 +109,8 @@ class TorchBuilder(torch.utils.data.Dataset):
         # In a worker, write the float batches straight into shared memory: handing them to the
         # main process is then a handle, not a 4-byte-per-pixel copy.
         in_worker = torch.utils.data.get_worker_info() is not None
+        if self.uint8:
+            return self.rules.assemble(task, [x.share_memory_() if in_worker else x for x in u8], index, skipped)
         outs = [torch.empty(x.shape, dtype=torch.float32).share_memory_() if in_worker else None for x in u8]
         views = [normalize_batch(spec, x, o) for spec, x, o in zip(task.views, u8, outs, strict=True)]
         return self.rules.assemble(task, views, index, skipped)
@@ -150,7 +153,7 @@ class TorchBackend:
 
     def __init__(self, rules: SampleRules, options: Options) -> None:
         self.options = options
-        self.builder = TorchBuilder(rules, options.decode_threads)
+        self.builder = TorchBuilder(rules, options.decode_threads, options.handoff == "uint8")
 
     def build(self, task: Task) -> dict:
         return self.builder.build(task)
