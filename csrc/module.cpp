@@ -12,6 +12,7 @@
 #include "jpeg.h"
 #endif
 #include "sampling.h"
+#include "views.h"
 
 namespace py = pybind11;
 
@@ -107,8 +108,31 @@ static py::tuple decode_resized_crops(const py::list& jpegs,
 }
 #endif
 
+// Colour operations of one view on rows of a uint8 [N, 3, H, W] batch, in place; params [N, 12].
+static void colour_batch(py::array_t<uint8_t, py::array::c_style> images,
+                         py::array_t<double, py::array::c_style | py::array::forcecast> params, int threads) {
+  if (images.ndim() != 4 || images.shape(1) != 3)
+    throw std::invalid_argument("colour_batch: images must be uint8 [N, 3, H, W]");
+  const int64_t n = images.shape(0);
+  if (params.ndim() != 2 || params.shape(0) != n || params.shape(1) != rela::kColourParams)
+    throw std::invalid_argument("colour_batch: params must be [N, " + std::to_string(rela::kColourParams) + "]");
+  const int h = static_cast<int>(images.shape(2)), w = static_cast<int>(images.shape(3));
+  uint8_t* data = images.mutable_data();
+  const double* p = params.data();
+  py::gil_scoped_release release;
+  auto work = [&](int64_t lo, int64_t step) {
+    for (int64_t i = lo; i < n; i += step)
+      rela::colour_image(data + static_cast<size_t>(i) * 3 * h * w, h, w, p + i * rela::kColourParams);
+  };
+  const int t = std::max(1, std::min<int>(threads, static_cast<int>(n)));
+  std::vector<std::thread> pool;
+  for (int k = 1; k < t; ++k) pool.emplace_back(work, k, t);
+  work(0, t);
+  for (auto& th : pool) th.join();
+}
+
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "rela's compiled index-sampling helpers";
+  m.doc() = "rela's compiled helpers: index sampling, JPEG crops, view colour operations";
   m.def("permutation", &permutation, py::arg("n"), py::arg("seed"),
         "A seeded Fisher-Yates permutation of range(n) (xoshiro256**, portable stream).");
   m.def("uniform_subset", &uniform_subset, py::arg("n"), py::arg("k"), py::arg("seed"),
@@ -117,6 +141,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("threads") = 1,
         "k distinct items drawn without replacement with probability proportional to weights "
         "(successive sampling), O(n) by exponential keys + radix select; sorted by index.");
+  m.def("colour_batch", &colour_batch, py::arg("images"), py::arg("params"), py::arg("threads") = 1,
+        "A view's colour operations (ColorJitter in the drawn order, grayscale, Gaussian blur, solarise; "
+        "torchvision v2 semantics on uint8) on each row of a uint8 [N, 3, H, W] batch, in place.");
 #ifdef RELA_WITH_JPEG
   m.def("decode_resized_crops", &decode_resized_crops, py::arg("jpegs"), py::arg("boxes"), py::arg("flips"),
         py::arg("out_size"), py::arg("threads") = 1,

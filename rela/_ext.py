@@ -34,6 +34,16 @@ def decode_resized_crops(jpegs, boxes, flips, out_size, threads: int = 1):
     return _C.decode_resized_crops(jpegs, boxes, flips, int(out_size), int(threads))
 
 
+def has_colour_kernel() -> bool:
+    """True if rela._C has the C++ view colour operations (`colour_batch`)."""
+    return _C is not None and hasattr(_C, "colour_batch")
+
+
+def colour_batch(images: np.ndarray, params: np.ndarray, threads: int = 1) -> None:
+    """See csrc/views.h: colour operations on each row of uint8 [N, 3, H, W], in place."""
+    _C.colour_batch(images, np.ascontiguousarray(params, dtype=np.float64), int(threads))
+
+
 def _warn_once() -> None:
     global _warned
     if not _warned:

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from rela import _ext
 from rela.loading.views import JITTER, ViewSpec, colour_params, geometry
 
 
@@ -36,6 +37,11 @@ def normalize_batch(spec: ViewSpec, batch: torch.Tensor, out: torch.Tensor | Non
 
 def augment(spec: ViewSpec, image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """The view's geometry and colour operations: uint8 C×H×W → uint8 3×S×S."""
+    return colour(spec, crop(spec, image, g), g)
+
+
+def crop(spec: ViewSpec, image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The view's geometry (random resized crop, flip) drawn from `g`: uint8 C×H×W → uint8 3×S×S."""
     from torchvision.transforms.v2 import functional as F
 
     if image.shape[0] == 1:
@@ -45,14 +51,43 @@ def augment(spec: ViewSpec, image: torch.Tensor, g: torch.Generator) -> torch.Te
     x = F.resized_crop(image, top, left, h, w, [s, s], antialias=True)
     if flip:
         x = F.horizontal_flip(x)
-    return colour(spec, x, g)
+    return x
 
 
 def colour(spec: ViewSpec, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """The view's colour operations on a uint8 3×S×S crop, after `geometry` drew from `g`."""
+    return colour_reference(colour_params(spec, g), x)
+
+
+_OPS = {"brightness": 1, "contrast": 2, "saturation": 3, "hue": 4}  # csrc/views.h's op codes
+
+
+def pack_colour(p: dict) -> list[float]:
+    """`colour_params`' choices as the 12 numbers `rela._C.colour_batch` reads (csrc/views.h)."""
+    ops = [x for name in p["order"] for x in (_OPS[name], p[name])]
+    return [len(p["order"]), *ops, *[0.0] * (8 - len(ops)), float(p["gray"]), p["sigma"], float(p["solarize"])]
+
+
+def colour_rows(specs_params: list[dict], batch: torch.Tensor, rows: list[int], threads: int = 1) -> None:
+    """Colour operations on `rows` of a uint8 [N, 3, S, S] batch, in place: one C++ call over the
+    rows (threads over them, the GIL released) where rela._C has the kernel, else torchvision's
+    ops per row (`colour_reference`, the reference the C++ kernel is tested against)."""
+    if not rows:
+        return
+    if _ext.has_colour_kernel() and batch.is_contiguous():
+        sub = batch if len(rows) == len(batch) else batch[rows].contiguous()
+        _ext.colour_batch(sub.numpy(), [pack_colour(p) for p in specs_params], threads)
+        if sub is not batch:
+            batch[rows] = sub
+        return
+    for row, p in zip(rows, specs_params, strict=True):
+        batch[row] = colour_reference(p, batch[row])
+
+
+def colour_reference(p: dict, x: torch.Tensor) -> torch.Tensor:
+    """torchvision.transforms.v2's ops for the drawn choices `p` on a uint8 3×S×S image."""
     from torchvision.transforms.v2 import functional as F
 
-    p = colour_params(spec, g)
     adjust = {"brightness": F.adjust_brightness, "contrast": F.adjust_contrast,
               "saturation": F.adjust_saturation, "hue": F.adjust_hue}
     for name in p["order"]:  # ColorJitter's random order
@@ -61,7 +96,8 @@ def colour(spec: ViewSpec, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         x = F.rgb_to_grayscale(x, num_output_channels=3)
     if p["sigma"]:
         k = min(2 * math.ceil(3 * p["sigma"]) + 1, (min(x.shape[-2:]) - 1) | 1)
-        x = F.gaussian_blur(x, [k, k], [p["sigma"], p["sigma"]])
+        if k > 1:
+            x = F.gaussian_blur(x, [k, k], [p["sigma"], p["sigma"]])
     if p["solarize"]:
         x = F.solarize(x, 128)
     return x
@@ -134,6 +170,15 @@ def augment_batch(spec: ViewSpec, images: torch.Tensor, gens: list[torch.Generat
     if flip.any():
         x[flip] = x[flip].flip(-1)
     params = [colour_params(spec, g) for g in gens]
+    if _ext.has_colour_kernel():  # torchvision's uint8 colour semantics, in C++ over the rows
+        u8 = x.round_().clamp_(0, 255).to(torch.uint8).contiguous()
+        colour_rows(params, u8, list(range(n)))
+        return u8
+    return _colour_batch_float(x, params)
+
+
+def _colour_batch_float(x: torch.Tensor, params: list[dict]) -> torch.Tensor:
+    """The colour operations as masked whole-batch float ops (without rela._C's kernel)."""
     x = x.clamp_(0, 255)
     for slot in range(4):  # ColorJitter's per-row random order: apply slot by slot
         for name in JITTER:

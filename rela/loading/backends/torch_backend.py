@@ -19,9 +19,9 @@ from rela import _ext
 from rela._alloc import keep_freed_memory
 from rela.errors import CorruptImageError, RelaError
 from rela.loading.backends import Options, SampleRules, Task, Tasks
-from rela.loading.backends.augment import augment, augment_batch, colour, normalize_batch
+from rela.loading.backends.augment import augment_batch, colour_rows, crop, normalize_batch
 from rela.loading.backends.threads import ThreadedBatches
-from rela.loading.views import geometry
+from rela.loading.views import colour_params, geometry
 
 
 class TorchBuilder(torch.utils.data.Dataset):
@@ -93,9 +93,13 @@ class TorchBuilder(torch.utils.data.Dataset):
         # Augment in uint8 straight into one batch tensor per view, then normalise whole batches.
         u8 = [torch.empty(n, 3, v.size, v.size, dtype=torch.uint8) for v in task.views]
         index = torch.tensor(task.indices, dtype=torch.int64)
+        params: list[list[dict]] = [[] for _ in task.views]
         for row, views, gs in zip(rows, planes, gens, strict=True):
             for k, spec in enumerate(task.views):
-                u8[k][row] = colour(spec, torch.from_numpy(views[k]), gs[k])  # planar C×S×S
+                u8[k][row] = torch.from_numpy(views[k])  # planar C×S×S
+                params[k].append(colour_params(spec, gs[k]))  # after geometry, on the same stream
+        for k in range(len(task.views)):
+            colour_rows(params[k], u8[k], rows, self.decode_threads)  # C++ over the rows, GIL released
         done = set(rows)
         rest, images = [r for r in range(n) if r not in done], []
         for row in rest:
@@ -125,9 +129,13 @@ class TorchBuilder(torch.utils.data.Dataset):
                 gens = [self.rules.generator(task, task.indices[r], k) for r in rest]
                 u8[k][rest] = augment_batch(spec, batch, gens)
             return
-        for row, img in zip(rest, images, strict=True):
-            for k, spec in enumerate(task.views):
-                u8[k][row] = augment(spec, img, self.rules.generator(task, task.indices[row], k))
+        for k, spec in enumerate(task.views):
+            params = []
+            for row, img in zip(rest, images, strict=True):
+                g = self.rules.generator(task, task.indices[row], k)
+                u8[k][row] = crop(spec, img, g)
+                params.append(colour_params(spec, g))
+            colour_rows(params, u8[k], rest, self.decode_threads)
 
 
 def _worker_init(_: int) -> None:

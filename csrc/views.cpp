@@ -1,0 +1,193 @@
+// The colour half of a view (see views.h): ColorJitter in its drawn order, grayscale, Gaussian
+// blur, solarise — each the same float32 computation torchvision.transforms.v2 runs on a uint8
+// tensor, per pixel instead of per op over whole tensors, so one image stays in cache.
+#include "views.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace rela {
+namespace {
+
+constexpr float kR = 0.2989f, kG = 0.587f, kB = 0.114f;  // torchvision's rgb_to_grayscale weights
+
+inline uint8_t to_u8(float v) {  // clamp_(0, 255) then .to(uint8): truncation
+  return static_cast<uint8_t>(std::min(std::max(v, 0.0f), 255.0f));
+}
+
+// r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114) in float32. ATen's AVX2 loop fuses the
+// multiply-adds; plain arithmetic here (an FMA without hardware support is a libm call per pixel)
+// differs from it by at most an ulp, i.e. rarely one grey level after truncation.
+inline float gray(float r, float g, float b) { return (r * kR + g * kG) + b * kB; }
+
+// floor of a non-negative float (every value floored here is a grey level in [0, 255]).
+inline float floor_pos(float v) { return static_cast<float>(static_cast<int>(v)); }
+
+// Round half to even, as torch.round, for |v| < 2^22: vectorisable, unlike a libm call.
+inline float round_even(float v) {
+  const float magic = 12582912.0f;  // 1.5 · 2^23
+  volatile float t = v + magic;     // volatile: keep the compiler from folding the pair away
+  return t - magic;
+}
+
+struct Planes {
+  uint8_t *r, *g, *b;
+  size_t n;
+};
+
+void brightness(Planes p, float f) {
+  for (uint8_t* c : {p.r, p.g, p.b})
+    for (size_t i = 0; i < p.n; ++i) c[i] = to_u8(static_cast<float>(c[i]) * f);
+}
+
+// _blend(image, other, f) = image·f + other·(1 − f), clamped, truncated.
+inline uint8_t blend(uint8_t x, float other, float f, float one_minus_f) {
+  return to_u8(static_cast<float>(x) * f + other * one_minus_f);
+}
+
+void contrast(Planes p, float f) {
+  double sum = 0;  // the mean of the floored grayscale image
+  for (size_t i = 0; i < p.n; ++i) sum += floor_pos(gray(p.r[i], p.g[i], p.b[i]));
+  const float mean = static_cast<float>(sum / static_cast<double>(p.n));
+  const float one_minus_f = 1.0f - f;
+  for (uint8_t* c : {p.r, p.g, p.b})
+    for (size_t i = 0; i < p.n; ++i) c[i] = blend(c[i], mean, f, one_minus_f);
+}
+
+void saturation(Planes p, float f) {
+  const float one_minus_f = 1.0f - f;
+  for (size_t i = 0; i < p.n; ++i) {
+    const float l = floor_pos(gray(p.r[i], p.g[i], p.b[i]));
+    p.r[i] = blend(p.r[i], l, f, one_minus_f);
+    p.g[i] = blend(p.g[i], l, f, one_minus_f);
+    p.b[i] = blend(p.b[i], l, f, one_minus_f);
+  }
+}
+
+// adjust_hue_image: to float [0, 1], _rgb_to_hsv, h = (h + shift) mod 1, _hsv_to_rgb, ×255.999 → uint8.
+void hue(Planes p, float shift) {
+  const float inv255 = static_cast<float>(1.0 / 255.0), sixth = static_cast<float>(1.0 / 6.0);
+  for (size_t i = 0; i < p.n; ++i) {
+    const float r = p.r[i] * inv255, g = p.g[i] * inv255, b = p.b[i] * inv255;
+    const float maxc = std::max(r, std::max(g, b)), minc = std::min(r, std::min(g, b));
+    const bool eqc = maxc == minc;
+    const float range = maxc - minc;
+    const float s = range / (eqc ? 1.0f : maxc);
+    const float div = eqc ? 1.0f : range;
+    const float rc = (maxc - r) / div, gc = (maxc - g) / div, bc = (maxc - b) / div;
+    const bool neq_r = maxc != r, eq_g = maxc == g;
+    const float hg = (rc + 2.0f - bc) * static_cast<float>(eq_g && neq_r);
+    const float hr = (bc - gc) * static_cast<float>(!neq_r);
+    const float hb = (gc + 4.0f - rc) * static_cast<float>(neq_r && !eq_g);
+    float h = (hr + hg + hb) * sixth + 1.0f;  // in [0, 2): fmod(h, 1) is h − ⌊h⌋, exactly
+    h = h - floor_pos(h);
+    h = h + shift;                            // in [−0.5, 1.5): torch.remainder(h, 1.0) = h − ⌊h⌋
+    h = h < 0.0f ? h + 1.0f : (h >= 1.0f ? h - 1.0f : h);
+    const float h6 = h * 6.0f, fi = floor_pos(h6), fr = h6 - fi;
+    const float k = fi >= 6.0f ? 0.0f : fi;  // h6 in [0, 6]; 6 (h rounded up to 1) is sector 0 (i mod 6)
+    const float v = maxc, sxf = s * fr, oms = 1.0f - s;
+    const float q = std::min(std::max((1.0f - sxf) * v, 0.0f), 1.0f);
+    const float t = std::min(std::max((sxf + oms) * v, 0.0f), 1.0f);
+    const float pp = std::min(std::max(oms * v, 0.0f), 1.0f);
+    // torchvision's select table, as selects: r = [v q p p t v], g = [t v v q p p], b = [p p t v v q]
+    const float ro = (k == 0.0f || k == 5.0f) ? v : (k == 1.0f ? q : (k == 4.0f ? t : pp));
+    const float go = (k == 1.0f || k == 2.0f) ? v : (k == 0.0f ? t : (k == 3.0f ? q : pp));
+    const float bo = (k == 3.0f || k == 4.0f) ? v : (k == 2.0f ? t : (k == 5.0f ? q : pp));
+    const float scale = 255.0f + 1.0f - 1e-3f;
+    p.r[i] = static_cast<uint8_t>(ro * scale);
+    p.g[i] = static_cast<uint8_t>(go * scale);
+    p.b[i] = static_cast<uint8_t>(bo * scale);
+  }
+}
+
+void grayscale(Planes p) {
+  for (size_t i = 0; i < p.n; ++i) {
+    const uint8_t l = static_cast<uint8_t>(gray(p.r[i], p.g[i], p.b[i]));  // .to(uint8) of a value in [0, 255]
+    p.r[i] = p.g[i] = p.b[i] = l;
+  }
+}
+
+// torchvision's _get_gaussian_kernel1d: softmax(−(x/σ)²) over x = linspace(−lim, lim, k),
+// lim = (k − 1)/(2√2).
+std::vector<float> gaussian_kernel(int k, double sigma) {
+  std::vector<double> x(k), e(k);
+  const double lim = (k - 1) / (2.0 * std::sqrt(2.0));
+  double total = 0;
+  for (int i = 0; i < k; ++i) {
+    x[i] = k == 1 ? 0.0 : -lim + 2.0 * lim * i / (k - 1);
+    e[i] = std::exp(-(x[i] / sigma) * (x[i] / sigma));
+    total += e[i];
+  }
+  std::vector<float> out(k);
+  for (int i = 0; i < k; ++i) out[i] = static_cast<float>(e[i] / total);
+  return out;
+}
+
+inline int reflect(int i, int n) { return i < 0 ? -i : (i >= n ? 2 * (n - 1) - i : i); }
+
+// gaussian_blur_image with kernel size min(2⌈3σ⌉ + 1, largest odd < min(h, w)), reflect padding;
+// separable (two 1-D passes instead of one 2-D convolution: float sums in another order), then
+// round half to even. Rows are padded into a buffer first so the inner loops have no branches.
+void blur(uint8_t* plane, int h, int w, const std::vector<float>& k1, std::vector<float>& tmp,
+          std::vector<float>& row) {
+  const int k = static_cast<int>(k1.size()), r = k / 2;
+  tmp.assign(static_cast<size_t>(h) * w, 0.0f);
+  row.resize(static_cast<size_t>(w) + 2 * r);
+  for (int y = 0; y < h; ++y) {
+    const uint8_t* src = plane + static_cast<size_t>(y) * w;
+    for (int x = -r; x < w + r; ++x) row[x + r] = src[reflect(x, w)];
+    float* out = tmp.data() + static_cast<size_t>(y) * w;
+    for (int j = 0; j < k; ++j) {
+      const float kj = k1[j];
+      const float* in = row.data() + j;
+      for (int x = 0; x < w; ++x) out[x] += kj * in[x];
+    }
+  }
+  std::vector<float>& acc = row;
+  acc.resize(static_cast<size_t>(w));
+  for (int y = 0; y < h; ++y) {
+    std::fill(acc.begin(), acc.begin() + w, 0.0f);
+    for (int j = 0; j < k; ++j) {
+      const float kj = k1[j];
+      const float* in = tmp.data() + static_cast<size_t>(reflect(y + j - r, h)) * w;
+      for (int x = 0; x < w; ++x) acc[x] += kj * in[x];
+    }
+    uint8_t* dst = plane + static_cast<size_t>(y) * w;
+    for (int x = 0; x < w; ++x) dst[x] = static_cast<uint8_t>(std::min(std::max(round_even(acc[x]), 0.0f), 255.0f));
+  }
+}
+
+void solarize(Planes p) {
+  for (uint8_t* c : {p.r, p.g, p.b})
+    for (size_t i = 0; i < p.n; ++i) c[i] = c[i] >= 128 ? static_cast<uint8_t>(255 - c[i]) : c[i];
+}
+
+}  // namespace
+
+void colour_image(uint8_t* img, int h, int w, const double* params) {
+  const size_t n = static_cast<size_t>(h) * w;
+  Planes p{img, img + n, img + 2 * n, n};
+  const int ops = static_cast<int>(params[0]);
+  for (int j = 0; j < ops && j < 4; ++j) {
+    const int op = static_cast<int>(params[1 + 2 * j]);
+    const float f = static_cast<float>(params[2 + 2 * j]);
+    if (op == 1) brightness(p, f);
+    else if (op == 2) contrast(p, f);
+    else if (op == 3) saturation(p, f);
+    else if (op == 4) hue(p, f);
+  }
+  if (params[9] != 0) grayscale(p);
+  const double sigma = params[10];
+  if (sigma > 0) {
+    const int k = std::min(2 * static_cast<int>(std::ceil(3 * sigma)) + 1, (std::min(h, w) - 1) | 1);
+    if (k > 1) {
+      const std::vector<float> k1 = gaussian_kernel(k, sigma);
+      std::vector<float> tmp, row;
+      for (uint8_t* c : {p.r, p.g, p.b}) blur(c, h, w, k1, tmp, row);
+    }
+  }
+  if (params[11] != 0) solarize(p);
+}
+
+}  // namespace rela
