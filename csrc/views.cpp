@@ -12,8 +12,13 @@ namespace {
 
 constexpr float kR = 0.2989f, kG = 0.587f, kB = 0.114f;  // torchvision's rgb_to_grayscale weights
 
+// Max, min and clamp by value (std::max returns a reference: a branch that blocks vectorising).
+inline float vmax(float a, float b) { return a > b ? a : b; }
+inline float vmin(float a, float b) { return a < b ? a : b; }
+inline float clamp(float v, float lo, float hi) { return vmin(vmax(v, lo), hi); }
+
 inline uint8_t to_u8(float v) {  // clamp_(0, 255) then .to(uint8): truncation
-  return static_cast<uint8_t>(std::min(std::max(v, 0.0f), 255.0f));
+  return static_cast<uint8_t>(clamp(v, 0.0f, 255.0f));
 }
 
 // r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114) in float32. ATen's AVX2 loop fuses the
@@ -27,7 +32,7 @@ inline float floor_pos(float v) { return static_cast<float>(static_cast<int>(v))
 // Round half to even, as torch.round, for |v| < 2^22: vectorisable, unlike a libm call.
 inline float round_even(float v) {
   const float magic = 12582912.0f;  // 1.5 · 2^23
-  volatile float t = v + magic;     // volatile: keep the compiler from folding the pair away
+  const float t = v + magic;  // not folded away: without -ffast-math the compiler keeps IEEE order
   return t - magic;
 }
 
@@ -47,9 +52,9 @@ inline uint8_t blend(uint8_t x, float other, float f, float one_minus_f) {
 }
 
 void contrast(Planes p, float f) {
-  double sum = 0;  // the mean of the floored grayscale image
-  for (size_t i = 0; i < p.n; ++i) sum += floor_pos(gray(p.r[i], p.g[i], p.b[i]));
-  const float mean = static_cast<float>(sum / static_cast<double>(p.n));
+  int64_t sum = 0;  // the mean of the floored grayscale image: whole numbers, summed exactly
+  for (size_t i = 0; i < p.n; ++i) sum += static_cast<int32_t>(gray(p.r[i], p.g[i], p.b[i]));
+  const float mean = static_cast<float>(static_cast<double>(sum) / static_cast<double>(p.n));
   const float one_minus_f = 1.0f - f;
   for (uint8_t* c : {p.r, p.g, p.b})
     for (size_t i = 0; i < p.n; ++i) c[i] = blend(c[i], mean, f, one_minus_f);
@@ -66,38 +71,57 @@ void saturation(Planes p, float f) {
 }
 
 // adjust_hue_image: to float [0, 1], _rgb_to_hsv, h = (h + shift) mod 1, _hsv_to_rgb, ×255.999 → uint8.
+// In chunks: uint8 → float, the float math (a pure float loop, so it vectorises), float → uint8.
 void hue(Planes p, float shift) {
+  constexpr size_t kChunk = 512;
   const float inv255 = static_cast<float>(1.0 / 255.0), sixth = static_cast<float>(1.0 / 6.0);
-  for (size_t i = 0; i < p.n; ++i) {
-    const float r = p.r[i] * inv255, g = p.g[i] * inv255, b = p.b[i] * inv255;
-    const float maxc = std::max(r, std::max(g, b)), minc = std::min(r, std::min(g, b));
-    const bool eqc = maxc == minc;
-    const float range = maxc - minc;
-    const float s = range / (eqc ? 1.0f : maxc);
-    const float div = eqc ? 1.0f : range;
-    const float rc = (maxc - r) / div, gc = (maxc - g) / div, bc = (maxc - b) / div;
-    const bool neq_r = maxc != r, eq_g = maxc == g;
-    const float hg = (rc + 2.0f - bc) * static_cast<float>(eq_g && neq_r);
-    const float hr = (bc - gc) * static_cast<float>(!neq_r);
-    const float hb = (gc + 4.0f - rc) * static_cast<float>(neq_r && !eq_g);
-    float h = (hr + hg + hb) * sixth + 1.0f;  // in [0, 2): fmod(h, 1) is h − ⌊h⌋, exactly
-    h = h - floor_pos(h);
-    h = h + shift;                            // in [−0.5, 1.5): torch.remainder(h, 1.0) = h − ⌊h⌋
-    h = h < 0.0f ? h + 1.0f : (h >= 1.0f ? h - 1.0f : h);
-    const float h6 = h * 6.0f, fi = floor_pos(h6), fr = h6 - fi;
-    const float k = fi >= 6.0f ? 0.0f : fi;  // h6 in [0, 6]; 6 (h rounded up to 1) is sector 0 (i mod 6)
-    const float v = maxc, sxf = s * fr, oms = 1.0f - s;
-    const float q = std::min(std::max((1.0f - sxf) * v, 0.0f), 1.0f);
-    const float t = std::min(std::max((sxf + oms) * v, 0.0f), 1.0f);
-    const float pp = std::min(std::max(oms * v, 0.0f), 1.0f);
-    // torchvision's select table, as selects: r = [v q p p t v], g = [t v v q p p], b = [p p t v v q]
-    const float ro = (k == 0.0f || k == 5.0f) ? v : (k == 1.0f ? q : (k == 4.0f ? t : pp));
-    const float go = (k == 1.0f || k == 2.0f) ? v : (k == 0.0f ? t : (k == 3.0f ? q : pp));
-    const float bo = (k == 3.0f || k == 4.0f) ? v : (k == 2.0f ? t : (k == 5.0f ? q : pp));
-    const float scale = 255.0f + 1.0f - 1e-3f;
-    p.r[i] = static_cast<uint8_t>(ro * scale);
-    p.g[i] = static_cast<uint8_t>(go * scale);
-    p.b[i] = static_cast<uint8_t>(bo * scale);
+  const float scale = 255.0f + 1.0f - 1e-3f;
+  float R[kChunk], G[kChunk], B[kChunk];
+  for (size_t at = 0; at < p.n; at += kChunk) {
+    const size_t m = std::min(kChunk, p.n - at);
+    for (size_t i = 0; i < m; ++i) {
+      R[i] = p.r[at + i] * inv255;
+      G[i] = p.g[at + i] * inv255;
+      B[i] = p.b[at + i] * inv255;
+    }
+    for (size_t i = 0; i < m; ++i) {
+      const float r = R[i], g = G[i], b = B[i];
+      const float maxc = vmax(r, vmax(g, b)), minc = vmin(r, vmin(g, b));
+      // Masks as floats and selects on comparisons (no bool temporaries): the loop vectorises.
+      const float range = maxc - minc;
+      const float s = range / (maxc == minc ? 1.0f : maxc);
+      const float div = maxc == minc ? 1.0f : range;  // torch.where(eqc, ones, ...)
+      const float rc = (maxc - r) / div, gc = (maxc - g) / div, bc = (maxc - b) / div;
+      const float eq_r = maxc == r ? 1.0f : 0.0f, eq_g = maxc == g ? 1.0f : 0.0f;
+      const float hg = (rc + 2.0f - bc) * (eq_g * (1.0f - eq_r));
+      const float hr = (bc - gc) * eq_r;
+      const float hb = (gc + 4.0f - rc) * ((1.0f - eq_r) * (1.0f - eq_g));
+      float h = (hr + hg + hb) * sixth + 1.0f;  // in [0, 2): fmod(h, 1) is h − ⌊h⌋, exactly
+      h = h - floor_pos(h);
+      h = h + shift;                            // in [−0.5, 1.5): torch.remainder(h, 1.0) = h − ⌊h⌋
+      h = h < 0.0f ? h + 1.0f : (h >= 1.0f ? h - 1.0f : h);
+      const float h6 = h * 6.0f, fi = floor_pos(h6), fr = h6 - fi;
+      const float k = fi >= 6.0f ? fi - 6.0f : fi;  // i mod 6 for h6 in [0, 6]
+      const float v = maxc, sxf = s * fr, oms = 1.0f - s;
+      const float q = clamp((1.0f - sxf) * v, 0.0f, 1.0f);
+      const float t = clamp((sxf + oms) * v, 0.0f, 1.0f);
+      const float pp = clamp(oms * v, 0.0f, 1.0f);
+      // torchvision's select table, as selects: r = [v q p p t v], g = [t v v q p p], b = [p p t v v q]
+      // One sector mask is 1 and the others 0, so each sum picks its value exactly, without branches.
+      const float m0 = k == 0.0f ? 1.0f : 0.0f, m1 = k == 1.0f ? 1.0f : 0.0f, m2 = k == 2.0f ? 1.0f : 0.0f;
+      const float m3 = k == 3.0f ? 1.0f : 0.0f, m4 = k == 4.0f ? 1.0f : 0.0f, m5 = k == 5.0f ? 1.0f : 0.0f;
+      const float ro = v * (m0 + m5) + q * m1 + pp * (m2 + m3) + t * m4;
+      const float go = t * m0 + v * (m1 + m2) + q * m3 + pp * (m4 + m5);
+      const float bo = pp * (m0 + m1) + t * m2 + v * (m3 + m4) + q * m5;
+      R[i] = ro * scale;
+      G[i] = go * scale;
+      B[i] = bo * scale;
+    }
+    for (size_t i = 0; i < m; ++i) {
+      p.r[at + i] = static_cast<uint8_t>(R[i]);
+      p.g[at + i] = static_cast<uint8_t>(G[i]);
+      p.b[at + i] = static_cast<uint8_t>(B[i]);
+    }
   }
 }
 
@@ -154,7 +178,7 @@ void blur(uint8_t* plane, int h, int w, const std::vector<float>& k1, std::vecto
       for (int x = 0; x < w; ++x) acc[x] += kj * in[x];
     }
     uint8_t* dst = plane + static_cast<size_t>(y) * w;
-    for (int x = 0; x < w; ++x) dst[x] = static_cast<uint8_t>(std::min(std::max(round_even(acc[x]), 0.0f), 255.0f));
+    for (int x = 0; x < w; ++x) dst[x] = static_cast<uint8_t>(clamp(round_even(acc[x]), 0.0f, 255.0f));
   }
 }
 
