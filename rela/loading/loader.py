@@ -47,6 +47,9 @@ from rela.loading.translate import as_views
 from rela.loading.views import ViewSpec, resolve_views
 
 AS_IS = "as-is"  # views=: the dataset's own transform makes the views (MapDataset(as_is=True))
+# handoff=: what crosses to the device. float32: finished views; uint8: coloured crops, normalised
+# there; device-colour: plain crops and each row's colour choices, coloured and normalised there.
+HANDOFFS = ("float32", "uint8", "device-colour")
 
 _UNSUPPORTED = {
     "sampler": "rela.Loader draws its own order from seed + epoch; use shuffle=, subset= and seed=",
@@ -82,7 +85,7 @@ class Loader:
         device: str | torch.device = "cpu",
         pin_memory: bool = False,
         memory_format: torch.memory_format = torch.contiguous_format,
-        handoff: str = "float32",
+        handoff: str = "float32",  # see HANDOFFS
         prefetch_factor: int | None = 2,
         persistent_workers: bool = False,
         on_error: str = "raise",
@@ -135,12 +138,12 @@ class Loader:
         self.device = torch.device(device)
         if self.subset.policy == "scored" and self.device.type == "cuda":
             self.subset.to(self.device)  # scores updated where the losses are; weights to the host per epoch
-        if handoff not in ("float32", "uint8"):
-            raise RelaError(f"handoff must be 'float32' or 'uint8', not {handoff!r}")
-        if handoff == "uint8" and (backend not in ("auto", "torch") or self.as_is):
-            raise RelaError("handoff='uint8' is the torch backend's (with rela's views): DALI and FFCV normalise "
-                            "in their own pipelines")
-        self.backend = "torch" if handoff == "uint8" else self._pick_backend(backend, self.device)
+        if handoff not in HANDOFFS:
+            raise RelaError(f"handoff must be one of {', '.join(HANDOFFS)}, not {handoff!r}")
+        if handoff != "float32" and (backend not in ("auto", "torch") or self.as_is):
+            raise RelaError(f"handoff={handoff!r} is the torch backend's (with rela's views): DALI and FFCV "
+                            "normalise in their own pipelines")
+        self.backend = "torch" if handoff != "float32" else self._pick_backend(backend, self.device)
         self.pin_memory = pin_memory and self.device.type == "cuda"
         self.memory_format = memory_format  # torch.channels_last: views handed over N×C×H×W in NHWC order
         self.handoff = handoff  # "uint8": 4x less host→device traffic; normalisation runs on the device
@@ -309,21 +312,23 @@ class Loader:
                     self.skipped.append(tuple(rec))
             batch.pop("version"), batch.pop("drawn")
             self._consumed = number + 1
-            batch = self._to_device(batch)
+            batch = self._to_device(batch, batch.pop("colour", None))
             yield batch if self.batch_format == "dict" else (tuple(batch["views"]), batch["label"])
 
     def close(self) -> None:
         """Release what the backend keeps between passes (FFCV's compiled loaders, DALI's pipelines)."""
         self._backend.close()
 
-    def _to_device(self, batch: dict) -> dict:
-        """Views to the device (non-blocking from pinned memory), then into the memory format
-        there (a GPU-side copy, off the host)."""
+    def _to_device(self, batch: dict, colour: list | None = None) -> dict:
+        """Views to the device (non-blocking from pinned memory), the device-side stage when the
+        hand-off asks for it, then the memory format there (a GPU-side copy, off the host)."""
+        from rela.loading.backends.augment import colour_batch_tensor, normalize_batch
+
         nb, fmt = self.pin_memory, self.memory_format
         views = [v.to(self.device, non_blocking=nb) for v in batch["views"]]
-        if self.handoff == "uint8":  # uint8 crossed the bus; normalise here, where the batch now is
-            from rela.loading.backends.augment import normalize_batch
-
+        if colour is not None:  # device-colour: the rows' drawn colour choices, as batched tensor ops
+            views = [colour_batch_tensor(v.float(), p) for v, p in zip(views, colour, strict=True)]
+        if self.handoff != "float32":  # uint8 (or float 0..255) crossed the bus; normalise where it landed
             views = [normalize_batch(spec, v) for spec, v in zip(self._views, views, strict=True)]
         batch["views"] = [v.contiguous(memory_format=fmt) for v in views]
         if self.device.type == "cpu":

@@ -47,8 +47,9 @@ class TrainConfig:
     warmup_epochs: float = option(0.0, "linear learning-rate warm-up over this many epochs")
     lr_scale: str = option("none", "none | linear: lr x global batch / 256")
     precision: str = option("fp32", "fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler; losses in fp32)")
-    handoff: str = option("float32", "float32 | uint8: views cross to the device as uint8 and are normalised there "
-                          "(4x less host-to-device traffic; torch backend)")
+    handoff: str = option("float32", "float32 | uint8 (views cross to the device as uint8, normalised there: 4x less "
+                          "host-to-device traffic) | device-colour (plain uint8 crops; colour and normalisation as "
+                          "batched ops on the device); torch backend")
     channels_last: bool = option(False, "channels_last memory format for the student and every view batch")
     compile: bool = option(False, "torch.compile the student (the first steps pay the compilation: "
                            "tens of seconds to minutes)")
@@ -100,7 +101,7 @@ class TrainConfig:
                                      ("--lr-schedule", self.lr_schedule, SCHEDULES),
                                      ("--lr-scale", self.lr_scale, ("none", "linear")),
                                      ("--precision", self.precision, tuple(DTYPES)),
-                                     ("--handoff", self.handoff, ("float32", "uint8"))):
+                                     ("--handoff", self.handoff, ("float32", "uint8", "device-colour"))):
             if value not in allowed:
                 raise RelaError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}")
         if self.warmup_epochs < 0:

@@ -5,8 +5,11 @@ operations with `colour`, and they are the reference the other backends are test
 random choices come from `rela.loading.views` (`geometry`, `colour_params`) on the caller's
 generator, so every implementation makes the same choices.
 
-- `augment` / `colour`: one image, per-image torchvision calls,
-- `augment_batch`: many same-size images (in-memory datasets), vectorised,
+- `augment` = `crop` + `colour`: one image, per-image torchvision calls (the reference),
+- `colour_rows`: the colour operations of many rows in rela._C's C++ kernel (the torch
+  backend's path; torchvision per row without the extension),
+- `augment_batch` = `crop_batch` + colour: many same-size images (in-memory datasets), vectorised,
+- `colour_batch_tensor`: colour as batched tensor ops on any device (the GPU-side stage),
 - `normalize_batch`: uint8 batch → normalised float32.
 """
 
@@ -123,15 +126,16 @@ def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h = torch.where(delta > 0, h / 6, torch.zeros_like(h))
     s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
     h = (h + shift.view(-1, 1, 1)) % 1.0
-    k = (torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1) + h.unsqueeze(1) * 6) % 6
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + h.unsqueeze(1) * 6) % 6
     return maxc.unsqueeze(1) - (maxc * s).unsqueeze(1) * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
 
 
-def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def _blur(x: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
     """Per-row Gaussian blur (separable, reflect padding) as one grouped convolution."""
     n, c, h, w = x.shape
-    radius = min(int(math.ceil(3 * float(sigma.max()))), (min(h, w) - 1) // 2)
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    radius = min(int(math.ceil(3 * max(sigmas))), (min(h, w) - 1) // 2)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    sigma = torch.tensor(sigmas, dtype=x.dtype, device=x.device)
     k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2)
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [n*c, K]
     y = torch.nn.functional.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="reflect")
@@ -141,12 +145,22 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def augment_batch(spec: ViewSpec, images: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
-    """`augment` for a batch of same-size uint8 images [B, C, H, W] → uint8 [B, 3, S, S], with the
-    same random choices (row i draws from gens[i]) but vectorised: crops and resizes in one
-    `roi_align` (bilinear, averaging ⌈box/S⌉² samples per pixel as antialiasing), colour
-    operations as masked whole-batch tensor ops. Pixels differ from `augment` only by
-    interpolation and rounding; it exists because per-image torchvision calls cost ~1 ms each,
-    which dominated training on 28×28 data."""
+    """`augment` for a batch of same-size uint8 images (see `crop_batch`), colour included."""
+    x = crop_batch(spec, images, gens)
+    params = [colour_params(spec, g) for g in gens]
+    if _ext.has_colour_kernel():  # torchvision's uint8 colour semantics, in C++ over the rows
+        u8 = x.round_().clamp_(0, 255).to(torch.uint8).contiguous()
+        colour_rows(params, u8, list(range(len(gens))))
+        return u8
+    return _colour_batch_float(x, params)
+
+
+def crop_batch(spec: ViewSpec, images: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+    """`crop` for a batch of same-size uint8 images [B, C, H, W] → float [B, 3, S, S] in 0..255,
+    with the same random choices (row i draws from gens[i]) but vectorised: crops and resizes in
+    one `roi_align` (bilinear, averaging ⌈box/S⌉² samples per pixel as antialiasing). Pixels
+    differ from `crop` only by interpolation; it exists because per-image torchvision calls cost
+    ~1 ms each, which dominated training on 28×28 data."""
     from torchvision.ops import roi_align
 
     n, _, height, width = images.shape
@@ -169,24 +183,28 @@ def augment_batch(spec: ViewSpec, images: torch.Tensor, gens: list[torch.Generat
     flip = torch.tensor([b[4] for b in geo])
     if flip.any():
         x[flip] = x[flip].flip(-1)
-    params = [colour_params(spec, g) for g in gens]
-    if _ext.has_colour_kernel():  # torchvision's uint8 colour semantics, in C++ over the rows
-        u8 = x.round_().clamp_(0, 255).to(torch.uint8).contiguous()
-        colour_rows(params, u8, list(range(n)))
-        return u8
-    return _colour_batch_float(x, params)
+    return x
 
 
 def _colour_batch_float(x: torch.Tensor, params: list[dict]) -> torch.Tensor:
     """The colour operations as masked whole-batch float ops (without rela._C's kernel)."""
+    return colour_batch_tensor(x, params).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def colour_batch_tensor(x: torch.Tensor, params: list[dict]) -> torch.Tensor:
+    """The colour operations of a float [B, 3, S, S] batch in 0..255 as masked whole-batch tensor
+    ops on its own device (row i takes params[i]): the loader's device-side stage, and the CPU
+    fallback of the batched path. Float arithmetic throughout, so pixels differ from
+    torchvision's uint8 ops by rounding only."""
+    dev = x.device
     x = x.clamp_(0, 255)
     for slot in range(4):  # ColorJitter's per-row random order: apply slot by slot
         for name in JITTER:
-            rows = torch.tensor([i for i, p in enumerate(params) if len(p["order"]) > slot and p["order"][slot] == name],
-                                dtype=torch.int64)
-            if not len(rows):
+            picked = [i for i, p in enumerate(params) if len(p["order"]) > slot and p["order"][slot] == name]
+            if not picked:
                 continue
-            f = torch.tensor([params[i][name] for i in rows.tolist()], dtype=x.dtype).view(-1, 1, 1, 1)
+            rows = torch.tensor(picked, dtype=torch.int64, device=dev)
+            f = torch.tensor([params[i][name] for i in picked], dtype=x.dtype, device=dev).view(-1, 1, 1, 1)
             v = x[rows]
             if name == "brightness":
                 v = v * f
@@ -199,15 +217,16 @@ def _colour_batch_float(x: torch.Tensor, params: list[dict]) -> torch.Tensor:
             else:
                 v = _shift_hue(v / 255.0, f.view(-1)) * 255.0
             x[rows] = v.clamp_(0, 255)
-    gray = torch.tensor([p["gray"] for p in params])
-    if gray.any():
-        x[gray] = _gray(x[gray]).expand(-1, 3, -1, -1)
-    sig = torch.tensor([p["sigma"] for p in params])
-    if (sig > 0).any():
-        rows = sig > 0
-        x[rows] = _blur(x[rows], sig[rows])
-    sol = torch.tensor([p["solarize"] for p in params])
-    if sol.any():
-        v = x[sol].round()
-        x[sol] = torch.where(v >= 128, 255 - v, v)
-    return x.round_().clamp_(0, 255).to(torch.uint8)
+    def rows_where(key):  # index tensors from host-side choices: no boolean-mask sync on a GPU
+        picked = [i for i, p in enumerate(params) if p[key]]
+        return torch.tensor(picked, dtype=torch.int64, device=dev) if picked else None
+
+    if (rows := rows_where("gray")) is not None:
+        x[rows] = _gray(x[rows]).expand(-1, 3, -1, -1)
+    if (rows := rows_where("sigma")) is not None:
+        x[rows] = _blur(x[rows], [p["sigma"] for p in params if p["sigma"]])
+    if (rows := rows_where("solarize")) is not None:
+        v = x[rows].round()
+        x[rows] = torch.where(v >= 128, 255 - v, v)
+    return x
+

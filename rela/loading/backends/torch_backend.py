@@ -19,7 +19,7 @@ from rela import _ext
 from rela._alloc import keep_freed_memory
 from rela.errors import CorruptImageError, RelaError
 from rela.loading.backends import Options, SampleRules, Task, Tasks
-from rela.loading.backends.augment import augment_batch, colour_rows, crop, normalize_batch
+from rela.loading.backends.augment import colour_rows, crop, crop_batch, normalize_batch
 from rela.loading.backends.threads import ThreadedBatches
 from rela.loading.views import colour_params, geometry
 
@@ -27,10 +27,12 @@ from rela.loading.views import colour_params, geometry
 class TorchBuilder(torch.utils.data.Dataset):
     """Builds one task's batch; a Dataset of tasks, so DataLoader workers can run it."""
 
-    def __init__(self, rules: SampleRules, decode_threads: int = 1, uint8: bool = False) -> None:
+    def __init__(self, rules: SampleRules, decode_threads: int = 1, handoff: str = "float32") -> None:
         self.rules = rules
-        self.decode_threads = decode_threads  # C++ JPEG decode threads per batch (thread workers)
-        self.uint8 = uint8  # hand the views over as uint8; the loader normalises them on the device
+        self.decode_threads = decode_threads  # C++ JPEG (and colour) threads per batch (thread workers)
+        # "float32": finished views; "uint8": coloured crops, normalised by the loader on the device;
+        # "device-colour": plain crops + each row's colour choices, coloured there too.
+        self.handoff = handoff
 
     def __len__(self) -> int:
         return len(self.rules.dataset)
@@ -93,13 +95,11 @@ class TorchBuilder(torch.utils.data.Dataset):
         # Augment in uint8 straight into one batch tensor per view, then normalise whole batches.
         u8 = [torch.empty(n, 3, v.size, v.size, dtype=torch.uint8) for v in task.views]
         index = torch.tensor(task.indices, dtype=torch.int64)
-        params: list[list[dict]] = [[] for _ in task.views]
+        params: list[list[dict | None]] = [[None] * n for _ in task.views]  # each row's colour choices
         for row, views, gs in zip(rows, planes, gens, strict=True):
             for k, spec in enumerate(task.views):
                 u8[k][row] = torch.from_numpy(views[k])  # planar C×S×S
-                params[k].append(colour_params(spec, gs[k]))  # after geometry, on the same stream
-        for k in range(len(task.views)):
-            colour_rows(params[k], u8[k], rows, self.decode_threads)  # C++ over the rows, GIL released
+                params[k][row] = colour_params(spec, gs[k])  # after geometry, on the same stream
         done = set(rows)
         rest, images = [r for r in range(n) if r not in done], []
         for row in rest:
@@ -109,33 +109,38 @@ class TorchBuilder(torch.utils.data.Dataset):
                 return {"error": (e.index, e.source, e.reason), "version": task.version}
             index[row] = i
             images.append(img)
-        self._augment_rest(task, rest, images, u8)
+        self._crop_rest(task, rest, images, u8, params)
+        in_worker = torch.utils.data.get_worker_info() is not None
+        if self.handoff == "device-colour":  # colour and normalisation on the device (the loader)
+            batch = self.rules.assemble(task, [x.share_memory_() if in_worker else x for x in u8], index, skipped)
+            batch["colour"] = params
+            return batch
+        for k in range(len(task.views)):  # C++ over the rows, threads, GIL released
+            colour_rows(params[k], u8[k], list(range(n)), self.decode_threads)
+        if self.handoff == "uint8":
+            return self.rules.assemble(task, [x.share_memory_() if in_worker else x for x in u8], index, skipped)
         # In a worker, write the float batches straight into shared memory: handing them to the
         # main process is then a handle, not a 4-byte-per-pixel copy.
-        in_worker = torch.utils.data.get_worker_info() is not None
-        if self.uint8:
-            return self.rules.assemble(task, [x.share_memory_() if in_worker else x for x in u8], index, skipped)
         outs = [torch.empty(x.shape, dtype=torch.float32).share_memory_() if in_worker else None for x in u8]
         views = [normalize_batch(spec, x, o) for spec, x, o in zip(task.views, u8, outs, strict=True)]
         return self.rules.assemble(task, views, index, skipped)
 
-    def _augment_rest(self, task: Task, rest: list[int], images: list[torch.Tensor], u8: list[torch.Tensor]) -> None:
-        """The general path's views, written into rows `rest` of the uint8 batches. The random
-        streams are the drawn samples' (a replacement keeps the drawn sample's views)."""
-        if len(rest) > 1 and len({img.shape for img in images}) == 1:
-            # Many same-size images (in-memory data): one vectorised pass per view.
-            batch = torch.stack(images)
-            for k, spec in enumerate(task.views):
-                gens = [self.rules.generator(task, task.indices[r], k) for r in rest]
-                u8[k][rest] = augment_batch(spec, batch, gens)
-            return
+    def _crop_rest(self, task: Task, rest: list[int], images: list[torch.Tensor], u8: list[torch.Tensor],
+                   params: list[list[dict | None]]) -> None:
+        """The general path's crops, written into rows `rest` of the uint8 batches, and their
+        colour choices into `params`. The random streams are the drawn samples' (a replacement
+        keeps the drawn sample's views)."""
+        batched = len(rest) > 1 and len({img.shape for img in images}) == 1
+        stack = torch.stack(images) if batched else None  # in-memory data: one vectorised pass per view
         for k, spec in enumerate(task.views):
-            params = []
-            for row, img in zip(rest, images, strict=True):
-                g = self.rules.generator(task, task.indices[row], k)
-                u8[k][row] = crop(spec, img, g)
-                params.append(colour_params(spec, g))
-            colour_rows(params, u8[k], rest, self.decode_threads)
+            gens = [self.rules.generator(task, task.indices[r], k) for r in rest]
+            if batched:
+                u8[k][rest] = crop_batch(spec, stack, gens).round_().clamp_(0, 255).to(torch.uint8)
+            else:
+                for row, img, g in zip(rest, images, gens, strict=True):
+                    u8[k][row] = crop(spec, img, g)
+            for row, g in zip(rest, gens, strict=True):
+                params[k][row] = colour_params(spec, g)
 
 
 def _worker_init(_: int) -> None:
@@ -161,7 +166,7 @@ class TorchBackend:
 
     def __init__(self, rules: SampleRules, options: Options) -> None:
         self.options = options
-        self.builder = TorchBuilder(rules, options.decode_threads, options.handoff == "uint8")
+        self.builder = TorchBuilder(rules, options.decode_threads, options.handoff)
 
     def build(self, task: Task) -> dict:
         return self.builder.build(task)
