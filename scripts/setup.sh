@@ -13,6 +13,8 @@ BACKENDS=1
 [ "${1:-}" = "--minimal" ] && BACKENDS=0
 # FFCV builds from source against libjpeg-turbo and OpenCV (about 690 MB of Debian packages).
 [ $BACKENDS = 1 ] && DEB_PKGS="$DEB_PKGS libturbojpeg0-dev libopencv-dev pkg-config"
+# SPDL (a bench/views.py peer) decodes through FFmpeg's shared libraries (Debian's FFmpeg 5).
+[ $BACKENDS = 1 ] && DEB_PKGS="$DEB_PKGS libavdevice59"
 missing=""
 for p in $DEB_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
@@ -46,8 +48,9 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$inputs" ] || [ "$installed" != 
   echo "$inputs" > "$STAMP"
 fi
 
-# 4. The FFCV and DALI backends (DALI's CPU pipelines work without a GPU).
+# 4. The FFCV and DALI backends (DALI's CPU pipelines work without a GPU), and SPDL (a benchmark peer).
 if [ $BACKENDS = 1 ]; then
   $PY -c "import ffcv" >/dev/null 2>&1 || { echo "setup: pip install ffcv"; $PY -m pip install -q "ffcv==1.0.2" numba opencv-python-headless; }
   $PY -c "import nvidia.dali" >/dev/null 2>&1 || { echo "setup: pip install nvidia-dali-cuda130"; $PY -m pip install -q nvidia-dali-cuda130; }
+  $PY -c "import spdl.pipeline" >/dev/null 2>&1 || { echo "setup: pip install spdl"; $PY -m pip install -q spdl; }
 fi
