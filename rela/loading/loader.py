@@ -42,6 +42,7 @@ from rela.data.datasets import MapDataset, RelaDataset, open_dataset
 from rela.data.store import TargetStore
 from rela.errors import CorruptImageError, RelaError
 from rela.loading import backends
+from rela.loading.backends.augment import colour_batch_tensor, normalize_batch
 from rela.loading.subset import Subset
 from rela.loading.translate import as_views
 from rela.loading.views import ViewSpec, resolve_views
@@ -322,8 +323,6 @@ class Loader:
     def _to_device(self, batch: dict, colour: list | None = None) -> dict:
         """Views to the device (non-blocking from pinned memory), the device-side stage when the
         hand-off asks for it, then the memory format there (a GPU-side copy, off the host)."""
-        from rela.loading.backends.augment import colour_batch_tensor, normalize_batch
-
         nb, fmt = self.pin_memory, self.memory_format
         views = [v.to(self.device, non_blocking=nb) for v in batch["views"]]
         if colour is not None:  # device-colour: the rows' drawn colour choices, as batched tensor ops
