@@ -7,6 +7,16 @@
 #include <cmath>
 #include <vector>
 
+// The helpers are inlined into colour_image, which is compiled twice (AVX2 and baseline x86-64)
+// and picked at load time: the same arithmetic, so the same pixels, 8 floats per instruction.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define ALWAYS_INLINE __attribute__((always_inline)) inline
+#define CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define ALWAYS_INLINE inline
+#define CLONES
+#endif
+
 namespace rela {
 namespace {
 
@@ -41,7 +51,7 @@ struct Planes {
   size_t n;
 };
 
-void brightness(Planes p, float f) {
+ALWAYS_INLINE void brightness(Planes p, float f) {
   for (uint8_t* c : {p.r, p.g, p.b})
     for (size_t i = 0; i < p.n; ++i) c[i] = to_u8(static_cast<float>(c[i]) * f);
 }
@@ -51,7 +61,7 @@ inline uint8_t blend(uint8_t x, float other, float f, float one_minus_f) {
   return to_u8(static_cast<float>(x) * f + other * one_minus_f);
 }
 
-void contrast(Planes p, float f) {
+ALWAYS_INLINE void contrast(Planes p, float f) {
   int64_t sum = 0;  // the mean of the floored grayscale image: whole numbers, summed exactly
   for (size_t i = 0; i < p.n; ++i) sum += static_cast<int32_t>(gray(p.r[i], p.g[i], p.b[i]));
   const float mean = static_cast<float>(static_cast<double>(sum) / static_cast<double>(p.n));
@@ -60,7 +70,7 @@ void contrast(Planes p, float f) {
     for (size_t i = 0; i < p.n; ++i) c[i] = blend(c[i], mean, f, one_minus_f);
 }
 
-void saturation(Planes p, float f) {
+ALWAYS_INLINE void saturation(Planes p, float f) {
   const float one_minus_f = 1.0f - f;
   for (size_t i = 0; i < p.n; ++i) {
     const float l = floor_pos(gray(p.r[i], p.g[i], p.b[i]));
@@ -72,7 +82,7 @@ void saturation(Planes p, float f) {
 
 // adjust_hue_image: to float [0, 1], _rgb_to_hsv, h = (h + shift) mod 1, _hsv_to_rgb, ×255.999 → uint8.
 // In chunks: uint8 → float, the float math (a pure float loop, so it vectorises), float → uint8.
-void hue(Planes p, float shift) {
+ALWAYS_INLINE void hue(Planes p, float shift) {
   constexpr size_t kChunk = 512;
   const float inv255 = static_cast<float>(1.0 / 255.0), sixth = static_cast<float>(1.0 / 6.0);
   const float scale = 255.0f + 1.0f - 1e-3f;
@@ -125,7 +135,7 @@ void hue(Planes p, float shift) {
   }
 }
 
-void grayscale(Planes p) {
+ALWAYS_INLINE void grayscale(Planes p) {
   for (size_t i = 0; i < p.n; ++i) {
     const uint8_t l = static_cast<uint8_t>(gray(p.r[i], p.g[i], p.b[i]));  // .to(uint8) of a value in [0, 255]
     p.r[i] = p.g[i] = p.b[i] = l;
@@ -153,7 +163,7 @@ inline int reflect(int i, int n) { return i < 0 ? -i : (i >= n ? 2 * (n - 1) - i
 // gaussian_blur_image with kernel size min(2⌈3σ⌉ + 1, largest odd < min(h, w)), reflect padding;
 // separable (two 1-D passes instead of one 2-D convolution: float sums in another order), then
 // round half to even. Rows are padded into a buffer first so the inner loops have no branches.
-void blur(uint8_t* plane, int h, int w, const std::vector<float>& k1, std::vector<float>& tmp,
+ALWAYS_INLINE void blur(uint8_t* plane, int h, int w, const std::vector<float>& k1, std::vector<float>& tmp,
           std::vector<float>& row) {
   const int k = static_cast<int>(k1.size()), r = k / 2;
   tmp.assign(static_cast<size_t>(h) * w, 0.0f);
@@ -182,14 +192,14 @@ void blur(uint8_t* plane, int h, int w, const std::vector<float>& k1, std::vecto
   }
 }
 
-void solarize(Planes p) {
+ALWAYS_INLINE void solarize(Planes p) {
   for (uint8_t* c : {p.r, p.g, p.b})
     for (size_t i = 0; i < p.n; ++i) c[i] = c[i] >= 128 ? static_cast<uint8_t>(255 - c[i]) : c[i];
 }
 
 }  // namespace
 
-void colour_image(uint8_t* img, int h, int w, const double* params) {
+CLONES void colour_image(uint8_t* img, int h, int w, const double* params) {
   const size_t n = static_cast<size_t>(h) * w;
   Planes p{img, img + n, img + 2 * n, n};
   const int ops = static_cast<int>(params[0]);
