@@ -5,8 +5,9 @@ number of workers (threads or processes) for every loader, one run, same machine
 
   torch DataLoader + torchvision v2 on PIL     the baseline users run (lightly's transforms are
   torch DataLoader + torchvision v2 on tensors  these ops); the better of the two is the baseline
-  SPDL pipeline                                 Meta's SPDL: FFmpeg decode + crop/resize in its
-                                                filter graph, torchvision v2 colour ops, thread stages
+  SPDL pipelines                                Meta's SPDL, thread stages: FFmpeg decode + crop/resize
+                                                in its filter graph per view, or decode once + v2 crops;
+                                                torchvision v2 colour ops
   rela.Loader (threads / processes)             C++ crop-while-decoding + C++ colour kernel
   rela.Loader, torchvision colour               the same with rela._C's colour kernel switched off
   FFCV (brightness/contrast/saturation only)    FFCV 1.x has no hue, grayscale, blur or solarise:
@@ -103,9 +104,10 @@ def rela_epoch(folder: Path, specs, workers: int, worker_type: str):
     return lambda: sum(len(b["index"]) for b in loader)
 
 
-def spdl_epoch(folder: Path, specs, workers: int):
-    """SPDL's way: thread stages over samples; FFmpeg decodes, crops, resizes and flips in one
-    filter graph per view (the crop drawn as RandomResizedCrop draws it), torchvision v2 the colour."""
+def spdl_epoch(folder: Path, specs, workers: int, decode_once: bool = False):
+    """SPDL's way: thread stages over samples. Either FFmpeg decodes, crops, resizes and flips in
+    one filter graph per view (the crop drawn as RandomResizedCrop draws it), or (`decode_once`)
+    FFmpeg decodes each image once and torchvision v2 cuts the views; v2 does the colour."""
     import numpy as np
     import spdl.io
     from spdl.pipeline import PipelineBuilder
@@ -113,6 +115,14 @@ def spdl_epoch(folder: Path, specs, workers: int):
 
     files = sorted((folder / "all").iterdir())
     colour = [v2.Compose(v2_colour(s)) for s in specs]
+
+    crops = [v2.Compose([v2.RandomResizedCrop(sp.size, scale=sp.scale, ratio=sp.ratio, antialias=True),
+                         v2.RandomHorizontalFlip(sp.flip)]) for sp in specs]
+
+    def load_once(path: Path):
+        frames = spdl.io.decode_packets(spdl.io.demux_image(str(path)), filter_desc="format=rgb24")
+        x = torch.from_numpy(np.array(spdl.io.convert_frames(frames))).permute(2, 0, 1)
+        return [tf(crop(x)) for crop, tf in zip(crops, colour, strict=True)]
 
     def load(path: Path):
         packets = spdl.io.demux_image(str(path))
@@ -136,7 +146,8 @@ def spdl_epoch(folder: Path, specs, workers: int):
 
     def run() -> int:
         order = np.random.default_rng().permutation(len(files))
-        pipe = (PipelineBuilder().add_source([files[i] for i in order]).pipe(load, concurrency=workers)
+        pipe = (PipelineBuilder().add_source([files[i] for i in order])
+                .pipe(load_once if decode_once else load, concurrency=workers)
                 .aggregate(64).pipe(batch).add_sink(4).build(num_threads=workers))
         with pipe.auto_stop():
             return sum(len(b[0]) for b in pipe)
@@ -183,11 +194,14 @@ def rows_for(name: str, folder: Path, args, n: int) -> list[dict]:
     w = args.workers
     rows = [measure("torch DataLoader + v2 on PIL", torch_epoch(folder, specs, w, "pil"), n, args.epochs),
             measure("torch DataLoader + v2 on tensors", torch_epoch(folder, specs, w, "tensor"), n, args.epochs)]
-    for label, make in (("SPDL pipeline (FFmpeg + v2 colour)", lambda: spdl_epoch(folder, specs, w)),
+    for label, make in (("SPDL, FFmpeg crop per view + v2 colour", lambda: spdl_epoch(folder, specs, w)),
+                        ("SPDL, FFmpeg decode once + v2 views", lambda: spdl_epoch(folder, specs, w, True)),
                         ("rela.Loader, thread workers", lambda: rela_epoch(folder, specs, w, "thread")),
                         ("rela.Loader, worker processes", lambda: rela_epoch(folder, specs, w, "process")),
                         ("rela.Loader, threads, torchvision colour", lambda: _without_kernel(folder, specs, w)),
                         ("FFCV (b/c/s jitter only: lighter)", lambda: ffcv_epoch(folder, specs, w))):
+        if args.rows and not any(r in label for r in args.rows):
+            continue
         try:
             rows.append(measure(label, make(), n, args.epochs))
         except Exception as e:  # a peer missing here must not hide the other rows
@@ -217,6 +231,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--views", nargs="+", default=["rela", "byol"], choices=sorted(SPECS))
+    p.add_argument("--rows", nargs="*", help="only the peer rows whose name contains one of these (the two "
+                   "baselines always run)")
     args = p.parse_args()
     folder = build_jpegs(args.images, OUT)
     n = len(list((folder / "all").iterdir()))
@@ -228,12 +244,15 @@ def main() -> None:
         print(f"{name} views (2 x 224 px):")
         rows = rows_for(name, folder, args, n)
         base = max(rows[:2], key=lambda r: r["img_s"])
-        rela = max((r for r in rows if r["name"].startswith("rela.Loader, t") or r["name"].startswith("rela.Loader, w")),
-                   key=lambda r: r["img_s"])
-        spdl = next((r for r in rows if r["name"].startswith("SPDL")), None)
-        print(f"  baseline: {base['name']}; best rela: {rela['name']}: x{rela['img_s'] / base['img_s']:.2f} img/s, "
-              f"x{base['cpu_ms'] / rela['cpu_ms']:.2f} less CPU per image"
-              + (f"; rela/SPDL x{rela['img_s'] / spdl['img_s']:.2f}" if spdl else "") + "\n")
+        ours = [r for r in rows if r["name"] in ("rela.Loader, thread workers", "rela.Loader, worker processes")]
+        spdl = max((r for r in rows if r["name"].startswith("SPDL")), key=lambda r: r["img_s"], default=None)
+        line = f"  baseline: {base['name']}"
+        if ours:
+            rela = max(ours, key=lambda r: r["img_s"])
+            line += (f"; best rela: {rela['name']}: x{rela['img_s'] / base['img_s']:.2f} img/s, "
+                     f"x{base['cpu_ms'] / rela['cpu_ms']:.2f} less CPU per image")
+            line += f"; rela / best SPDL x{rela['img_s'] / spdl['img_s']:.2f}" if spdl else ""
+        print(line + "\n")
         results.append({"views": name, "rows": rows, "baseline": base["name"]})
     (OUT / "views.json").write_text(json.dumps(results, indent=1))
 
