@@ -65,7 +65,9 @@ def student_store(args) -> str:
 
     path = args.out / f"store-student-{args.limit or 'full'}"
     weights = args.out / "byol-100-student.safetensors"
-    export_student(args.out / "byol-100-s0", weights)
+    checkpoint = args.out / "byol-100-s0" / "checkpoint.pt"
+    if not weights.exists() or weights.stat().st_mtime < checkpoint.stat().st_mtime:
+        export_student(args.out / "byol-100-s0", weights)  # a rerun keeps the file, so the store is reused
     e2e.PRIORS["student"] = f"student:{weights}"
     convert("fashion-mnist", e2e.PRIORS["student"], path, dim=64, limit=args.limit,  # at its own 32 px
             progress=not args.quiet)

@@ -263,6 +263,10 @@ def test_a_trained_student_becomes_the_next_prior(tiny, tmp_path):
     assert r.returncode == 0 and f"student:{out}" in r.stdout, r.stderr
     prior = load_prior(f"student:{out}")
     assert prior.input_size == 16 and prior.identity["arch"] == "resnet18-cifar x0.0625"
+    from rela.training.run import export_student
+
+    export_student(tmp_path / "run", out)  # the same run exported again: a store made from it still matches
+    assert load_prior(f"student:{out}").identity == prior.identity
     # The prior's features are the run's backbone's features under the eval view (square images).
     from rela.models import build_backbone
 

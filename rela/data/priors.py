@@ -409,7 +409,9 @@ def _student(rest: str, opts: PriorOptions) -> Prior:
         model = build_backbone(arch, width)
     _load_into(model, load_weights(path), rest, arch)
     ident = {"name": f"student:{rest}", "source": str(path.resolve()), "arch": f"{arch} x{width:g}",
-             "weights_sha256": sha256_file(path), "run": meta.get("run"), "method": meta.get("method")}
+             # The weights' own hash, not the file's: safetensors writes metadata in no fixed order,
+             # so exporting the same run twice gives different bytes (found by bench/table1.py).
+             "weights_sha256": sha256_state_dict(model), "run": meta.get("run"), "method": meta.get("method")}
     return _prior(opts, model, int(meta["input_size"]), json.loads(meta["mean"]), json.loads(meta["std"]), ident)
 
 
