@@ -16,6 +16,19 @@
 
 namespace py = pybind11;
 
+// fn(i) for every row i < n, rows dealt by stride to min(threads, n) threads (the caller's among them).
+template <typename Fn>
+static void for_rows(int64_t n, int threads, const Fn& fn) {
+  auto work = [&](int64_t lo, int64_t step) {
+    for (int64_t i = lo; i < n; i += step) fn(i);
+  };
+  const int t = std::max(1, std::min<int>(threads, static_cast<int>(n)));
+  std::vector<std::thread> pool;
+  for (int k = 1; k < t; ++k) pool.emplace_back(work, k, t);
+  work(0, t);
+  for (auto& th : pool) th.join();
+}
+
 static py::array_t<int64_t> permutation(int64_t n, uint64_t seed) {
   if (n < 0) throw std::invalid_argument("permutation: n must be >= 0");
   py::array_t<int64_t> out(n);
@@ -90,17 +103,11 @@ static py::tuple decode_resized_crops(const py::list& jpegs,
   const uint8_t* f = flips.data();
   {
     py::gil_scoped_release release;
-    auto work = [&](int64_t lo, int64_t step) {
-      for (int64_t i = lo; i < n; i += step)
-        errors[i] = rela::decode_resized_crops(reinterpret_cast<const uint8_t*>(data[i].data()), data[i].size(),
-                                               b + i * views * 4, f + i * views, views, out_size,
-                                               ptrs.data() + static_cast<size_t>(i) * views);
-    };
-    const int t = std::max(1, std::min<int>(threads, static_cast<int>(n)));
-    std::vector<std::thread> pool;
-    for (int k = 1; k < t; ++k) pool.emplace_back(work, k, t);
-    work(0, t);
-    for (auto& th : pool) th.join();
+    for_rows(n, threads, [&](int64_t i) {
+      errors[i] = rela::decode_resized_crops(reinterpret_cast<const uint8_t*>(data[i].data()), data[i].size(),
+                                             b + i * views * 4, f + i * views, views, out_size,
+                                             ptrs.data() + static_cast<size_t>(i) * views);
+    });
   }
   py::list errs;
   for (auto& e : errors) errs.append(e);
@@ -120,15 +127,9 @@ static void colour_batch(py::array_t<uint8_t, py::array::c_style> images,
   uint8_t* data = images.mutable_data();
   const double* p = params.data();
   py::gil_scoped_release release;
-  auto work = [&](int64_t lo, int64_t step) {
-    for (int64_t i = lo; i < n; i += step)
-      rela::colour_image(data + static_cast<size_t>(i) * 3 * h * w, h, w, p + i * rela::kColourParams);
-  };
-  const int t = std::max(1, std::min<int>(threads, static_cast<int>(n)));
-  std::vector<std::thread> pool;
-  for (int k = 1; k < t; ++k) pool.emplace_back(work, k, t);
-  work(0, t);
-  for (auto& th : pool) th.join();
+  for_rows(n, threads, [&](int64_t i) {
+    rela::colour_image(data + static_cast<size_t>(i) * 3 * h * w, h, w, p + i * rela::kColourParams);
+  });
 }
 
 PYBIND11_MODULE(_C, m) {

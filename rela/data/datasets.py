@@ -613,10 +613,13 @@ class MapDataset(RelaDataset):
             raise DatasetError(f"{self.name}[{index}]: as-is items must be tensors (or a list of them, one "
                                f"per view), got {type(views[0]).__name__}; without a transform, let rela "
                                "make the views (views='rela', 'byol', ...)")
+        return views, self._class_index(label, index)
+
+    def _class_index(self, value, index: int) -> int:
         try:
-            return views, int(label)
+            return int(value)
         except (TypeError, ValueError):
-            raise DatasetError(f"{self.name}: label {label!r} of sample {index} is not a class index") from None
+            raise DatasetError(f"{self.name}: label {value!r} of sample {index} is not a class index") from None
 
     def _label_column(self) -> np.ndarray | None:
         """All labels without decoding an image: torchvision's `.targets`, or a Hugging Face
@@ -640,11 +643,7 @@ class MapDataset(RelaDataset):
         column = self._label_column()
         if column is not None:
             return int(column[index])
-        value = self._split(self._item(index))[1]
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise DatasetError(f"{self.name}: label {value!r} of sample {index} is not a class index") from None
+        return self._class_index(self._split(self._item(index))[1], index)
 
     def describe(self, index: int) -> str:
         return f"{self.name}[{index}]"

@@ -83,7 +83,7 @@ class Options:
     pin_memory: bool = False
     timeout: float = 0
     device: torch.device = torch.device("cpu")
-    handoff: str = "float32"  # torch backend: "uint8" leaves normalisation to the loader, on the device
+    handoff: str = "float32"  # torch backend: what crosses to the device (rela.loading.loader.HANDOFFS)
 
     @property
     def decode_threads(self) -> int:

@@ -145,19 +145,16 @@ def _blur(x: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
 
 
 def augment_batch(spec: ViewSpec, images: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
-    """`augment` for a batch of same-size uint8 images (see `crop_batch`), colour included."""
-    x = crop_batch(spec, images, gens)
-    params = [colour_params(spec, g) for g in gens]
-    if _ext.has_colour_kernel():  # torchvision's uint8 colour semantics, in C++ over the rows
-        u8 = x.round_().clamp_(0, 255).to(torch.uint8).contiguous()
-        colour_rows(params, u8, list(range(len(gens))))
-        return u8
-    return _colour_batch_float(x, params)
+    """`augment` for a batch of same-size uint8 images: `crop_batch`, then `colour_rows` — what the
+    torch backend runs for in-memory data."""
+    u8 = crop_batch(spec, images, gens)
+    colour_rows([colour_params(spec, g) for g in gens], u8, list(range(len(gens))))
+    return u8
 
 
 def crop_batch(spec: ViewSpec, images: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
-    """`crop` for a batch of same-size uint8 images [B, C, H, W] → float [B, 3, S, S] in 0..255,
-    with the same random choices (row i draws from gens[i]) but vectorised: crops and resizes in
+    """`crop` for a batch of same-size uint8 images [B, C, H, W] → uint8 [B, 3, S, S], with the
+    same random choices (row i draws from gens[i]) but vectorised: crops and resizes in
     one `roi_align` (bilinear, averaging ⌈box/S⌉² samples per pixel as antialiasing). Pixels
     differ from `crop` only by interpolation; it exists because per-image torchvision calls cost
     ~1 ms each, which dominated training on 28×28 data."""
@@ -183,19 +180,13 @@ def crop_batch(spec: ViewSpec, images: torch.Tensor, gens: list[torch.Generator]
     flip = torch.tensor([b[4] for b in geo])
     if flip.any():
         x[flip] = x[flip].flip(-1)
-    return x
-
-
-def _colour_batch_float(x: torch.Tensor, params: list[dict]) -> torch.Tensor:
-    """The colour operations as masked whole-batch float ops (without rela._C's kernel)."""
-    return colour_batch_tensor(x, params).round_().clamp_(0, 255).to(torch.uint8)
+    return x.round_().clamp_(0, 255).to(torch.uint8).contiguous()
 
 
 def colour_batch_tensor(x: torch.Tensor, params: list[dict]) -> torch.Tensor:
     """The colour operations of a float [B, 3, S, S] batch in 0..255 as masked whole-batch tensor
-    ops on its own device (row i takes params[i]): the loader's device-side stage, and the CPU
-    fallback of the batched path. Float arithmetic throughout, so pixels differ from
-    torchvision's uint8 ops by rounding only."""
+    ops on its own device (row i takes params[i]): the loader's device-side stage. Float
+    arithmetic throughout, so pixels differ from torchvision's uint8 ops by rounding only."""
     dev = x.device
     x = x.clamp_(0, 255)
     for slot in range(4):  # ColorJitter's per-row random order: apply slot by slot

@@ -3,7 +3,8 @@
 Each sample is decoded once and every view is cut from that decode. JPEG files go through
 `rela._C`'s crop-while-decoding path, which reads only the rows and columns the views' boxes
 need; everything else (other formats, CMYK, in-memory arrays, failures) takes the general path
-(`SampleRules.load` + `augment`, or `augment_batch` for many same-size images). Batches are built
+(`SampleRules.load` + `crop`, or `crop_batch` for many same-size images). Either way the colour
+operations then run over the whole batch in rela._C's kernel (`colour_rows`). Batches are built
 in the loop's process (`num_workers=0`), in worker processes through a torch DataLoader (the
 default), or ahead in one producer thread (`worker_type="thread"`).
 """
@@ -135,7 +136,7 @@ class TorchBuilder(torch.utils.data.Dataset):
         for k, spec in enumerate(task.views):
             gens = [self.rules.generator(task, task.indices[r], k) for r in rest]
             if batched:
-                u8[k][rest] = crop_batch(spec, stack, gens).round_().clamp_(0, 255).to(torch.uint8)
+                u8[k][rest] = crop_batch(spec, stack, gens)
             else:
                 for row, img, g in zip(rest, images, gens, strict=True):
                     u8[k][row] = crop(spec, img, g)
