@@ -87,13 +87,15 @@ def train_reference(limit: int | None, epochs: int, seed: int = 0, batch_size: i
 
 
 def evaluate(backbone: nn.Module, limit: int | None) -> dict:
-    """rela's probes on the frozen backbone: the converged L-BFGS linear probe and kNN-20."""
+    """rela's probes on the frozen backbone: the converged L-BFGS linear probe and kNN-20 (weighted
+    and majority vote)."""
     from rela.data.datasets import open_dataset
     from rela.training.evaluate import extract_features, knn_accuracy, linear_probe
 
     tr = extract_features(backbone, open_dataset("fashion-mnist", limit), 32)
     te = extract_features(backbone, open_dataset("fashion-mnist:test"), 32)
-    return {"linear": linear_probe(*tr, *te)["top1"], "knn": knn_accuracy(*tr, *te)}
+    return {"linear": linear_probe(*tr, *te)["top1"], "knn": knn_accuracy(*tr, *te),
+            "knn_majority": knn_accuracy(*tr, *te, vote="majority")}
 
 
 def main() -> None:

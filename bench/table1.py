@@ -8,9 +8,9 @@ loss-scored dynamic subset). Other methods (`--methods`): the method at 100% and
 method after a Lite0 RELA phase at 50%.
 
 Before the table, the baseline sweep of `bench/end_to_end.py` (BYOL-100 over crop min-scale ×
-lr); its best setting is used by every BYOL arm, RELA's BYOL phase included. The other methods
-run at rela's defaults (AdamW 1e-3, their own ≤ 64-px view presets): they are not swept here,
-which the output says. Every arm goes through `rela train` + `rela eval` (L-BFGS probe, kNN-20);
+lr); its best setting is used by every BYOL arm, RELA's BYOL phase included. Each other method
+gets its own sweep first (AdamW lr ∈ METHOD_LRS at 100%, seed 0, its own ≤ 64-px view preset) and
+all its arms run at its best lr (`--method-seeds` repeats them). Every arm goes through `rela train` + `rela eval` (L-BFGS probe, kNN-20);
 arms are cached under --out and reused when rerun with the same settings (the output marks
 which ran now), so an interrupted table resumes.
 
@@ -18,7 +18,7 @@ Floors and ceilings drawn in each plot: the random-init student (no training) an
 own features (L-BFGS probe on the prior's raw features under its own preprocessing).
 
     python bench/table1.py --short                       # 5k images, 8 epochs, 1 seed
-    python bench/table1.py --short --seeds 2 --methods simclr barlowtwins vicreg moco dino
+    python bench/table1.py --short --seeds 2 --method-seeds 2       # the README's table
 """
 
 from __future__ import annotations
@@ -40,22 +40,39 @@ from bench._common import device_line  # noqa: E402
 BUDGETS = (0.1, 0.2, 0.5)
 BYOL_PRIORS = ("random", "student", "lite0")
 METHODS = ("simclr", "moco", "barlowtwins", "vicreg", "dino")
-UNTUNED = {"ssl_views": None, "lr": 1e-3}  # other methods: rela's defaults, not the BYOL sweep's
+UNTUNED = {"ssl_views": None}  # other methods: their own view presets, not BYOL's tuned crop
+METHOD_LRS = (5e-4, 1e-3, 2e-3)  # each other method's lr sweep (the grid the issue gives BYOL's)
 
 
-def byol_arms() -> dict:
-    """name → (prior, budget, phase[, overrides]) for BYOL's rows (see the module doc)."""
-    arms = {"byol-100": (None, 1.0, "off")}
+def byol_arms(args) -> dict:
+    """name → (prior, budget, phase[, overrides]) for BYOL's rows (see the module doc); BYOL-100 is
+    the sweep's best setting's own runs (the same config, so they are reused, not rerun)."""
+    arms = {"byol-100": (args.byol100, (None, 1.0, "off"))}
     arms |= {f"byol-{round(100 * b)}": (None, b, "off") for b in BUDGETS}
     arms |= {f"rela-{p}-{round(100 * b)}": (p, b, None) for p in BYOL_PRIORS for b in BUDGETS}
     arms |= {f"rela-lite0-{round(100 * b)}-scored": ("lite0", b, None, {"policy": "scored"}) for b in (0.2, 0.5)}
     return arms
 
 
-def method_arms(method: str) -> dict:
-    base = {**UNTUNED, "method": method}
-    return {f"{method}-100": (None, 1.0, "off", base), f"{method}-50": (None, 0.5, "off", base),
-            f"rela-{method}-lite0-50": ("lite0", 0.5, None, base)}
+def method_arms(method: str, lr: float) -> dict:
+    """label → (run directory name, spec): the method at 100% and 50% and after a Lite0 RELA phase
+    at 50%, all at the method's own best lr (its 100% seed-0 run is the sweep's, reused)."""
+    base = {**UNTUNED, "method": method, "lr": lr}
+    return {label: (f"{label}-lr{lr:g}", spec) for label, spec in (
+        (f"{method}-100", (None, 1.0, "off", base)), (f"{method}-50", (None, 0.5, "off", base)),
+        (f"rela-{method}-lite0-50", ("lite0", 0.5, None, base)))}
+
+
+def tune_method(method: str, args, stores: dict) -> float:
+    """The method's own baseline sweep: lr ∈ METHOD_LRS at 100%, seed 0, its preset views; the best
+    linear top-1 wins (the care BYOL's sweep gets, at one axis: its views are its authors')."""
+    runs = []
+    for lr in METHOD_LRS:
+        (label, (dirname, spec)), = [(k, v) for k, v in method_arms(method, lr).items() if k.endswith("-100")]
+        r = e2e.run_arm(dirname, spec, 0, args, stores)
+        print(f"  sweep {method}: lr {lr:g}: linear {r['linear']:.4f} kNN {r['knn']:.4f}", flush=True)
+        runs.append((r["linear"], lr))
+    return max(runs)[1]
 
 
 def student_store(args) -> str:
@@ -65,13 +82,45 @@ def student_store(args) -> str:
 
     path = args.out / f"store-student-{args.limit or 'full'}"
     weights = args.out / "byol-100-student.safetensors"
-    checkpoint = args.out / "byol-100-s0" / "checkpoint.pt"
-    if not weights.exists() or weights.stat().st_mtime < checkpoint.stat().st_mtime:
-        export_student(args.out / "byol-100-s0", weights)  # a rerun keeps the file, so the store is reused
+    run = args.out / f"{args.byol100}-s0"
+    if not weights.exists() or weights.stat().st_mtime < (run / "checkpoint.pt").stat().st_mtime:
+        export_student(run, weights)  # a rerun keeps the file, so the store is reused
     e2e.PRIORS["student"] = f"student:{weights}"
     convert("fashion-mnist", e2e.PRIORS["student"], path, dim=64, limit=args.limit,  # at its own 32 px
             progress=not args.quiet)
     return str(path)
+
+
+def balanced_subset(args) -> str:
+    """The earlier independent run's data choice: a class-balanced random subset of the 60k training
+    images (args.limit / 10 per class, seed 0), as an .npz `rela train` reads."""
+    import numpy as np
+
+    from rela.data.datasets import open_dataset
+
+    path = args.out / f"balanced-{args.limit}.npz"
+    if not path.exists():
+        ds = open_dataset("fashion-mnist")
+        labels = np.array([ds.label(i) for i in range(len(ds))])
+        order = np.random.default_rng(0).permutation(len(ds))
+        keep = np.sort(np.concatenate([order[labels[order] == c][: args.limit // 10] for c in range(10)]))
+        np.savez(path, images=np.stack([ds.load(int(i)) for i in keep]), labels=labels[keep])
+    return str(path)
+
+
+SWITCH_ARMS = {  # the default-phase question at Lite0 50%, beside the table's switch at half
+    "rela-lite0-50-only": ("lite0", 0.5, "fixed:1"), "rela-lite0-50-adaptive": ("lite0", 0.5, "adaptive"),
+    "rela-lite0-50-blend": ("lite0", 0.5, "blend"), "rela-lite0-50-warm": ("lite0", 0.5, None, {"warm_heads": True}),
+    "byol-100-reference": ("reference", 1.0, "off"),  # bench/reference_byol.py: rela's loop must match it
+}
+
+
+def earlier_choices(args, stores: dict) -> list[dict]:
+    """What the earlier run did differently, tried on the tuned BYOL-100: its class-balanced subset
+    (the majority-vote kNN is in every arm's eval.json). Its own student code is not available."""
+    data = {"data": balanced_subset(args), "test_data": "fashion-mnist:test"}
+    arms = {"byol-100-balanced": (None, 1.0, "off", data)}
+    return run_arms(arms, args, stores, args.seeds)
 
 
 def probe_features(backbone, size: int, args, mean=None, std=None) -> dict:
@@ -104,14 +153,17 @@ def floors(args) -> dict:
 
 
 def run_arms(arms: dict, args, stores: dict, seeds: int) -> list[dict]:
+    """Run (or reuse) each arm for seeds 0..seeds-1; a spec may be (run directory name, spec)."""
     rows = []
     for seed in range(seeds):
         for name, spec in arms.items():
+            dirname, spec = spec if isinstance(spec[0], str) and isinstance(spec[1], tuple) else (name, spec)
             t = time.perf_counter()
-            r = e2e.run_arm(name, spec, seed, args, stores)
-            r["ran_now"] = time.perf_counter() - t > 5  # a cached arm returns at once
+            r = e2e.run_arm(dirname, spec, seed, args, stores)
+            r["arm"], r["ran_now"] = name, time.perf_counter() - t > 5  # a cached arm returns at once
             print(f"  {name} seed {seed}{'' if r['ran_now'] else ' (cached)'}: linear {r['linear']:.4f} "
-                  f"kNN {r['knn']:.4f} steps {r['steps']} total {r['total_s']:.0f}s", flush=True)
+                  f"kNN {r['knn']:.4f} (majority {r['knn_majority']:.4f}) steps {r['steps']} "
+                  f"total {r['total_s']:.0f}s", flush=True)
             rows.append(r)
     return rows
 
@@ -186,9 +238,11 @@ def plot(rows: list[dict], method: str, floor: dict, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--short", action="store_true", help="5k images, 8 epochs (default: 10k, 20)")
-    p.add_argument("--seeds", type=int, default=1, help="BYOL arms with seeds 0..N-1 (other methods: seed 0)")
+    p.add_argument("--seeds", type=int, default=1, help="BYOL arms with seeds 0..N-1")
+    p.add_argument("--method-seeds", type=int, default=1, help="the other methods' arms with seeds 0..N-1")
     p.add_argument("--methods", nargs="*", default=list(METHODS), help="other methods (none: BYOL only)")
     p.add_argument("--no-sweep", action="store_true", help="use --lr/--min-scale instead of the baseline sweep")
+    p.add_argument("--sweep-seeds", type=int, default=2, help="seeds per baseline-sweep setting (mean decides)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-scale", type=float, default=0.08)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
@@ -205,25 +259,38 @@ def main() -> None:
     print(f"data: Fashion-MNIST train first {args.limit}, test 10000; 32 px; resnet18-cifar x0.125; batch 128; "
           f"{args.epochs} epochs; RELA phase fixed:0.5; probe: L-BFGS logistic regression (C=1), kNN-20")
     stores = {name: e2e.make_store(name, "fashion-mnist", args.limit, args.out) for name in ("lite0", "random")}
-    args.best = {"min_scale": args.min_scale, "lr": args.lr}
+    args.best, args.tuned = {"min_scale": args.min_scale, "lr": args.lr}, {}  # the sweep's arms set both
     if not args.no_sweep:
         args.best = e2e.sweep(args, stores)
     args.tuned = {"ssl_views": f"byol,scale={args.best['min_scale']}:1", "lr": args.best["lr"]}
-    rows = run_arms({"byol-100": (None, 1.0, "off")}, args, stores, 1)
+    args.byol100 = "byol-100" if args.no_sweep else f"sweep-scale{args.best['min_scale']}-lr{args.best['lr']:g}"
+    arms = byol_arms(args)
+    run_arms({"byol-100": arms["byol-100"]}, args, stores, 1)
     stores["student"] = student_store(args)
-    rows = run_arms(byol_arms(), args, stores, args.seeds)
+    rows = run_arms(arms, args, stores, args.seeds)
     floor = floors(args)
     print("\nfloors and priors' own features:", json.dumps(floor))
     print("\nBYOL, linear / kNN top-1 (total seconds relative to BYOL-100):\n" + byol_table(rows))
     plot(rows, "byol", floor, args.out / "byol.png")
-    m_rows = run_arms({k: v for m in args.methods for k, v in method_arms(m).items()}, args, stores, 1)
+    switch = run_arms(SWITCH_ARMS, args, stores, args.seeds)
+    print("\nthe switch (Lite0 50%; fixed:0.5 is the table's) and the reference BYOL loop:\n"
+          + e2e.table([r for r in rows if r["arm"] in ("byol-100", "rela-lite0-50")] + switch))
+    balanced = earlier_choices(args, stores)
+    print("\nthe earlier run's choices on BYOL-100 (linear / kNN weighted / kNN majority vote, mean over seeds):")
+    for name, rs in (("first 5k images (the table's)", [r for r in rows if r["arm"] == "byol-100"]),
+                     ("class-balanced 5k subset", balanced)):
+        print(f"  {name}: {cell(rs, 'linear')} / {cell(rs, 'knn')} / {cell(rs, 'knn_majority')}")
+    best_lr = {m: tune_method(m, args, stores) for m in args.methods}
+    m_rows = run_arms({k: v for m in args.methods for k, v in method_arms(m, best_lr[m]).items()}, args, stores,
+                      args.method_seeds)
     if args.methods:
-        print("\nother methods (rela's defaults, not swept), linear top-1 (total relative to the method's 100%):\n"
-              + method_table(m_rows, args.methods))
+        print("\nother methods (each at its own best lr of " + "/".join(f"{lr:g}" for lr in METHOD_LRS) + ": "
+              + ", ".join(f"{m} {lr:g}" for m, lr in best_lr.items())
+              + "), linear top-1 (total relative to the method's 100%):\n" + method_table(m_rows, args.methods))
         for m in args.methods:
             plot([r for r in m_rows if m in r["arm"]], m, floor, args.out / f"{m}.png")
     (args.out / "results.json").write_text(json.dumps({"byol": rows, "methods": m_rows, "floors": floor,
-                                                       "sweep_best": args.best}, indent=1))
+                                                       "switch": switch, "balanced": balanced, "sweep_best": args.best, "method_lr": best_lr}, indent=1))
     print(f"\nplots and results.json in {args.out}; benchmark wall {time.perf_counter() - t0:.0f}s "
           "(CPU only; no GPU measured)")
 

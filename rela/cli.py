@@ -130,7 +130,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
            else f"Adam, mean of last {p['last']} of {p['epochs']} epochs; final {r['linear_final']:.4f}")
     print(f"run        {r['run']} ({r['epochs_trained']} epochs)\n"
           f"linear     top-1 {r['linear_top1']:.4f} ({how})\n"
-          f"kNN        top-1 {r['knn_top1']:.4f} (k={r['k']})\n"
+          f"kNN        top-1 {r['knn_top1']:.4f} (k={r['k']}, weighted; majority vote {r['knn_majority_top1']:.4f})\n"
           f"data       {r['train_samples']} train / {r['test_samples']} test ({r['test_data']})")
     return 0
 

@@ -143,6 +143,17 @@ def test_linear_probe_and_knn_separate_separable_data():
     assert converged["top1"] > 0.98 and converged["converged"] and converged["protocol"]["probe"] == "lbfgs"
 
 
+def test_knn_majority_vote_counts_neighbours_where_the_weighted_vote_follows_the_nearest():
+    # one test point; its nearest neighbour is class 0, the next two (further away) are class 1
+    train_x = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.8, -0.6], [-1.0, 0.0]])
+    train_y = torch.tensor([0, 1, 1, 2])
+    test_x, test_y = torch.tensor([[1.0, 0.01]]), torch.tensor([0])
+    assert knn_accuracy(train_x, train_y, test_x, test_y, k=3) == 1.0  # exp(1/0.07) outweighs two exp(0.8/0.07)
+    assert knn_accuracy(train_x, train_y, test_x, test_y, k=3, vote="majority") == 0.0
+    with pytest.raises(RelaError, match="majority"):
+        knn_accuracy(train_x, train_y, test_x, test_y, vote="mean")
+
+
 def test_lbfgs_probe_is_deterministic_and_matches_the_logistic_regression_optimum():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(600, 12, generator=g)
