@@ -10,8 +10,10 @@ method after a Lite0 RELA phase at 50%.
 Before the table, the baseline sweep of `bench/end_to_end.py` (BYOL-100 over crop min-scale ×
 lr); its best setting is used by every BYOL arm, RELA's BYOL phase included. Each other method
 gets its own sweep first (AdamW lr ∈ METHOD_LRS at 100%, seed 0, its own ≤ 64-px view preset) and
-all its arms run at its best lr (`--method-seeds` repeats them). Every arm goes through `rela train` + `rela eval` (L-BFGS probe, kNN-20);
-arms are cached under --out and reused when rerun with the same settings (the output marks
+all its arms run at its best lr (`--method-seeds` repeats them). The switch modes (RELA only,
+adaptive, blend, warm heads) at Lite0 50%, the plain-PyTorch reference BYOL and a class-balanced
+subset run beside the table. Every arm goes through `rela train` + `rela eval` (L-BFGS probe,
+kNN-20 weighted and majority vote); arms are cached under --out and reused when rerun with the same settings (the output marks
 which ran now), so an interrupted table resumes.
 
 Floors and ceilings drawn in each plot: the random-init student (no training) and each prior's
@@ -41,7 +43,7 @@ BUDGETS = (0.1, 0.2, 0.5)
 BYOL_PRIORS = ("random", "student", "lite0")
 METHODS = ("simclr", "moco", "barlowtwins", "vicreg", "dino")
 UNTUNED = {"ssl_views": None}  # other methods: their own view presets, not BYOL's tuned crop
-METHOD_LRS = (5e-4, 1e-3, 2e-3)  # each other method's lr sweep (the grid the issue gives BYOL's)
+METHOD_LRS = (5e-4, 1e-3, 2e-3)  # each other method's lr sweep (BYOL's lr grid, extended at an edge)
 
 
 def byol_arms(args) -> dict:
