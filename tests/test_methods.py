@@ -119,6 +119,43 @@ def test_dino_warms_the_teacher_temperature_and_matches_its_cross_entropy():
     assert m.loss(feats, views, 0, 100).item() == pytest.approx(want.item(), rel=1e-4)
 
 
+def test_dino_has_lightlys_cifar_head_and_freezes_its_prototypes_early():
+    backbone, m, views, _ = _setup("dino")
+    assert any(isinstance(x, nn.BatchNorm1d) for x in m.projection.layers)  # lightly's CIFAR-10 benchmark head
+    m.train()
+
+    def grads(step: int) -> tuple[float, float]:
+        m.zero_grad()
+        m.loss(backbone(torch.cat(views)).view(2, B, -1), views, step, 100).backward()
+        last = sum(float(p.grad.abs().sum()) for p in m.projection.last_layer.parameters() if p.grad is not None)
+        return last, float(m.projection.layers[0].weight.grad.abs().sum())
+
+    (frozen, mlp_early), (free, _) = grads(0), grads(1)  # freeze_last_layer=0.01: the first 1 of 100 steps
+    assert frozen == 0 and mlp_early > 0 and free > 0
+    _, plain, _, _ = _setup("dino", options="batch_norm=false,freeze_last_layer=0")
+    assert not any(isinstance(x, nn.BatchNorm1d) for x in plain.projection.layers) and plain.freeze_fraction == 0
+
+
+def test_method_options_take_the_constructors_names_and_types():
+    from rela.training.methods import parse_options
+
+    assert parse_options("simclr", "temperature=0.2, out_dim=64") == {"temperature": 0.2, "out_dim": 64}
+    assert parse_options("dino", "teacher_temp=0.04:0.04,batch_norm=0") == {"teacher_temp": (0.04, 0.04),
+                                                                            "batch_norm": False}
+    _, m, _, _ = _setup("simclr", options="temperature=0.2")
+    assert m.criterion.temperature == pytest.approx(0.2)
+    with pytest.raises(RelaError, match="simclr takes out_dim=128, temperature=0.5"):
+        parse_options("simclr", "temprature=0.2")  # a typo lists what the method takes
+    with pytest.raises(RelaError, match="simclr takes"):
+        parse_options("simclr", "momentum=0.9")  # its own flag, --momentum, sets that
+    with pytest.raises(RelaError, match="batch_norm: 'maybe' is not a bool"):
+        parse_options("dino", "batch_norm=maybe")
+    with pytest.raises(RelaError, match="vicreg takes no options"):
+        parse_options("vicreg", "out_dim=64")
+    with pytest.raises(RelaError, match="queue: 'x' is not a int"):
+        TrainConfig(out="unused", method="moco", method_options="queue=x")  # before any conversion
+
+
 def test_supervised_is_cross_entropy_and_needs_labels():
     _, m, views, feats = _setup("supervised", classes=3)
     labels = torch.arange(B) % 3

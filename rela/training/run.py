@@ -78,6 +78,9 @@ class TrainConfig:
     warm_heads: bool = option(False, "during the RELA phase also train the method's heads on detached backbone "
                               "features (the backbone gets no gradient from it), so the method does not start cold "
                               "at the switch; costs the method's forward in every RELA step")
+    method_options: str | None = option(None, "the method's own settings, k=v,... e.g. 'temperature=0.2' for "
+                                        "simclr or 'batch_norm=false' for dino (names: the method's constructor "
+                                        "in rela.training.methods; an unknown name lists them)")
     momentum: float = option(0.99, "EMA momentum of the momentum teachers (BYOL, MoCo, DINO)")
     cosine_momentum: bool = option(False, "cosine momentum schedule up to 1")
     probe_at_switch: bool = option(True, "kNN probe of the student at the switch, written to RUN/switch.json")
@@ -110,6 +113,9 @@ class TrainConfig:
             raise RelaError(f"--switch-threshold must be in (0, 1], got {self.switch_threshold}")
         if self.method not in METHODS:
             raise RelaError(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")
+        from rela.training.methods import parse_options
+
+        parse_options(self.method, self.method_options)  # a typo fails here, not after the conversion
         from rela.loading.views import resolve_views
 
         for flag, views in (("--rela-views", self.rela_views), ("--ssl-views", self.ssl_views)):
@@ -163,7 +169,7 @@ def build_student(cfg: TrainConfig, classes: int = 0):
     torch.manual_seed(cfg.seed)  # the same initial weights for the same seed, whatever ran before
     backbone = build_backbone(cfg.arch, cfg.width)
     method = build_method(cfg.method, backbone, backbone.feature_dim, momentum=cfg.momentum,
-                          cosine_momentum=cfg.cosine_momentum, classes=classes)
+                          cosine_momentum=cfg.cosine_momentum, classes=classes, options=cfg.method_options)
     return backbone, method
 
 

@@ -4,6 +4,8 @@ one module with an `SSLMethod` subclass (`base`) and one line in `METHODS`."""
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
 from rela.errors import RelaError
@@ -22,8 +24,49 @@ NAMES = tuple(METHODS)  # for messages and --help without importing torch elsewh
 __all__ = ["METHODS", "MomentumTeacher", "SSLMethod", "build_method", *(c.__name__ for c in METHODS.values())]
 
 
-def build_method(name: str, backbone: nn.Module, feature_dim: int, **kw) -> SSLMethod:
-    """The method `name` for `backbone`; keyword options a method doesn't use are ignored."""
+def build_method(name: str, backbone: nn.Module, feature_dim: int, options: str | None = None,
+                 **kw) -> SSLMethod:
+    """The method `name` for `backbone`; keyword options a method doesn't use are ignored, while
+    `options` (the user's `--method-options`, see `parse_options`) must name its own."""
     if name not in METHODS:
         raise RelaError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
-    return METHODS[name](backbone, feature_dim, **kw)
+    return METHODS[name](backbone, feature_dim, **{**kw, **parse_options(name, options)})
+
+
+def method_parameters(name: str) -> dict[str, inspect.Parameter]:
+    """The constructor options of method `name` a user may set: not the backbone or its width, the
+    class count (from the data) or the momentum (its own flags, --momentum and --cosine-momentum)."""
+    params = inspect.signature(METHODS[name].__init__).parameters
+    return {k: p for k, p in params.items() if k not in _NOT_OPTIONS and p.kind is p.POSITIONAL_OR_KEYWORD}
+
+
+_NOT_OPTIONS = ("self", "backbone", "feature_dim", "classes", "momentum", "cosine_momentum")
+
+
+def parse_options(name: str, text: str | None) -> dict:
+    """'out_dim=1024,batch_norm=false' → {'out_dim': 1024, 'batch_norm': False}, each value parsed
+    as its default's type (a tuple default takes 'a:b'); an unknown name or a bad value is an error
+    that lists what the method takes."""
+    if not text:
+        return {}
+    params, out = method_parameters(name), {}
+    for item in text.split(","):
+        key, sep, value = (s.strip() for s in item.partition("="))
+        if not sep or key not in params:
+            takes = ", ".join(f"{k}={p.default!r}" for k, p in params.items()) or "no options"
+            raise RelaError(f"--method-options {item!r}: {name} takes {takes}")
+        out[key] = _parse_value(value, params[key].default, f"--method-options {key}")
+    return out
+
+
+def _parse_value(value: str, default, what: str):
+    try:
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1")
+        if isinstance(default, tuple):
+            return tuple(type(d)(v) for d, v in zip(default, value.split(":"), strict=True))
+        return type(default)(value) if default is not None else value
+    except ValueError:
+        raise RelaError(f"{what}: {value!r} is not a {type(default).__name__} like its default {default!r}") from None
