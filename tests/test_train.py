@@ -13,7 +13,7 @@ from rela.data.datasets import ArrayDataset
 from rela.errors import RelaError, StoreMismatchError
 from rela.loading.views import eval_view
 from rela.training.accelerate import Accelerator
-from rela.training.evaluate import evaluate_run, knn_accuracy, lbfgs_probe, linear_probe
+from rela.training.evaluate import evaluate_run, knn_accuracy, knn_votes, lbfgs_probe, linear_probe
 from rela.training.run import TrainConfig
 from rela.training.train import train
 from tests.conftest import run_cli, smooth_image
@@ -150,6 +150,7 @@ def test_knn_majority_vote_counts_neighbours_where_the_weighted_vote_follows_the
     test_x, test_y = torch.tensor([[1.0, 0.01]]), torch.tensor([0])
     assert knn_accuracy(train_x, train_y, test_x, test_y, k=3) == 1.0  # exp(1/0.07) outweighs two exp(0.8/0.07)
     assert knn_accuracy(train_x, train_y, test_x, test_y, k=3, vote="majority") == 0.0
+    assert knn_votes(train_x, train_y, test_x, test_y, k=3) == {"weighted": 1.0, "majority": 0.0}  # one search
     with pytest.raises(RelaError, match="majority"):
         knn_accuracy(train_x, train_y, test_x, test_y, vote="mean")
 

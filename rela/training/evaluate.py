@@ -66,20 +66,27 @@ def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
                  k: int = 20, temperature: float = 0.07, chunk: int = 1024, vote: str = "weighted") -> float:
     """kNN top-1 on cosine similarity; `vote="weighted"` (InstDisc's, lightly's benchmarks': weights
     exp(sim / T)) or `"majority"` (one vote per neighbour, ties to the lowest class)."""
-    if vote not in ("weighted", "majority"):
-        raise RelaError(f"unknown kNN vote {vote!r}: use weighted or majority")
+    return knn_votes(train_x, train_y, test_x, test_y, k, temperature, chunk, votes=(vote,))[vote]
+
+
+def knn_votes(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+              k: int = 20, temperature: float = 0.07, chunk: int = 1024,
+              votes: tuple[str, ...] = ("weighted", "majority")) -> dict[str, float]:
+    """kNN top-1 under each vote in `votes` from one neighbour search (see knn_accuracy)."""
+    if bad := [v for v in votes if v not in ("weighted", "majority")]:
+        raise RelaError(f"unknown kNN vote {bad[0]!r}: use weighted or majority")
     train_x = nn.functional.normalize(train_x.float(), dim=1)
     test_x = nn.functional.normalize(test_x.float(), dim=1)
     classes = int(max(train_y.max(), test_y.max())) + 1
     k = min(k, len(train_x))
-    correct = 0
+    correct = dict.fromkeys(votes, 0)
     for s in range(0, len(test_x), chunk):
-        sim = test_x[s:s + chunk] @ train_x.T
-        top, idx = sim.topk(k, dim=1)
-        weight = (top / temperature).exp() if vote == "weighted" else torch.ones_like(top)
-        votes = torch.zeros(len(top), classes).scatter_add_(1, train_y[idx], weight)
-        correct += int((votes.argmax(1) == test_y[s:s + chunk]).sum())
-    return correct / len(test_x)
+        top, idx = (test_x[s:s + chunk] @ train_x.T).topk(k, dim=1)
+        for vote in votes:
+            weight = (top / temperature).exp() if vote == "weighted" else torch.ones_like(top)
+            tally = torch.zeros(len(top), classes).scatter_add_(1, train_y[idx], weight)
+            correct[vote] += int((tally.argmax(1) == test_y[s:s + chunk]).sum())
+    return {vote: n / len(test_x) for vote, n in correct.items()}
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -192,9 +199,9 @@ def evaluate_run(run: str | Path, *, probe: str = "lbfgs", probe_epochs: int = 1
                                       progress=progress, desc="test features", device=device)
     options = {"C": C} if probe == "lbfgs" else {"epochs": probe_epochs, "seed": cfg.seed}
     result = linear_probe(train_x, train_y, test_x, test_y, probe=probe, **options)
+    knn = knn_votes(train_x, train_y, test_x, test_y, k=k)
     out = {"run": str(run), "epochs_trained": state["epoch"] + 1, "linear_top1": result["top1"],
-           "linear_final": result["final"], "knn_top1": knn_accuracy(train_x, train_y, test_x, test_y, k=k),
-           "knn_majority_top1": knn_accuracy(train_x, train_y, test_x, test_y, k=k, vote="majority"),
+           "linear_final": result["final"], "knn_top1": knn["weighted"], "knn_majority_top1": knn["majority"],
            "k": k, "probe": result["protocol"], "linear_curve": result.get("curve"),
            "probe_converged": result.get("converged"), "probe_iterations": result.get("iterations"),
            "test_data": test_name if isinstance(test_name, str) else open_dataset(test_name).kind, "train_samples": len(train_x), "test_samples": len(test_x),
