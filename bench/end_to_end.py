@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 from bench._common import device_line  # noqa: E402
 from rela.data.convert import convert  # noqa: E402
+from rela.options import positive_int  # noqa: E402
 from rela.training.evaluate import evaluate_run  # noqa: E402
 from rela.training.run import TrainConfig, config_from_run  # noqa: E402
 from rela.training.train import train  # noqa: E402
@@ -204,7 +205,7 @@ def main() -> None:
     p.add_argument("--min-scale", type=float, default=0.08, help="BYOL crop min-scale of every arm (without --sweep)")
     p.add_argument("--sweep", action="store_true",
                    help="tune BYOL-100 first (crop min-scale x lr, 6 runs) and run every arm at the best setting")
-    p.add_argument("--sweep-seeds", type=int, default=1, help="seeds per sweep setting (mean decides)")
+    p.add_argument("--sweep-seeds", type=positive_int, default=1, help="seeds per sweep setting (mean decides)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (a line per finished arm still)")
     args = p.parse_args()
     if args.short:

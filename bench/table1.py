@@ -38,7 +38,9 @@ import torch  # noqa: E402
 
 from bench import end_to_end as e2e  # noqa: E402
 from bench._common import device_line  # noqa: E402
+from rela.options import positive_int  # noqa: E402
 
+PARTS = ("byol", "methods")
 BUDGETS = (0.1, 0.2, 0.5)
 BYOL_PRIORS = ("random", "student", "lite0")
 METHODS = ("simclr", "moco", "barlowtwins", "vicreg", "dino")
@@ -47,39 +49,56 @@ METHOD_LRS = (5e-4, 1e-3, 2e-3)  # each other method's lr sweep (BYOL's lr grid,
 
 
 def byol_arms(args) -> dict:
-    """name → (prior, budget, phase[, overrides]) for BYOL's rows (see the module doc); BYOL-100 is
-    the sweep's best setting's own runs (the same config, so they are reused, not rerun)."""
-    arms = {"byol-100": (args.byol100, (None, 1.0, "off"))}
-    arms |= {f"byol-{round(100 * b)}": (None, b, "off") for b in BUDGETS}
+    """label → (run directory name, spec (prior, budget, phase[, overrides])) for BYOL's rows (see
+    the module doc); BYOL-100 is the sweep's best setting's own runs (the same config: reused, not rerun)."""
+    arms = {f"byol-{round(100 * b)}": (None, b, "off") for b in BUDGETS}
     arms |= {f"rela-{p}-{round(100 * b)}": (p, b, None) for p in BYOL_PRIORS for b in BUDGETS}
     arms |= {f"rela-lite0-{round(100 * b)}-scored": ("lite0", b, None, {"policy": "scored"}) for b in (0.2, 0.5)}
-    return arms
+    return {"byol-100": (args.byol100, (None, 1.0, "off")), **own_dirs(arms)}
+
+
+def own_dirs(arms: dict) -> dict:
+    """label → spec as label → (label, spec): each arm runs in a directory named after it."""
+    return {label: (label, spec) for label, spec in arms.items()}
 
 
 def method_arms(method: str, lr: float) -> dict:
-    """label → (run directory name, spec): the method at 100% and 50% and after a Lite0 RELA phase
-    at 50%, all at the method's own best lr (its 100% seed-0 run is the sweep's, reused)."""
+    """label → (run directory name, spec), all at the method's own best lr (its 100% seed-0 run is
+    the sweep's, reused): the method at 100% and 50%; after a Lite0 RELA phase at 50% with the
+    table's switch at half and with the default phase mode (`adaptive`: what `rela train --method M
+    --budget 0.5` runs); for DINO also its head before the lightly CIFAR-10 one (no BatchNorm, no
+    frozen prototypes) at 100%, so the change is measured in the same run."""
     base = {**UNTUNED, "method": method, "lr": lr}
-    return {label: (f"{label}-lr{lr:g}", spec) for label, spec in (
-        (f"{method}-100", (None, 1.0, "off", base)), (f"{method}-50", (None, 0.5, "off", base)),
-        (f"rela-{method}-lite0-50", ("lite0", 0.5, None, base)))}
+    arms = [(f"{method}-100", (None, 1.0, "off", base)), (f"{method}-50", (None, 0.5, "off", base)),
+            (f"rela-{method}-lite0-50", ("lite0", 0.5, None, base)),
+            (f"rela-{method}-lite0-50-adaptive", ("lite0", 0.5, "adaptive", base))]
+    if method == "dino":
+        arms.append(("dino-100-plain-head", (None, 1.0, "off", {**base, "method_options": OLD_DINO_HEAD})))
+    return {label: (f"{label}-lr{lr:g}", spec) for label, spec in arms}
+
+
+OLD_DINO_HEAD = "batch_norm=false,freeze_last_layer=0"  # rela's DINO head before the lightly CIFAR-10 one
 
 
 def tune_method(method: str, args, stores: dict) -> float:
-    """The method's own baseline sweep: lr ∈ METHOD_LRS at 100%, seed 0, its preset views, and one
-    step further (2× the largest, ½ the smallest) when the best sits at an edge of the grid; the best
-    linear top-1 wins (the care BYOL's sweep gets, on one axis: its views are its authors')."""
-    lrs, runs = list(METHOD_LRS), []
+    """The method's own baseline sweep: lr ∈ METHOD_LRS at 100%, seed 0, its preset views, then
+    further steps (2× the largest, ½ the smallest; at most MAX_BEYOND) while the best sits at the
+    edge of what was tried; the best linear top-1 wins (the care BYOL's sweep gets, on one axis:
+    its views are its authors')."""
+    lrs, runs = list(METHOD_LRS), {}
     while lrs:
         lr = lrs.pop(0)
         (dirname, spec), = [v for k, v in method_arms(method, lr).items() if k == f"{method}-100"]
         r = e2e.run_arm(dirname, spec, 0, args, stores)
         print(f"  sweep {method}: lr {lr:g}: linear {r['linear']:.4f} kNN {r['knn']:.4f}", flush=True)
-        runs.append((r["linear"], lr))
-        best = max(runs)[1]
-        if not lrs and len(runs) == len(METHOD_LRS) and best in (min(METHOD_LRS), max(METHOD_LRS)):
-            lrs.append(2 * best if best == max(METHOD_LRS) else best / 2)  # at an edge: one step beyond it
-    return max(runs)[1]
+        runs[lr] = r["linear"]
+        best = max(runs, key=runs.get)
+        if not lrs and len(runs) < len(METHOD_LRS) + MAX_BEYOND and best in (min(runs), max(runs)):
+            lrs.append(2 * best if best == max(runs) else best / 2)  # at an edge: one step beyond it
+    return max(runs, key=runs.get)
+
+
+MAX_BEYOND = 3  # steps past METHOD_LRS' edges: up to 8x its largest lr
 
 
 def student_store(args) -> str:
@@ -126,8 +145,7 @@ def earlier_choices(args, stores: dict) -> list[dict]:
     """What the earlier run did differently, tried on the tuned BYOL-100: its class-balanced subset
     (the majority-vote kNN is in every arm's eval.json). Its own student code is not available."""
     data = {"data": balanced_subset(args), "test_data": "fashion-mnist:test"}
-    arms = {"byol-100-balanced": (None, 1.0, "off", data)}
-    return run_arms(arms, args, stores, args.seeds)
+    return run_arms(own_dirs({"byol-100-balanced": (None, 1.0, "off", data)}), args, stores, args.seeds)
 
 
 def probe_features(backbone, size: int, args, mean=None, std=None) -> dict:
@@ -160,11 +178,10 @@ def floors(args) -> dict:
 
 
 def run_arms(arms: dict, args, stores: dict, seeds: int) -> list[dict]:
-    """Run (or reuse) each arm for seeds 0..seeds-1; a spec may be (run directory name, spec)."""
+    """Run (or reuse) each arm, label → (run directory name, spec), for seeds 0..seeds-1."""
     rows = []
     for seed in range(seeds):
-        for name, spec in arms.items():
-            dirname, spec = spec if isinstance(spec[0], str) and isinstance(spec[1], tuple) else (name, spec)
+        for name, (dirname, spec) in arms.items():
             t = time.perf_counter()
             r = e2e.run_arm(dirname, spec, seed, args, stores)
             r["arm"], r["ran_now"] = name, time.perf_counter() - t > 5  # a cached arm returns at once
@@ -201,17 +218,28 @@ def byol_table(rows: list[dict]) -> str:
 
 
 def method_table(rows: list[dict], methods) -> str:
-    lines = ["| method | 100% | 50% | RELA (Lite0) 50% | RELA 50% − method 100% |", "|---|---:|---:|---:|---:|"]
+    """Linear top-1 (total seconds relative to the method's 100%) per arm, and each RELA mode's gap
+    to the method at 100% — the goal's comparison; the adaptive arm says whether it handed over."""
+    lines = ["| method | 100% | 50% | RELA (Lite0) 50%, switch at half | RELA (Lite0) 50%, adaptive | "
+             "switch at half − 100% | adaptive − 100% |", "|---|---:|---:|---:|---:|---:|---:|"]
     by = {}
     for r in rows:
         by.setdefault(r["arm"], []).append(r)
     for m in methods:
-        full, half, rela = by[f"{m}-100"], by[f"{m}-50"], by[f"rela-{m}-lite0-50"]
-        t = statistics.mean(r["total_s"] for r in full)
-        gap = statistics.mean(r["linear"] for r in rela) - statistics.mean(r["linear"] for r in full)
-        lines.append(f"| {m} | {cell(full, 'linear')} | {cell(half, 'linear')} "
-                     f"({statistics.mean(r['total_s'] for r in half) / t:.2f}×) | {cell(rela, 'linear')} "
-                     f"({statistics.mean(r['total_s'] for r in rela) / t:.2f}×) | {100 * gap:+.1f} pts |")
+        full, half = by[f"{m}-100"], by[f"{m}-50"]
+        fixed, adaptive = by[f"rela-{m}-lite0-50"], by[f"rela-{m}-lite0-50-adaptive"]
+        t, base = (statistics.mean(r[k] for r in full) for k in ("total_s", "linear"))
+
+        def arm(rs: list[dict], t: float = t) -> str:
+            return f"{cell(rs, 'linear')} ({statistics.mean(r['total_s'] for r in rs) / t:.2f}×)"
+
+        fired = sum(1 for r in adaptive if (r.get("switch") or {}).get("step", -1) >= 0)
+        gaps = [100 * (statistics.mean(r["linear"] for r in rs) - base) for rs in (fixed, adaptive)]
+        lines.append(f"| {m} | {cell(full, 'linear')} | {arm(half)} | {arm(fixed)} | {arm(adaptive)}, "
+                     f"switched in {fired}/{len(adaptive)} | {gaps[0]:+.1f} pts | {gaps[1]:+.1f} pts |")
+    if "dino-100-plain-head" in by:
+        lines.append(f"\nDINO-100 with its earlier head ({OLD_DINO_HEAD}): {cell(by['dino-100-plain-head'], 'linear')} "
+                     f"against {cell(by['dino-100'], 'linear')} with lightly's CIFAR-10 head")
     return "\n".join(lines)
 
 
@@ -245,17 +273,22 @@ def plot(rows: list[dict], method: str, floor: dict, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--short", action="store_true", help="5k images, 8 epochs (default: 10k, 20)")
-    p.add_argument("--seeds", type=int, default=1, help="BYOL arms with seeds 0..N-1")
-    p.add_argument("--method-seeds", type=int, default=1, help="the other methods' arms with seeds 0..N-1")
+    p.add_argument("--seeds", type=positive_int, default=1, help="BYOL arms with seeds 0..N-1")
+    p.add_argument("--method-seeds", type=positive_int, default=1, help="the other methods' arms with seeds 0..N-1")
     p.add_argument("--methods", nargs="*", default=list(METHODS), help="other methods (none: BYOL only)")
     p.add_argument("--no-sweep", action="store_true", help="use --lr/--min-scale instead of the baseline sweep")
-    p.add_argument("--sweep-seeds", type=int, default=2, help="seeds per baseline-sweep setting (mean decides)")
+    p.add_argument("--sweep-seeds", type=positive_int, default=2, help="seeds per baseline-sweep setting (mean decides)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-scale", type=float, default=0.08)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--out", type=Path, default=Path("bench/out/table1"))
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="byol: the sweep, BYOL's table, the switch, the earlier run's choices; methods: the other "
+                        "methods (each part on its own needs only the conversions)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
+    if "methods" not in args.parts:
+        args.methods = []
     args.limit, args.epochs = (5000, 8) if args.short else (10000, 20)
     args.out = args.out.with_name(args.out.name + ("-short" if args.short else ""))
     args.phase, args.workers = "fixed:0.5", 0
@@ -266,6 +299,19 @@ def main() -> None:
     print(f"data: Fashion-MNIST train first {args.limit}, test 10000; 32 px; resnet18-cifar x0.125; batch 128; "
           f"{args.epochs} epochs; RELA phase fixed:0.5; probe: L-BFGS logistic regression (C=1), kNN-20")
     stores = {name: e2e.make_store(name, "fashion-mnist", args.limit, args.out) for name in ("lite0", "random")}
+    results = {"parts": args.parts}
+    if "byol" in args.parts:
+        results |= byol_part(args, stores)
+    if args.methods:
+        results |= methods_part(args, stores, results.get("floors") or floors(args))
+    path = args.out / ("results.json" if set(args.parts) == set(PARTS) else f"results-{'-'.join(args.parts)}.json")
+    path.write_text(json.dumps(results, indent=1))
+    print(f"\nplots and {path.name} in {args.out}; benchmark wall {time.perf_counter() - t0:.0f}s "
+          "(CPU only; no GPU measured)")
+
+
+def byol_part(args, stores: dict) -> dict:
+    """The baseline sweep, BYOL's priors × budgets table, the switch modes and the earlier run's choices."""
     args.best, args.tuned = {"min_scale": args.min_scale, "lr": args.lr}, {}  # the sweep's arms set both
     if not args.no_sweep:
         args.best = e2e.sweep(args, stores)
@@ -279,7 +325,7 @@ def main() -> None:
     print("\nfloors and priors' own features:", json.dumps(floor))
     print("\nBYOL, linear / kNN top-1 (total seconds relative to BYOL-100):\n" + byol_table(rows))
     plot(rows, "byol", floor, args.out / "byol.png")
-    switch = run_arms(SWITCH_ARMS, args, stores, args.seeds)
+    switch = run_arms(own_dirs(SWITCH_ARMS), args, stores, args.seeds)
     print("\nthe switch (Lite0 50%; fixed:0.5 is the table's) and the reference BYOL loop:\n"
           + e2e.table([r for r in rows if r["arm"] in ("byol-100", "rela-lite0-50")] + switch))
     balanced = earlier_choices(args, stores)
@@ -287,19 +333,21 @@ def main() -> None:
     for name, rs in (("first 5k images (the table's)", [r for r in rows if r["arm"] == "byol-100"]),
                      ("class-balanced 5k subset", balanced)):
         print(f"  {name}: {cell(rs, 'linear')} / {cell(rs, 'knn')} / {cell(rs, 'knn_majority')}")
-    best_lr = {m: tune_method(m, args, stores) for m in args.methods}
-    m_rows = run_arms({k: v for m in args.methods for k, v in method_arms(m, best_lr[m]).items()}, args, stores,
-                      args.method_seeds)
-    if args.methods:
-        print("\nother methods (each at its own best lr of " + "/".join(f"{lr:g}" for lr in METHOD_LRS) + ": "
-              + ", ".join(f"{m} {lr:g}" for m, lr in best_lr.items())
-              + "), linear top-1 (total relative to the method's 100%):\n" + method_table(m_rows, args.methods))
-        for m in args.methods:
-            plot([r for r in m_rows if m in r["arm"]], m, floor, args.out / f"{m}.png")
-    (args.out / "results.json").write_text(json.dumps({"byol": rows, "methods": m_rows, "floors": floor,
-                                                       "switch": switch, "balanced": balanced, "sweep_best": args.best, "method_lr": best_lr}, indent=1))
-    print(f"\nplots and results.json in {args.out}; benchmark wall {time.perf_counter() - t0:.0f}s "
-          "(CPU only; no GPU measured)")
+    return {"byol": rows, "floors": floor, "switch": switch, "balanced": balanced, "sweep_best": args.best}
+
+
+def methods_part(args, stores: dict, floor: dict) -> dict:
+    """Each other method in turn: its lr sweep, then its arms (method_arms) at its best lr; a plot each."""
+    args.tuned = {}  # the methods' arms set their own lr and views
+    best_lr, rows = {}, []
+    for m in args.methods:  # one method at a time, so an interrupted run leaves whole methods behind
+        best_lr[m] = tune_method(m, args, stores)
+        rows += run_arms(method_arms(m, best_lr[m]), args, stores, args.method_seeds)
+    print("\nother methods (each at its own best lr: " + ", ".join(f"{m} {lr:g}" for m, lr in best_lr.items())
+          + "), linear top-1 (total relative to the method's 100%):\n" + method_table(rows, args.methods))
+    for m in args.methods:
+        plot([r for r in rows if r["arm"].startswith((f"{m}-", f"rela-{m}-"))], m, floor, args.out / f"{m}.png")
+    return {"methods": rows, "method_lr": best_lr}
 
 
 if __name__ == "__main__":
