@@ -5,7 +5,7 @@ ResNet-18, the trained student of the BYOL-100 run (seed 0, `rela export`ed and 
 `student:`), EfficientNet-Lite0 (ImageNet) — and columns the budgets {10%, 20%, 50%} plus plain
 BYOL at 100%. Beside the uniform subsets, Lite0 at 20% and 50% with `policy="scored"` (the
 loss-scored dynamic subset). Other methods (`--methods`): the method at 100% and 50%, and the
-method after a Lite0 RELA phase at 50%.
+method after a Lite0 RELA phase at 50%, switching at half and under the default `adaptive` phase.
 
 Before the table, the baseline sweep of `bench/end_to_end.py` (BYOL-100 over crop min-scale ×
 lr); its best setting is used by every BYOL arm, RELA's BYOL phase included. Each other method
@@ -21,12 +21,14 @@ own features (L-BFGS probe on the prior's raw features under its own preprocessi
 
     python bench/table1.py --short                       # 5k images, 8 epochs, 1 seed
     python bench/table1.py --short --seeds 2 --method-seeds 2       # the README's table
+    python bench/table1.py --short --method-seeds 2 --parts methods  # the other methods only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -252,11 +254,12 @@ def plot(rows: list[dict], method: str, floor: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    plain = sorted((r for r in rows if r["arm"].startswith(f"{method}-")), key=lambda r: r["total_s"])
+    curve = re.compile(rf"{method}-\d+")  # the plain method at a budget; other arms are points
+    plain = sorted((r for r in rows if curve.fullmatch(r["arm"])), key=lambda r: r["total_s"])
     ax.plot([r["total_s"] for r in plain], [r["linear"] for r in plain], "o-", c="tab:blue", label=f"{method} (budgets)")
     for r in rows:
-        if r["arm"].startswith("rela-"):
-            ax.scatter(r["total_s"], r["linear"], c="tab:red", s=28)
+        if not curve.fullmatch(r["arm"]):
+            ax.scatter(r["total_s"], r["linear"], c="tab:red" if r["arm"].startswith("rela-") else "tab:grey", s=28)
             ax.annotate(r["arm"].removeprefix("rela-"), (r["total_s"], r["linear"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
     for (name, v), style in zip(floor.items(), (":", "--", "-.", (0, (1, 3))), strict=False):
