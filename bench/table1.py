@@ -255,13 +255,18 @@ def plot(rows: list[dict], method: str, floor: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     curve = re.compile(rf"{method}-\d+")  # the plain method at a budget; other arms are points
-    plain = sorted((r for r in rows if curve.fullmatch(r["arm"])), key=lambda r: r["total_s"])
-    ax.plot([r["total_s"] for r in plain], [r["linear"] for r in plain], "o-", c="tab:blue", label=f"{method} (budgets)")
+    arms = {}
     for r in rows:
-        if not curve.fullmatch(r["arm"]):
-            ax.scatter(r["total_s"], r["linear"], c="tab:red" if r["arm"].startswith("rela-") else "tab:grey", s=28)
-            ax.annotate(r["arm"].removeprefix("rela-"), (r["total_s"], r["linear"]), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))
+        arms.setdefault(r["arm"], []).append(r)
+    mean = {a: [statistics.mean(r[k] for r in rs) for k in ("total_s", "linear")] for a, rs in arms.items()}
+    spread = {a: statistics.stdev([r["linear"] for r in rs]) if len(rs) > 1 else 0.0 for a, rs in arms.items()}
+    plain = sorted((a for a in arms if curve.fullmatch(a)), key=lambda a: mean[a][0])
+    ax.errorbar([mean[a][0] for a in plain], [mean[a][1] for a in plain], [spread[a] for a in plain], fmt="o-",
+                c="tab:blue", capsize=3, label=f"{method} (budgets; mean ± sd over seeds)")
+    for a in arms:
+        if not curve.fullmatch(a):
+            ax.errorbar(*mean[a], spread[a], fmt="o", capsize=3, c="tab:red" if a.startswith("rela-") else "tab:grey")
+            ax.annotate(a.removeprefix("rela-"), mean[a], fontsize=7, textcoords="offset points", xytext=(4, 3))
     for (name, v), style in zip(floor.items(), (":", "--", "-.", (0, (1, 3))), strict=False):
         ax.axhline(v["linear"], ls=style, c="grey", lw=1, label=name)
     ax.set_xlabel("total wall-clock seconds (training + conversion), CPU")
