@@ -15,9 +15,10 @@ class DINO(MomentumTeacher):
     BatchNorm in its MLP as lightly's CIFAR-10 benchmark builds it (`batch_norm=False`: the ImageNet
     head without), student temperature 0.1, teacher temperature warmed up linearly from 0.04 to 0.07
     over the first 30% of the steps (the paper's 30 of 100 epochs), centring momentum 0.9, teacher
-    momentum from `momentum` (0.99 by default, optionally cosine to 1). The prototypes layer gets
-    no update during the first `freeze_last_layer` of the method's steps (the paper freezes it for
-    its first epoch: 1% of 100; 0 turns it off) — the usual guard against early collapse."""
+    momentum from `momentum` (0.99 by default, optionally cosine to 1). The prototypes layer gets a
+    zero gradient during the first `freeze_last_layer` of the run's steps (the paper freezes it for
+    its first epoch: 1% of 100; 0 turns it off) — the usual guard against early collapse. Like the
+    temperature warm-up it counts the run's steps, so after a switch at half neither applies."""
 
     views = "dino"
 
