@@ -146,14 +146,20 @@ def sweep(args, stores: dict) -> dict:
     return best
 
 
-def table(rows: list[dict]) -> str:
-    by_arm: dict[str, list[dict]] = {}
+def by_arm(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows grouped by arm (one row per seed), in first-seen order."""
+    grouped: dict[str, list[dict]] = {}
     for r in rows:
-        by_arm.setdefault(r["arm"], []).append(r)
-    base = statistics.mean(r["total_s"] for r in by_arm["byol-100"]) if "byol-100" in by_arm else float("nan")
+        grouped.setdefault(r["arm"], []).append(r)
+    return grouped
+
+
+def table(rows: list[dict]) -> str:
+    arms = by_arm(rows)
+    base = statistics.mean(r["total_s"] for r in arms["byol-100"]) if "byol-100" in arms else float("nan")
     lines = ["| arm | linear top-1 | kNN top-1 | kNN majority | steps | median ms/step | train s | conversion s | total s | total / BYOL-100 | switch (step, rho, kNN) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for arm, rs in by_arm.items():
+    for arm, rs in arms.items():
         def cell(key, fmt, rs=rs):
             vals = [r[key] for r in rs]
             s = fmt.format(statistics.mean(vals))

@@ -90,7 +90,7 @@ def tune_method(method: str, args, stores: dict) -> float:
     lrs, runs = list(METHOD_LRS), {}
     while lrs:
         lr = lrs.pop(0)
-        (dirname, spec), = [v for k, v in method_arms(method, lr).items() if k == f"{method}-100"]
+        dirname, spec = method_arms(method, lr)[f"{method}-100"]
         r = e2e.run_arm(dirname, spec, 0, args, stores)
         print(f"  sweep {method}: lr {lr:g}: linear {r['linear']:.4f} kNN {r['knn']:.4f}", flush=True)
         runs[lr] = r["linear"]
@@ -201,9 +201,7 @@ def cell(rows: list[dict], key: str) -> str:
 
 def byol_table(rows: list[dict]) -> str:
     """Priors × budgets, linear / kNN, and total seconds relative to BYOL-100."""
-    by = {}
-    for r in rows:
-        by.setdefault(r["arm"], []).append(r)
+    by = e2e.by_arm(rows)
     full = statistics.mean(r["total_s"] for r in by["byol-100"])
     head = "| prior | " + " | ".join(f"{round(100 * b)}%" for b in BUDGETS) + " | 100% |"
     lines = [head, "|---|" + "---:|" * (len(BUDGETS) + 1)]
@@ -224,9 +222,7 @@ def method_table(rows: list[dict], methods) -> str:
     to the method at 100% — the goal's comparison; the adaptive arm says whether it handed over."""
     lines = ["| method | 100% | 50% | RELA (Lite0) 50%, switch at half | RELA (Lite0) 50%, adaptive | "
              "switch at half − 100% | adaptive − 100% |", "|---|---:|---:|---:|---:|---:|---:|"]
-    by = {}
-    for r in rows:
-        by.setdefault(r["arm"], []).append(r)
+    by = e2e.by_arm(rows)
     for m in methods:
         full, half = by[f"{m}-100"], by[f"{m}-50"]
         fixed, adaptive = by[f"rela-{m}-lite0-50"], by[f"rela-{m}-lite0-50-adaptive"]
@@ -255,9 +251,7 @@ def plot(rows: list[dict], method: str, floor: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     curve = re.compile(rf"{method}-\d+")  # the plain method at a budget; other arms are points
-    arms = {}
-    for r in rows:
-        arms.setdefault(r["arm"], []).append(r)
+    arms = e2e.by_arm(rows)
     mean = {a: [statistics.mean(r[k] for r in rs) for k in ("total_s", "linear")] for a, rs in arms.items()}
     spread = {a: statistics.stdev([r["linear"] for r in rs]) if len(rs) > 1 else 0.0 for a, rs in arms.items()}
     plain = sorted((a for a in arms if curve.fullmatch(a)), key=lambda a: mean[a][0])

@@ -94,7 +94,7 @@ class TrainConfig:
         if self.epochs < 1 or self.batch_size < 1:
             raise RelaError("--epochs and --batch-size must be positive")
         from rela.training.accelerate import parse_phase
-        from rela.training.methods import METHODS
+        from rela.training.methods import METHODS, parse_options
 
         parse_phase(self.phase)
         from rela.training.optim import OPTIMIZERS, SCHEDULES
@@ -113,8 +113,6 @@ class TrainConfig:
             raise RelaError(f"--switch-threshold must be in (0, 1], got {self.switch_threshold}")
         if self.method not in METHODS:
             raise RelaError(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")
-        from rela.training.methods import parse_options
-
         parse_options(self.method, self.method_options)  # a typo fails here, not after the conversion
         from rela.loading.views import resolve_views
 
