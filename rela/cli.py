@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from rela.data.prior_options import PriorOptions
@@ -183,9 +184,24 @@ def _on_sigterm(signum, frame) -> None:
     raise _Terminated
 
 
+def _one_line_warnings() -> None:
+    """rela's own warnings as one line each, like its errors; other libraries' keep Python's form."""
+    import warnings
+
+    default = warnings.formatwarning
+
+    def fmt(message, category, filename, lineno, line=None):
+        if f"{os.sep}rela{os.sep}" in filename:
+            return f"rela: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = fmt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Under torchrun (WORLD_SIZE > 1), `convert` and `train` join the process group first."""
     args = build_parser().parse_args(argv)
+    _one_line_warnings()
     joined, dist_util = False, None
     try:
         if args.command in ("convert", "train"):

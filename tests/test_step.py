@@ -5,6 +5,7 @@ log points."""
 import csv
 import os
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from rela.training.optim import lr_factor
 from rela.training.precision import Precision, float32_loss
 from rela.training.run import TrainConfig, load_checkpoint
 from rela.training.train import Trainer, train
-from tests.conftest import smooth_image
+from tests.conftest import run_cli, smooth_image
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +92,56 @@ def test_channels_last_reaches_the_model_and_every_view(tiny, tmp_path):
     ds = ArrayDataset(np.stack([smooth_image(rng, 20, 20) for _ in range(16)]), np.zeros(16, int), name="a")
     batch = next(iter(Loader(ds, 8, views="byol", image_size=16, memory_format=torch.channels_last)))
     assert all(v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous() for v in batch["views"])
-    trainer = Trainer(_cfg(tiny, tmp_path, channels_last=True, epochs=1), progress=False)
+    # Width 1/8: every strided 1x1 convolution has >= 8 input channels, so oneDNN #6035 can't touch it
+    # and channels_last stays on (no warning may be raised).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer = Trainer(_cfg(tiny, tmp_path, channels_last=True, epochs=1, width=0.125), progress=False)
+    assert trainer.memory_format is torch.channels_last
     conv = next(m for m in trainer.backbone.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     views = next(iter(trainer.loader))["views"]
     assert views[0].is_contiguous(memory_format=torch.channels_last)
     trainer.fit()
+
+
+def test_the_onednn_guard_finds_the_convolutions_the_bug_breaks():
+    from rela.models import build_backbone
+    from rela.training.memory_format import compile_options, onednn_hazards, student_memory_format
+
+    narrow, wide = build_backbone("resnet18-cifar", 0.0625), build_backbone("resnet18-cifar", 0.125)
+    found = onednn_hazards(narrow)
+    assert found and all(name.endswith("downsample.0") for name in found)  # the 4 -> 8 shortcut
+    assert onednn_hazards(wide) == []
+    convs = [torch.nn.Conv2d(4, 8, 1, stride=2), torch.nn.Conv2d(7, 8, 1, stride=(1, 2)),
+             torch.nn.Conv2d(16, 16, 1, stride=2, groups=4)]  # 4 input channels per group
+    assert all(onednn_hazards(c) for c in convs)
+    safe = [torch.nn.Conv2d(8, 16, 1, stride=2), torch.nn.Conv2d(4, 8, 1), torch.nn.Conv2d(4, 8, 3, stride=2)]
+    assert not any(onednn_hazards(c) for c in safe)
+    with pytest.warns(RuntimeWarning, match=r"oneDNN issue #6035.*downsample.*widen the student"):
+        assert student_memory_format(narrow, "cpu", True) is torch.contiguous_format
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert student_memory_format(narrow, "cuda", True) is torch.channels_last  # cuDNN: not affected
+        assert student_memory_format(wide, "cpu", True) is torch.channels_last
+        assert student_memory_format(narrow, "cpu", False) is torch.contiguous_format
+    # --compile: Inductor would turn the convolutions channels_last by itself (its layout optimisation)
+    assert compile_options(narrow, "cpu") == {"layout_optimization": False}
+    assert compile_options(wide, "cpu") == compile_options(narrow, "cuda") == {}
+
+
+def test_a_student_the_bug_breaks_trains_contiguous_on_the_avx2_kernels(tmp_path):
+    """The issue's command: width 1/16 (a 4 -> 8 strided 1x1 shortcut), channels_last, one thread, oneDNN
+    held to its AVX2 kernels (ONEDNN_MAX_CPU_ISA works on AVX-512 hosts too). Unguarded, it aborts
+    ('double free or corruption'); guarded, it trains contiguous and says so in one line."""
+    r = run_cli("train", "--data", "fashion-mnist", "--limit", "64", "--batch-size", "16", "--image-size", "16",
+                "--width", "0.0625", "--epochs", "1", "--channels-last", "--prior", "random:resnet18",
+                "--phase", "fixed:0.5", "--budget", "0.5", "--workers", "0", "--out", str(tmp_path / "run"),
+                "--quiet", env={"ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    warning = [line for line in r.stderr.splitlines() if "oneDNN issue #6035" in line]
+    assert len(warning) == 1 and warning[0].startswith("rela: warning: channels_last is off"), r.stderr
+    assert "steps      2" in r.stdout
 
 
 def test_lr_factor_warms_up_then_follows_the_schedule():

@@ -22,6 +22,7 @@ from torch import nn
 from rela import distributed as dist_util
 from rela.distributed import resolve_device
 from rela.errors import RelaError
+from rela.training.memory_format import compile_options, student_memory_format
 from rela.training.run import (
     CHECKPOINT,
     EpochLog,
@@ -194,11 +195,14 @@ class Trainer:
         store, self.conversion_s = (_open_store(cfg, self.dataset, self.backbone.feature_dim, self.progress, device)
                                     if cfg.uses_rela else (None, 0.0))
         ssl_views = cfg.ssl_views or self.method.views
+        # channels_last unless oneDNN #6035 would break the backbone on a CPU (then with a warning;
+        # the heads are linear and the teachers run forward only, which the bug doesn't touch)
+        self.memory_format = student_memory_format(self.backbone, device, cfg.channels_last)
         self.loader = Loader(self.dataset, self.batch_size, targets=store,
                              views=cfg.rela_views if cfg.uses_rela else ssl_views, image_size=cfg.image_size,
                              subset=cfg.budget, policy=cfg.policy, seed=cfg.seed, num_workers=cfg.num_workers,
                              backend=cfg.backend, device=device, pin_memory=device.type == "cuda",
-                             memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format,
+                             memory_format=self.memory_format,
                              handoff=cfg.handoff)
         self.acc = None
         if cfg.uses_rela:
@@ -206,10 +210,11 @@ class Trainer:
                                    freeze_transfer=cfg.freeze_transfer, loader=self.loader,
                                    ssl_views=ssl_views, threshold=cfg.switch_threshold).to(device)
         self.student = _Student(self.backbone, self.method, self.acc, cfg.warm_heads)
-        if cfg.channels_last:
+        if self.memory_format is torch.channels_last:
             self.student.to(memory_format=torch.channels_last)
         if cfg.compile:
-            self.backbone.compile()  # in place: state_dict keys stay; the heads and losses run eagerly
+            # in place: state_dict keys stay; the heads and losses run eagerly
+            self.backbone.compile(options=compile_options(self.backbone, device))
         self.model = _wrap(self.student, cfg, device)
         self.total_steps = len(self.loader) * cfg.epochs
         if self.total_steps == 0:
