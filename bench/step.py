@@ -78,7 +78,7 @@ def batch_for(trainer, device: torch.device, views: int = 2) -> dict:
     """One batch of pre-made tensors in the shapes the loader hands over."""
     g = torch.Generator().manual_seed(0)
     b, s = trainer.batch_size, trainer.cfg.image_size
-    fmt = torch.channels_last if trainer.cfg.channels_last else torch.contiguous_format
+    fmt = trainer.memory_format  # what the trainer chose (contiguous where oneDNN #6035 would bite)
     batch = {"views": [torch.randn(b, 3, s, s, generator=g).to(device).contiguous(memory_format=fmt)
                        for _ in range(views)],
              "index": torch.arange(b, device=device), "label": torch.zeros(b, dtype=torch.int64, device=device)}
