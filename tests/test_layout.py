@@ -124,3 +124,13 @@ def test_train_flags_are_the_config_fields():
         assert getattr(args, f.name) == want, f.name
     args = build_parser().parse_args(["train", "--out", "r", "--workers", "3", "--no-probe-at-switch", "--sync-bn"])
     assert (args.num_workers, args.probe_at_switch, args.sync_bn) == (3, False, True)
+
+
+def test_no_test_draws_inputs_from_a_salted_hash():
+    """Python salts `hash()` of str/bytes per process (PYTHONHASHSEED), so a seed made from it draws
+    new inputs on every run and a failure can't be replayed from its test id: use zlib.crc32."""
+    calls = [f"{path.relative_to(ROOT)}:{node.lineno}"
+             for folder in ("tests", "bench") for path in sorted((ROOT / folder).rglob("*.py"))
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "hash"]
+    assert not calls, f"salted hash() calls: {calls}"

@@ -1,6 +1,8 @@
 """The fused RELA loss: Triton kernels (under TRITON_INTERPRET=1) and the PyTorch path, each
 against a float64 reference, with random upstream gradients and poisoned outputs."""
 
+import zlib
+
 import pytest
 import torch
 
@@ -57,7 +59,8 @@ def _check(pred, target, path, dtype, single=False):
 @pytest.mark.parametrize("V", [1, 2, 3])
 def test_matches_float64_reference(path, B, d, dtype, V):
     tdtype = torch.float16 if dtype != torch.float32 else torch.float32
-    pred, target = _inputs(V, B, d, dtype, tdtype, seed=hash((B, d, V, str(dtype))) % 2**31)
+    # crc32, not hash(): Python salts str hashes per process, so a failure must replay from its test id
+    pred, target = _inputs(V, B, d, dtype, tdtype, seed=zlib.crc32(f"{B},{d},{V},{dtype}".encode()))
     _check(pred, target, path, dtype)
 
 
