@@ -134,3 +134,20 @@ def test_no_test_draws_inputs_from_a_salted_hash():
              for node in ast.walk(ast.parse(path.read_text()))
              if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "hash"]
     assert not calls, f"salted hash() calls: {calls}"
+
+
+def test_a_native_crash_fails_its_test_not_the_run(tmp_path):
+    """The project's pytest configuration (two xdist workers): a test that dies in native code
+    (as oneDNN #6035 made one do) is reported as that test's failure, and the others still run."""
+    (tmp_path / "test_crash.py").write_text(
+        "import os\n\n"
+        "def test_dies_natively():\n    os.abort()\n\n"
+        "def test_a():\n    pass\n\n"
+        "def test_b():\n    pass\n")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(tmp_path),
+                        "-p", "no:cacheprovider", str(tmp_path / "test_crash.py")],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out[-3000:]
+    assert "crashed while running 'test_crash.py::test_dies_natively'" in out, out[-3000:]
+    assert "1 failed, 2 passed" in out, out[-3000:]

@@ -220,6 +220,7 @@ def test_no_host_sync_between_log_points(tiny, tmp_path, monkeypatch, phase, met
     assert trainer.step == 6 and calls == [], calls[:10]
 
 
+@pytest.mark.slow  # ~50-80 s of Inductor compilation; run with -m slow
 def test_compiled_student_trains_and_matches_eager_closely(tiny, tmp_path):
     """--compile (inductor on the CPU: ~80 s of compilation for this tiny student, once)."""
     eager = train(_cfg(tiny, tmp_path / "eager", epochs=1), progress=False)
