@@ -308,3 +308,79 @@ def test_device_colour_stage_matches_the_host_views(tmp_path, workers, worker_ty
         for x, y in zip(a["views"], b["views"], strict=True):
             d = (x - y).abs() * 255
             assert y.dtype == torch.float32 and float(d.mean()) < 2.5 and float(d.max()) <= 8, (d.mean(), d.max())
+
+
+_CTRL_C_WHILE_FORKING = """
+import os, signal, sys, time
+import numpy as np
+from rela import Loader
+from rela.data.datasets import ArrayDataset
+sent = []
+def before():  # a Ctrl-C that lands while the loader forks its workers, inside os.fork's hooks
+    if not sent:
+        sent.append(1); os.kill(os.getpid(), signal.SIGINT); sum(range(1000))
+os.register_at_fork(before=before)
+ds = ArrayDataset(np.zeros((16, 20, 20, 3), np.uint8), np.zeros(16, int))
+t = time.monotonic()
+while time.monotonic() - t < 20:
+    for b in Loader(ds, 8, image_size=16, num_workers=2):
+        pass
+print("still running 20 s after SIGINT: the interrupt was lost")
+"""
+
+
+def test_ctrl_c_while_workers_fork_ends_the_loop():
+    """CPython swallows an exception raised in an os.fork hook (logging has one): a KeyboardInterrupt
+    landing there used to vanish and the loop ran on. Now it ends the loop."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _CTRL_C_WHILE_FORKING], capture_output=True, text=True, timeout=120)
+    assert "still running" not in r.stdout, r.stderr[-2000:]
+    assert r.returncode != 0 and r.stderr.rstrip().endswith("KeyboardInterrupt"), r.stderr[-2000:]
+    assert "Exception ignored" not in r.stderr
+
+
+_CONSUME_SLOWLY = """
+import time
+import numpy as np
+from rela import Loader
+from rela.data.datasets import ArrayDataset
+ds = ArrayDataset(np.zeros((400, 20, 20, 3), np.uint8), np.zeros(400, int))
+for b in Loader(ds, 4, image_size=16, num_workers=2):
+    print("batch", flush=True)
+    time.sleep(60)  # a long training step: the workers fill their prefetch, then wait idle
+"""
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGKILL"])
+def test_workers_end_with_their_parent(signum):
+    """Ctrl-C ends the loop with KeyboardInterrupt and its workers; a SIGKILLed parent takes its
+    workers with it at once (PR_SET_PDEATHSIG), not at torch's next watchdog check."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    p = subprocess.Popen([sys.executable, "-c", _CONSUME_SLOWLY], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        assert p.stdout.readline() == "batch\n"
+        workers = psutil.Process(p.pid).children()
+        assert len(workers) >= 2
+        time.sleep(0.5)  # idle now: torch's watchdog would notice a dead parent only at its next check (5 s)
+        t = time.monotonic()
+        p.send_signal(getattr(signal, signum))
+        p.wait(timeout=30)
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        waited = time.monotonic() - t
+    finally:
+        p.kill()
+        p.wait()
+    assert not alive, f"workers outlived their parent: {alive}"
+    # Both take well under a second here; the bounds leave room for a busy 2-core machine but not
+    # for torch's 5-second watchdog, which alone ended orphaned workers before.
+    assert waited < (10 if signum == "SIGINT" else 2.5), waited
+    if signum == "SIGINT":
+        assert p.stderr.read().rstrip().endswith("KeyboardInterrupt")

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rela import __version__
+from rela import __version__, _workers
 from rela import distributed as dist_util
 from rela.data.datasets import RelaDataset, open_dataset
 from rela.data.pca import StreamingMoments, Whitening, fit_whitening
@@ -88,6 +88,7 @@ class _PriorInputs(torch.utils.data.Dataset):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
+    _workers.in_worker()  # dies with the rank it decodes for
 
 
 @dataclass
@@ -335,7 +336,7 @@ def _extract(job: _Job, todo: list[_Chunk], num_workers: int | None, skip_corrup
     errors: dict[int, str] = {}
     t0, infer_s = time.perf_counter(), 0.0
     try:
-        for idx, x, errs in loader:
+        for idx, x, errs in _workers.start(loader):  # a Ctrl-C while forking is not lost
             bad = [(int(i), e) for i, e in zip(idx.tolist(), errs, strict=True) if e]
             if bad and not skip_corrupt:
                 i, reason = bad[0]

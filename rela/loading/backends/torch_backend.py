@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from rela import _ext
+from rela import _ext, _workers
 from rela._alloc import keep_freed_memory
 from rela.errors import CorruptImageError, RelaError
 from rela.loading.backends import Options, SampleRules, Task, Tasks
@@ -146,6 +146,7 @@ class TorchBuilder(torch.utils.data.Dataset):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
+    _workers.in_worker()  # dies with the loop's process, even when that is SIGKILLed
     keep_freed_memory()  # decode buffers and batches: reuse freed heap instead of page-faulting
 
 
@@ -179,7 +180,7 @@ class TorchBackend:
         elif o.worker_type == "thread":
             source = ThreadedBatches(self.builder.build, tasks, o.depth)
         else:
-            source = iter(torch.utils.data.DataLoader(
+            source = _workers.start(torch.utils.data.DataLoader(  # a Ctrl-C while forking is not lost
                 self.builder, batch_size=None, sampler=_TaskSampler(tasks), num_workers=o.num_workers,
                 worker_init_fn=_worker_init, prefetch_factor=o.prefetch_factor, persistent_workers=False,
                 pin_memory=o.pin_memory, timeout=o.timeout,
