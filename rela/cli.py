@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -88,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--probe-epochs", type=positive_int, default=100, help="adam: epochs (default 100)")
     e.add_argument("--k", type=positive_int, default=20)
     e.add_argument("--test-data", help="test split (default: the run's, or fashion-mnist:test)")
+    e.add_argument("--skip-corrupt", action=argparse.BooleanOptionalAction, default=None,
+                   help="leave undecodable images out of both splits (default: as the run was trained)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.add_argument("--quiet", action="store_true")
     return p
@@ -121,7 +124,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from rela.training.evaluate import evaluate_run
 
     r = evaluate_run(a.run, probe=a.probe, probe_epochs=a.probe_epochs, C=a.C, k=a.k, test_data=a.test_data,
-                     progress=not a.quiet)
+                     progress=not a.quiet, skip_corrupt=a.skip_corrupt)
     if a.json:
         print(json.dumps(r, indent=1))
         return 0
@@ -176,6 +179,25 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free space, then rerun the same command (a conversion resumes from its last "
+                  "committed chunk, training with --resume from its last checkpoint)",
+    errno.EDQUOT: "the disk quota is used up: free space, then rerun the same command",
+    errno.EACCES: "no permission: choose a folder you can write to (--out) or fix its permissions",
+    errno.EPERM: "not permitted: choose a folder you can write to (--out) or fix its permissions",
+    errno.EROFS: "that file system is read-only: choose another folder (--out)",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: choose another path",
+    errno.ENOENT: "check the path",
+}
+
+
+def _os_error(e: OSError) -> str:
+    """An environment problem (permissions, a full disk, a path) as one line: what, where, what to do."""
+    where = f"{e.filename}: " if e.filename else ""
+    hint = _OS_HINTS.get(e.errno)
+    return f"{where}{e.strerror or e}" + (f"; {hint}" if hint else "")
+
+
 class _Terminated(Exception):
     """SIGTERM: torchrun ends the other ranks this way when one of them fails."""
 
@@ -222,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rela: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        print(f"rela: error: {_os_error(e)}", file=sys.stderr, flush=True)
+        return 2
     except _Terminated:
         rank, world = dist_util.rank_world() if dist_util else (0, 1)
         print(f"rela: error (rank {rank} of {world}): stopped by the launcher (SIGTERM): another rank stopped "

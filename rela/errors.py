@@ -1,5 +1,7 @@
 """Exceptions rela raises for bad input. Each message says what is wrong and what to do."""
 
+from __future__ import annotations
+
 
 class RelaError(Exception):
     """Base class: the CLI prints these as one clean line and exits non-zero."""
@@ -10,16 +12,20 @@ class DatasetError(RelaError):
 
 
 class CorruptImageError(DatasetError):
-    """One sample could not be decoded; carries the index and the file so it can be fixed or skipped."""
+    """One sample could not be decoded; carries the index and the file so it can be fixed or skipped.
 
-    def __init__(self, index: int, source: str, reason: str) -> None:
-        self.index = index
-        self.source = source
-        self.reason = reason
-        super().__init__(
-            f"cannot decode sample {index} ({source}): {reason}. Fix or remove the file, "
-            "or pass --skip-corrupt to record it as skipped."
-        )
+    `remedy` says what the user can do *where the error reaches them* (the loader names
+    `on_error="skip"`, conversion `--skip-corrupt`): `with_remedy` makes that copy."""
+
+    def __init__(self, index: int, source: str, reason: str, remedy: str = "Fix or remove the file") -> None:
+        self.index, self.source, self.reason, self.remedy = index, source, reason, remedy
+        super().__init__(f"cannot decode sample {index} ({source}): {reason}. {remedy}.")
+
+    def with_remedy(self, remedy: str) -> CorruptImageError:
+        return CorruptImageError(self.index, self.source, self.reason, remedy)
+
+    def __reduce__(self):  # rebuilt from its fields when it crosses from a worker process
+        return CorruptImageError, (self.index, self.source, self.reason, self.remedy)
 
 
 class PriorError(RelaError):

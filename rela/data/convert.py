@@ -340,7 +340,8 @@ def _extract(job: _Job, todo: list[_Chunk], num_workers: int | None, skip_corrup
             bad = [(int(i), e) for i, e in zip(idx.tolist(), errs, strict=True) if e]
             if bad and not skip_corrupt:
                 i, reason = bad[0]
-                raise CorruptImageError(i, dataset.describe(i), reason)
+                raise CorruptImageError(i, dataset.describe(i), reason, "Fix or remove the file, or pass "
+                                        "--skip-corrupt (skip_corrupt=True) to record it as skipped")
             t_inf = time.perf_counter()
             f = prior(prior.normalize(x.to(prior.device, non_blocking=True))).numpy()
             infer_s += time.perf_counter() - t_inf
@@ -462,6 +463,7 @@ def _write_manifest(job: _Job, done: dict[int, dict], white: Whitening, skipped:
     # chunk seconds start when its rank starts extracting, so loader start-up is included.
     # process_seconds is the sum over every rank: what the conversion cost in device time.
     prior, n, world = job.prior, len(job.dataset), dist_util.rank_world()[1]
+    targets = (job.out / TARGETS).stat()
     process_s = sum(rec.get("seconds", 0.0) for rec in done.values())
     extract_s, infer_s = (_session_wall(done, key) for key in ("seconds", "infer_seconds"))
     manifest = {
@@ -478,6 +480,8 @@ def _write_manifest(job: _Job, done: dict[int, dict], white: Whitening, skipped:
         "whitening": {"method": "pca", "eps": white.eps,
                       "explained_variance_ratio": white.explained_variance_ratio},
         "skipped": skipped,
+        # targets.npy as written (every row checked finite): opening trusts an unchanged file
+        "targets_file": {"bytes": targets.st_size, "mtime_ns": targets.st_mtime_ns},
         "skipped_reasons": {str(i): r for rec in done.values() for i, r in rec.get("skipped", {}).items()},
         "cost": {"extract_seconds": round(extract_s, 3), "inference_seconds": round(infer_s, 3),
                  "finalize_seconds": round(finalize_s, 3),

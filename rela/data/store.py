@@ -36,10 +36,15 @@ IDENTITY_FIELDS = ("kind", "n", "digest", "split", "limit", "shape", "classes")
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write-to-temp, fsync, rename: readers see the old file or the new one, never a torn one."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a full disk, say: leave no torn temp file behind, and say which file
+        tmp.unlink(missing_ok=True)
+        e.filename = e.filename or str(path)
+        raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -114,8 +119,12 @@ class TargetWriter:
         if not np.isfinite(half).all():
             i = int(np.flatnonzero(~np.isfinite(half).all(axis=1))[0]) + start
             raise StoreError(f"target row {i} overflows float16; the targets were not standardised")
-        self.f.seek(self.offset + start * self.row_bytes)
-        self.f.write(np.ascontiguousarray(half).tobytes())
+        try:
+            self.f.seek(self.offset + start * self.row_bytes)
+            self.f.write(np.ascontiguousarray(half).tobytes())
+        except OSError as e:  # a full disk: say which file
+            e.filename = e.filename or str(self.path)
+            raise
         self.next = start + len(rows)
         self.rows += len(rows)
 
@@ -173,9 +182,25 @@ class TargetStore:
                 f"({n}, {d}) float16; the store is corrupt, recreate it"
             )
         store = cls(path, manifest, targets)
+        store._check_finite()
         if dataset is not None:
             store.check_dataset(dataset, deep=deep)
         return store
+
+    def _check_finite(self, chunk_rows: int = 65536) -> None:
+        """Refuse NaN/inf targets: they would reach the batches silently. `rela convert` writes only
+        finite rows and records the file's size and mtime; a file still as written is not read
+        again, a changed (or unrecorded) one is scanned — one streamed pass, ~1 s per GB."""
+        st = (self.path / TARGETS).stat()
+        if self.manifest.get("targets_file") == {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}:
+            return
+        for start in range(0, len(self), chunk_rows):
+            bad = ~np.isfinite(self.targets[start:start + chunk_rows]).all(axis=1)
+            if bad.any():
+                rows = int(bad.sum())
+                raise StoreError(f"{self.path / TARGETS} holds NaN or inf values (first in row "
+                                 f"{start + int(np.flatnonzero(bad)[0])}; {rows}+ rows): the file was changed after "
+                                 "conversion. Recreate the store (rela convert ... --overwrite)")
 
     def check_dataset(self, dataset, deep: bool = False) -> None:
         stored = self.manifest["dataset"]

@@ -47,6 +47,8 @@ from rela.loading.subset import Subset
 from rela.loading.translate import as_views
 from rela.loading.views import ViewSpec, resolve_views
 
+SKIP_REMEDY = ("Fix or remove the file, or pass on_error='skip' to rela.Loader (rela train / rela eval: "
+               "--skip-corrupt) to replace it with the next decodable sample")
 AS_IS = "as-is"  # views=: the dataset's own transform makes the views (MapDataset(as_is=True))
 # handoff=: what crosses to the device. float32: finished views; uint8: coloured crops, normalised
 # there; device-colour: plain crops and each row's colour choices, coloured and normalised there.
@@ -300,13 +302,19 @@ class Loader:
             self.epoch += 1  # a finished pass moves on, so forgetting set_epoch still gives fresh subsets
 
     def _deliver(self, source: Iterator[dict], epoch: int, start: int) -> Iterator[dict]:
+        try:
+            yield from self._checked(source, epoch, start)
+        except CorruptImageError as e:  # from any backend: say what this API offers
+            raise e.with_remedy(SKIP_REMEDY) from None
+
+    def _checked(self, source: Iterator[dict], epoch: int, start: int) -> Iterator[dict]:
         for number, batch in enumerate(source, start):
-            if "error" in batch:
-                raise CorruptImageError(*batch["error"])
-            if batch["version"] != self._views_version:
+            if "error" not in batch and batch["version"] != self._views_version:
                 # Built before set_views: rebuild it with the current views, here, once.
                 batch = self._backend.build(backends.Task(epoch, number, batch["drawn"], self._views,
                                                           self._views_version))
+            if "error" in batch:  # a worker's error, returned as a value (see TorchBuilder.build)
+                raise batch["error"]
             for rec in batch.pop("skipped"):  # each sample once per pass, always (index, source, reason)
                 if rec[0] not in self._skipped_seen:
                     self._skipped_seen.add(rec[0])

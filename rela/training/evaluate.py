@@ -42,24 +42,32 @@ from rela.training.run import (
 @torch.no_grad()
 def extract_features(backbone: nn.Module, dataset: RelaDataset, image_size: int, batch_size: int = 512,
                      num_workers: int | None = None, progress: bool = False, desc: str = "features",
-                     mean=None, std=None, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+                     mean=None, std=None, device: torch.device | str = "cpu",
+                     on_error: str = "raise") -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features and labels (on the CPU) of every sample under the eval view (resize +
-    centre crop), computed on `device`."""
+    centre crop), computed on `device`. With on_error="skip", undecodable samples are left out
+    (the loader's replacement would count its sample twice)."""
     from tqdm.auto import tqdm
 
     from rela.loading.loader import Loader
 
     loader = Loader(dataset, batch_size, views="eval", image_size=image_size, shuffle=False, drop_last=False,
-                    num_workers=num_workers, mean=mean, std=std, device=device,
+                    num_workers=num_workers, mean=mean, std=std, device=device, on_error=on_error,
                     rank=0, world_size=1)  # every sample, also when called on one rank of several
     was_training = backbone.training
     backbone.eval()
-    feats, labels = [], []
+    feats, labels, index = [], [], []
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
         feats.append(backbone(batch["views"][0]).float().cpu())
         labels.append(batch["label"].cpu())
+        index.append(batch["index"].cpu())
     backbone.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    if loader.skipped:  # a replacement repeats the sample after it: keep each sample once
+        _, first = np.unique(torch.cat(index).numpy(), return_index=True)
+        keep = torch.from_numpy(np.sort(first))
+        feats, labels = feats[keep], labels[keep]
+    return feats, labels
 
 
 def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -179,11 +187,16 @@ def adam_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tenso
 
 
 def evaluate_run(run: str | Path, *, probe: str = "lbfgs", probe_epochs: int = 100, C: float = 1.0, k: int = 20,
-                 test_data=None, progress: bool = True, train_data=None) -> dict:
-    """Linear probe (`probe`: lbfgs or adam) and kNN of a run's final backbone; written to RUN/eval.json."""
+                 test_data=None, progress: bool = True, train_data=None, skip_corrupt: bool | None = None) -> dict:
+    """Linear probe (`probe`: lbfgs or adam) and kNN of a run's final backbone; written to RUN/eval.json.
+    `skip_corrupt` (default: the run's own setting) leaves undecodable images out of both splits."""
     run = Path(run)
     cfg = config_from_run(run)
+    if not (run / CHECKPOINT).exists():
+        raise RelaError(f"{run} has no {CHECKPOINT} yet: its first epoch has not finished. Evaluate it once "
+                        f"rela train has written one (or resume it: rela train --resume --out {run} ...)")
     state = load_checkpoint(run / CHECKPOINT)
+    on_error = "skip" if (cfg.skip_corrupt if skip_corrupt is None else skip_corrupt) else "raise"
     device = resolve_device(cfg.device)
     backbone = build_backbone(cfg.arch, cfg.width)  # the run's heads are not needed
     backbone.load_state_dict(state["backbone"])
@@ -193,10 +206,10 @@ def evaluate_run(run: str | Path, *, probe: str = "lbfgs", probe_epochs: int = 1
         raise RelaError(f"no test split known for {cfg.data!r}: pass --test-data")
     t0 = time.perf_counter()
     train_x, train_y = extract_features(backbone, open_dataset(cfg.data if train_data is None else train_data, cfg.limit),
-                                        cfg.image_size,
-                                        progress=progress, desc="train features", device=device)
+                                        cfg.image_size, progress=progress, desc="train features", device=device,
+                                        on_error=on_error)
     test_x, test_y = extract_features(backbone, open_dataset(test_name), cfg.image_size,
-                                      progress=progress, desc="test features", device=device)
+                                      progress=progress, desc="test features", device=device, on_error=on_error)
     options = {"C": C} if probe == "lbfgs" else {"epochs": probe_epochs, "seed": cfg.seed}
     result = linear_probe(train_x, train_y, test_x, test_y, probe=probe, **options)
     knn = knn_votes(train_x, train_y, test_x, test_y, k=k)

@@ -72,6 +72,8 @@ class TrainConfig:
     seed: int = option(0, "seed of the student's initial weights, the subsets and every view")
     num_workers: int | None = option(None, "loader workers per rank (default: 0 for in-memory data, else 2, fewer "
                                      "if the node has fewer cores per rank)", flag="--workers", metavar="N")
+    skip_corrupt: bool = option(False, "an undecodable image is replaced by the next decodable sample (each "
+                                "reported once an epoch; conversion records it as skipped) instead of stopping the run")
     backend: str = option("auto", "loader backend: auto | torch | dali | ffcv")
     policy: str = option("uniform", "subset policy: uniform | scored")
     freeze_transfer: bool = option(False, "frozen random transfer head (reference code)")
@@ -135,7 +137,11 @@ def _with_defaults(raw: dict) -> dict:
 
 
 def config_from_run(run: str | Path) -> TrainConfig:
-    return TrainConfig(**_with_defaults(json.loads((Path(run) / "config.json").read_text())))
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        what = "does not exist" if not Path(run).exists() else "is not a run directory (no config.json)"
+        raise RelaError(f"{run} {what}: pass the --out folder of a rela train run")
+    return TrainConfig(**_with_defaults(json.loads(path.read_text())))
 
 
 def default_test_data(data: str) -> str | None:
@@ -186,10 +192,15 @@ def check_out(out: Path, resume: bool | str, overwrite: bool) -> bool:
     return bool(resume)
 
 
+# Fields a resumed run may change: where it lives, and skipping a corrupt image the run stopped at
+# (nothing trained so far depends on it).
+_RESUME_MAY_CHANGE = ("out", "skip_corrupt")
+
+
 def check_resumable(state: dict, cfg: TrainConfig) -> None:
     """Refuse to resume a checkpoint under another configuration (the run directory may differ)."""
-    saved = {k: v for k, v in _with_defaults(state["config"]).items() if k != "out"}
-    now = {k: v for k, v in asdict(cfg).items() if k != "out"}
+    saved = {k: v for k, v in _with_defaults(state["config"]).items() if k not in _RESUME_MAY_CHANGE}
+    now = {k: v for k, v in asdict(cfg).items() if k not in _RESUME_MAY_CHANGE}
     diff = {k: (saved[k], now[k]) for k in now if saved[k] != now[k]}
     if diff:
         raise RelaError(f"--resume with a different configuration: {diff}; resume with the original arguments")
@@ -202,7 +213,12 @@ def save_checkpoint(path: Path, state: dict) -> None:
     import torch
 
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    try:
+        torch.save(state, tmp)
+    except OSError as e:  # a full disk: the previous checkpoint stays; no torn temp file stays
+        tmp.unlink(missing_ok=True)
+        e.filename = e.filename or str(path)
+        raise
     os.replace(tmp, path)
 
 

@@ -57,7 +57,8 @@ def _open_store(cfg: TrainConfig, dataset, feature_dim: int, progress: bool, dev
             if size != prior.input_size:
                 prior = load_prior(cfg.prior, input_size=size, seed=cfg.seed)
         dim = min(cfg.dim or feature_dim, prior.dim)
-        store = convert(dataset, prior, Path(cfg.out) / "store", dim=dim, progress=progress, device=device)
+        store = convert(dataset, prior, Path(cfg.out) / "store", dim=dim, progress=progress, device=device,
+                        skip_corrupt=cfg.skip_corrupt)
     return store, float(store.manifest.get("cost", {}).get("seconds", 0.0))
 
 
@@ -203,7 +204,7 @@ class Trainer:
                              subset=cfg.budget, policy=cfg.policy, seed=cfg.seed, num_workers=cfg.num_workers,
                              backend=cfg.backend, device=device, pin_memory=device.type == "cuda",
                              memory_format=self.memory_format,
-                             handoff=cfg.handoff)
+                             handoff=cfg.handoff, on_error="skip" if cfg.skip_corrupt else "raise")
         self.acc = None
         if cfg.uses_rela:
             self.acc = Accelerator(self.backbone.feature_dim, store.dim, cfg.phase,

@@ -18,7 +18,7 @@ import torch
 
 from rela import _ext, _workers
 from rela._alloc import keep_freed_memory
-from rela.errors import CorruptImageError, RelaError
+from rela.errors import RelaError
 from rela.loading.backends import Options, SampleRules, Task, Tasks
 from rela.loading.backends.augment import colour_rows, crop, crop_batch, normalize_batch
 from rela.loading.backends.threads import ThreadedBatches
@@ -42,19 +42,21 @@ class TorchBuilder(torch.utils.data.Dataset):
         return self.build(task)
 
     def build(self, task: Task) -> dict:
-        if getattr(self.rules.dataset, "as_is", False):
-            return self.stack_items(task)
-        return self.finish(self.decode(task))
+        # rela's errors travel as values: raised in a worker process, torch would wrap them in its
+        # worker-traceback text; returned, the loader re-raises rela's own one-line error.
+        try:
+            if getattr(self.rules.dataset, "as_is", False):
+                return self.stack_items(task)
+            return self.finish(self.decode(task))
+        except RelaError as e:
+            return {"error": e, "version": task.version}
 
     def stack_items(self, task: Task) -> dict:
         """A dataset used as-is (`views="as-is"`): its items' own views, stacked per view."""
         skipped: list = []
         index, labels, rows = [], [], []
         for i in task.indices:
-            try:
-                j, (views, label) = self.rules.read(i, skipped, self.rules.dataset.item_views)
-            except CorruptImageError as e:
-                return {"error": (e.index, e.source, e.reason), "version": task.version}
+            j, (views, label) = self.rules.read(i, skipped, self.rules.dataset.item_views)
             index.append(j), labels.append(label), rows.append(views)
         shapes = {tuple((tuple(v.shape), v.dtype) for v in r) for r in rows}
         if len(shapes) != 1:
@@ -104,10 +106,7 @@ class TorchBuilder(torch.utils.data.Dataset):
         done = set(rows)
         rest, images = [r for r in range(n) if r not in done], []
         for row in rest:
-            try:
-                i, img = self.rules.load(task.indices[row], skipped)
-            except CorruptImageError as e:
-                return {"error": (e.index, e.source, e.reason), "version": task.version}
+            i, img = self.rules.load(task.indices[row], skipped)
             index[row] = i
             images.append(img)
         self._crop_rest(task, rest, images, u8, params)
