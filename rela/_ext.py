@@ -11,6 +11,8 @@ import warnings
 
 import numpy as np
 
+from rela.errors import RelaWarning
+
 try:  # pragma: no cover - exercised by whichever build is installed
     from rela import _C
 except ImportError:  # pragma: no cover
@@ -50,7 +52,7 @@ def _warn_once() -> None:
         warnings.warn(
             "rela._C (the compiled extension) is not built; using the slow Python fallback. "
             "Reinstall with `pip install -e .` on a machine with a C++17 compiler.",
-            RuntimeWarning,
+            RelaWarning,
             stacklevel=3,
         )
         _warned = True

@@ -6,11 +6,10 @@ import argparse
 import dataclasses
 import errno
 import json
-import os
 import sys
 
 from rela.data.prior_options import PriorOptions
-from rela.errors import RelaError
+from rela.errors import RelaError, RelaWarning
 from rela.options import add_arguments, from_args, positive_int
 from rela.training.run import TrainConfig
 
@@ -213,7 +212,7 @@ def _one_line_warnings() -> None:
     default = warnings.formatwarning
 
     def fmt(message, category, filename, lineno, line=None):
-        if f"{os.sep}rela{os.sep}" in filename:
+        if issubclass(category, RelaWarning):
             return f"rela: warning: {message}\n"
         return default(message, category, filename, lineno, line)
 

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
+
+class RelaWarning(RuntimeWarning):
+    """What rela warns about (a skipped sample, a setting it had to change); the CLI prints it as
+    one line, like its errors."""
+
 
 class RelaError(Exception):
     """Base class: the CLI prints these as one clean line and exits non-zero."""
@@ -11,6 +18,17 @@ class DatasetError(RelaError):
     """A dataset could not be found, read or indexed."""
 
 
+# What decoders put in their messages that means nothing to the user: a build machine's source
+# path and line (torchvision: "decode_jpeg, /__w/vision/.../decode_jpeg.cpp:171, Unsupported marker")
+# and object addresses (PIL: "cannot identify image file <_io.BytesIO object at 0x7f...>").
+_NOISE = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>|(?:\b\w+, )?/[^\s,]+\.(?:cpp|cc|cxx|c|h|hpp):\d+,?\s*")
+
+
+def clean_reason(reason: str) -> str:
+    """A decoder's message without build paths or memory addresses (the reason alone)."""
+    return _NOISE.sub("", reason).strip(" ,") or reason
+
+
 class CorruptImageError(DatasetError):
     """One sample could not be decoded; carries the index and the file so it can be fixed or skipped.
 
@@ -18,8 +36,8 @@ class CorruptImageError(DatasetError):
     `on_error="skip"`, conversion `--skip-corrupt`): `with_remedy` makes that copy."""
 
     def __init__(self, index: int, source: str, reason: str, remedy: str = "Fix or remove the file") -> None:
-        self.index, self.source, self.reason, self.remedy = index, source, reason, remedy
-        super().__init__(f"cannot decode sample {index} ({source}): {reason}. {remedy}.")
+        self.index, self.source, self.reason, self.remedy = index, source, clean_reason(reason), remedy
+        super().__init__(f"cannot decode sample {index} ({source}): {self.reason}. {remedy}.")
 
     def with_remedy(self, remedy: str) -> CorruptImageError:
         return CorruptImageError(self.index, self.source, self.reason, remedy)

@@ -11,7 +11,7 @@ import torch
 from rela import Loader
 from rela.data.datasets import MapDataset, open_dataset
 from rela.errors import CorruptImageError, DatasetError, RelaError
-from tests.conftest import run_cli, smooth_image
+from tests.conftest import make_folder, run_cli, smooth_image
 
 # --- odd items from a user's map-style dataset ------------------------------------------------
 
@@ -74,6 +74,17 @@ def test_a_label_column_with_a_bad_label_is_skippable():
     with pytest.warns(RuntimeWarning, match="1 undecodable"):
         got = list(Loader(hf, 4, image_size=16, shuffle=False, num_workers=0, on_error="skip"))
     assert 4 not in torch.cat([b["index"] for b in got]).tolist()
+
+
+def test_arrays_with_a_negative_label_or_no_pixels_are_refused(tmp_path):
+    labels = np.arange(24) % 3
+    labels[6] = -5
+    np.savez(tmp_path / "d.npz", images=_GOOD, labels=labels)
+    with pytest.raises(DatasetError, match="label -5 of sample 6 is negative"):
+        open_dataset(str(tmp_path / "d.npz"))
+    np.savez(tmp_path / "e.npz", images=np.zeros((4, 0, 8), np.uint8))
+    with pytest.raises(DatasetError, match="empty"):
+        open_dataset(str(tmp_path / "e.npz"))
 
 
 def test_a_transformed_dataset_is_still_refused_at_construction():
@@ -180,3 +191,135 @@ def test_nan_in_targets_is_refused_when_the_store_opens(tmp_path, npz_dataset):
     with pytest.raises(StoreError, match="row 17"):
         Loader(str(npz_dataset), 8, targets=store.path)
     _one_line_error(run_cli("info", str(store.path)), "row 17")
+
+
+# --- a hostile image folder -------------------------------------------------------------------
+
+def test_a_symlink_loop_is_refused_by_name(tmp_path):
+    root = make_folder(tmp_path / "data", classes=2, per_class=3)
+    (root / "class_1" / "loop").symlink_to("..")  # 6 files became 1394 samples, class 0 relabelled 1
+    with pytest.raises(DatasetError, match=r"class_1/loop is a link to .*data, a folder that contains it: a loop"):
+        open_dataset(str(root))
+    (root / "class_1" / "loop").unlink()
+    (root / "class_1" / "up").symlink_to("../..")  # a link above the dataset root loops too
+    with pytest.raises(DatasetError, match="a loop"):
+        open_dataset(str(root))
+    (root / "class_1" / "up").unlink()
+    extra = make_folder(tmp_path / "elsewhere", classes=1, per_class=2)
+    (root / "class_1" / "more").symlink_to(extra / "class_0")  # not a loop: followed once
+    ds = open_dataset(str(root))
+    assert len(ds) == 8 and [ds.label(i) for i in range(8)] == [0, 0, 0, 1, 1, 1, 1, 1]
+
+
+def test_folder_oddities_are_refused_or_said(tmp_path):
+    from PIL import Image
+
+    root = make_folder(tmp_path / "data", classes=2, per_class=3)
+    (root / "class_0" / ".ipynb_checkpoints").mkdir()  # hidden folders are not data
+    Image.fromarray(smooth_image(np.random.default_rng(0), 20, 20)).save(root / "class_0" / ".ipynb_checkpoints" / "x.jpg")
+    Image.fromarray(smooth_image(np.random.default_rng(1), 20, 24)).save(root / "class_1" / "anim.gif")  # read
+    (root / "class_1" / "notes.txt").write_text("not an image")
+    with pytest.warns(RuntimeWarning, match=r"1 files in the class folders are not images .*class_1/notes.txt"):
+        ds = open_dataset(str(root))
+    names = [ds.describe(i).split("data/")[1] for i in range(len(ds))]
+    assert "class_1/anim.gif" in names and not any("ipynb" in n for n in names) and len(ds) == 7
+    assert ds.load(names.index("class_1/anim.gif")).shape == (20, 24, 3)
+    (root / "class_9").mkdir()  # an empty class folder would shift no label here, but one before others would
+    (root / "class_00").mkdir()
+    with pytest.raises(DatasetError, match="class folder.*class_00, class_9 hold no images"):
+        open_dataset(str(root))
+
+
+def test_decode_reasons_carry_no_build_paths_or_addresses(tmp_path):
+    from rela.data.datasets import ImageFolder
+
+    root = make_folder(tmp_path / "data", classes=1, per_class=2)
+    (root / "class_0" / "img_000.jpg").write_bytes(b"\xff\xd8\xff broken")  # torchvision: its source path
+    (root / "class_0" / "img_001.jpg").write_bytes(b"hello" * 20)  # PIL: a BytesIO's address
+    ds = ImageFolder(root)
+    for i in range(2):
+        with pytest.raises(CorruptImageError) as e:
+            ds.load(i)
+        assert e.value.reason and not any(s in str(e.value) for s in (".cpp", "/__w/", " at 0x")), str(e.value)
+
+
+# --- WebDataset shards ------------------------------------------------------------------------
+
+def _shard(path, items):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in items:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _jpeg(seed: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(smooth_image(np.random.default_rng(seed), 30, 40)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_one_truncated_shard_does_not_stop_the_dataset(tmp_path, monkeypatch):
+    monkeypatch.setenv("RELA_CACHE", str(tmp_path / "cache"))
+    for s in range(2):
+        items = []
+        for k in range(6):
+            items += [(f"s{s}/{k:04d}.jpg", _jpeg(s * 6 + k)), (f"s{s}/{k:04d}.cls", b"1")]
+        _shard(tmp_path / f"{s:06d}.tar", items)
+    whole = (tmp_path / "000001.tar").read_bytes()
+    cut = whole.index(_jpeg(9)) + 100  # inside sample s1/0003's image
+    (tmp_path / "000001.tar").write_bytes(whole[:cut])
+    spec = str(tmp_path / "{000000..000001}.tar")
+    for _attempt in range(2):  # the second open reads the cached index and warns again
+        with pytest.warns(RuntimeWarning, match="000001.tar is truncated"):
+            ds = open_dataset(spec)
+    assert len(ds) == 10  # shard 0's six, and shard 1's first four (the fourth cut short)
+    with pytest.raises(CorruptImageError, match=r"s1/0003.jpg\).*truncated"):
+        ds.load(9)
+    for workers in (0, 2):
+        with pytest.warns(RuntimeWarning, match="1 undecodable"):
+            batches = list(Loader(ds, 2, image_size=16, shuffle=False, num_workers=workers, on_error="skip",
+                                  drop_last=False))
+        assert 9 not in torch.cat([b["index"] for b in batches]).tolist()
+
+
+def test_a_bad_class_member_is_a_corrupt_sample(tmp_path, monkeypatch):
+    monkeypatch.setenv("RELA_CACHE", str(tmp_path / "cache"))
+    _shard(tmp_path / "000000.tar", [("a.jpg", _jpeg(0)), ("a.cls", b"cat"), ("b.jpg", _jpeg(1)), ("b.cls", b"-5"),
+                                     ("c.jpg", _jpeg(2)), ("c.cls", b"2")])
+    ds = open_dataset(str(tmp_path / "000000.tar"))
+    for i in (0, 1):
+        with pytest.raises(CorruptImageError, match="not a class index"):
+            ds.load(i)
+    with pytest.warns(RuntimeWarning, match="2 undecodable"):  # the JPEG fast path must not take them either
+        batch, = list(Loader(ds, 3, image_size=16, shuffle=False, num_workers=0, on_error="skip"))
+    assert batch["label"].tolist() == [2, 2, 2] and batch["index"].tolist() == [2, 2, 2]
+
+
+# --- rela train on a folder with a corrupt image ----------------------------------------------
+
+def test_rela_train_skips_corrupt_images_when_asked(tmp_path):
+    root = make_folder(tmp_path / "imgs", classes=2, per_class=12)
+    (root / "class_1" / "img_005.jpg").write_bytes(b"\xff\xd8\xff broken")
+    args = ("train", "--data", str(root), "--prior", "random:resnet18", "--dim", "8", "--epochs", "2",
+            "--batch-size", "8", "--image-size", "16", "--width", "0.125", "--workers", "0", "--phase", "fixed:0.5",
+            "--test-data", str(root), "--quiet", "--out", str(tmp_path / "run"))
+    line = _one_line_error(run_cli(*args), "img_005.jpg", "--skip-corrupt")
+    assert "Unsupported marker" in line and ".cpp" not in line
+    r = run_cli(*args, "--skip-corrupt")  # the same command, resumed: the conversion records it as skipped
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [line for line in r.stderr.splitlines() if line.strip()] == [
+        f"rela: warning: rela.Loader: 1 undecodable samples were replaced this epoch (first: index 17, "
+        f"{root}/class_1/img_005.jpg); see loader.skipped"]  # the switch probe's pass, said once, one line
+    import json
+
+    assert json.loads((tmp_path / "run" / "store" / "manifest.json").read_text())["skipped"] == [17]
+    r = run_cli("eval", str(tmp_path / "run"), "--json", "--quiet")  # eval follows the run's setting
+    assert r.returncode == 0 and json.loads(r.stdout)["train_samples"] == 23, r.stderr[-2000:]

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rela.errors import CorruptImageError, DatasetError
+from rela.errors import CorruptImageError, DatasetError, RelaWarning
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 # Refuse images whose header claims more pixels than this (decompression bombs); ImageNet's
 # largest image is ~ 20 MP.
@@ -162,6 +162,12 @@ class ArrayDataset(RelaDataset):
         labels = np.asarray(labels).astype(np.int64).reshape(-1)
         if len(labels) != len(images):
             raise DatasetError(f"{name}: {len(images)} images but {len(labels)} labels")
+        if len(labels) and labels.min() < -1:
+            i = int(np.flatnonzero(labels < -1)[0])
+            raise DatasetError(f"{name}: label {labels[i]} of sample {i} is negative (class indices are >= 0; -1 "
+                               "means unlabeled)")
+        if 0 in images.shape[1:3]:
+            raise DatasetError(f"{name}: images of shape {tuple(images.shape[1:])} are empty")
         self.images, self._labels, self.name = images, labels, name
 
     def __len__(self) -> int:
@@ -348,15 +354,27 @@ class ImageFolder(RelaDataset):
             raise DatasetError(f"{self.root} is not a folder (expected an image folder, an .npz or 'fashion-mnist')")
         classes = sorted(d.name for d in os.scandir(self.root) if d.is_dir() and not d.name.startswith("."))
         samples: list[tuple[str, int, int]] = []  # (relative path, size in bytes, label)
+        empty, others = [], []
         for label, cls in enumerate(classes):
-            for rel, size in _scan_images(self.root, cls):
-                samples.append((rel, size, label))
-        flat = _scan_images(self.root, "", recursive=False)
+            images, rest = _scan_images(self.root, cls)
+            samples += [(rel, size, label) for rel, size in images]
+            others += rest
+            if not images:
+                empty.append(cls)
+        flat, _ = _scan_images(self.root, "", recursive=False)
         if samples:
+            if empty:  # torchvision's ImageFolder refuses them too: every later class's label would shift
+                raise DatasetError(f"{self.root}: class folder(s) {', '.join(empty[:5])}"
+                                   f"{' and more' if len(empty) > 5 else ''} hold no images; remove them or add "
+                                   f"images (looked for {', '.join(IMG_EXTENSIONS)})")
             self.classes = classes
             if flat:
                 warnings.warn(f"{self.root}: {len(flat)} images at the top level are ignored "
-                              "(class sub-folders are in use)", stacklevel=2)
+                              "(class sub-folders are in use)", RelaWarning, stacklevel=2)
+            if others:
+                warnings.warn(f"{self.root}: {len(others)} files in the class folders are not images rela reads and "
+                              f"are left out (first: {others[0]}; images are {', '.join(IMG_EXTENSIONS)})",
+                              RelaWarning, stacklevel=2)
         else:
             self.classes = []
             samples = [(rel, size, -1) for rel, size in flat]
@@ -393,26 +411,47 @@ class ImageFolder(RelaDataset):
         return {"root": str(self.root.resolve()), "classes": len(self.classes)}
 
 
-def _scan_images(root: Path, sub: str, recursive: bool = True) -> list[tuple[str, int]]:
+def _scan_images(root: Path, sub: str, recursive: bool = True) -> tuple[list[tuple[str, int]], list[str]]:
+    """(relative path, size) of the images under root/sub, sorted, and the other files there.
+    Hidden files and folders (.DS_Store, .ipynb_checkpoints/) are not data. Links to folders are
+    followed, but one that points at a folder containing it (a loop) is refused by name: followed,
+    it would repeat the tree above it under this class's label until the path grew too long."""
     base = root / sub if sub else root
-    out = []
+    images, others = [], []
     if recursive:
         walker = os.walk(base, followlinks=True)
     else:
         walker = [(str(base), [], [e.name for e in os.scandir(base) if e.is_file() or e.is_symlink()])]
     for dirpath, dirnames, filenames in walker:
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for d in dirnames:
+            link = os.path.join(dirpath, d)
+            if os.path.islink(link):
+                _refuse_a_loop(link, dirpath, root)
         for name in filenames:
-            if name.lower().endswith(IMG_EXTENSIONS) and not name.startswith("."):
-                full = Path(dirpath) / name
-                try:
-                    size = full.stat().st_size
-                except OSError as e:
-                    hint = " (a dangling symlink?)" if full.is_symlink() else ""
-                    raise DatasetError(f"{full}: cannot read it{hint}: {e.strerror}; fix or remove it") from None
-                out.append((full.relative_to(root).as_posix(), size))
-    out.sort()
-    return out
+            if name.startswith("."):
+                continue
+            full = Path(dirpath) / name
+            if not name.lower().endswith(IMG_EXTENSIONS):
+                others.append(full.relative_to(root).as_posix())
+                continue
+            try:
+                size = full.stat().st_size
+            except OSError as e:
+                hint = " (a dangling symlink?)" if full.is_symlink() else ""
+                raise DatasetError(f"{full}: cannot read it{hint}: {e.strerror}; fix or remove it") from None
+            images.append((full.relative_to(root).as_posix(), size))
+    images.sort()
+    return images, sorted(others)
+
+
+def _refuse_a_loop(link: str, dirpath: str, root: Path) -> None:
+    """A folder link whose target contains the link itself (or the dataset root): a loop."""
+    target = os.path.realpath(link)
+    for inside in (os.path.realpath(dirpath), os.path.realpath(root)):
+        if inside == target or inside.startswith(target.rstrip(os.sep) + os.sep):
+            raise DatasetError(f"{link} is a link to {target}, a folder that contains it: a loop that would repeat "
+                               "those images under another label. Remove the link")
 
 
 def cache_root() -> Path:
@@ -434,7 +473,12 @@ class WebDataset(RelaDataset):
         self.shards = _expand_shards(shards)
         self.samples: list[tuple[int, str, str, int, int, int]] = []  # shard, key, ext, offset, size, label
         for k, shard in enumerate(self.shards):
-            self.samples += [(k, *rec) for rec in _shard_index(shard)]
+            index, truncated = _shard_index(shard)
+            self.samples += [(k, *rec) for rec in index]
+            if truncated:
+                warnings.warn(f"{shard} is truncated: {truncated}. Its {len(index)} indexed samples are used (one cut "
+                              "short fails when read, like a corrupt image) and the rest of it is lost; re-create the "
+                              "shard", RelaWarning, stacklevel=2)
         if not self.samples:
             raise DatasetError(f"no images in {len(self.shards)} shard(s) (looked for KEY{{{','.join(self.IMAGE_EXTENSIONS)}}})")
 
@@ -442,14 +486,24 @@ class WebDataset(RelaDataset):
         return len(self.samples)
 
     def encoded(self, index: int, suffixes: tuple[str, ...] | None = None) -> tuple[bytes, str] | None:
-        shard, _, ext, offset, size, _ = self.samples[index]
-        if suffixes is not None and ext not in suffixes:
-            return None
+        ext, size, label = self.samples[index][2], self.samples[index][4], self.samples[index][5]
+        if (suffixes is not None and ext not in suffixes) or label == _BAD_LABEL:
+            return None  # a bad label: the general path's load() names it
+        data = self._read(index)
+        if len(data) < size:
+            raise OSError(f"the shard ends {len(data)} bytes into this {size}-byte member (truncated)")
+        return data, ext
+
+    def _read(self, index: int) -> bytes:
+        """Sample `index`'s member bytes as the shard holds them (fewer when the shard is truncated)."""
+        shard, _, _, offset, size, _ = self.samples[index]
         with open(self.shards[shard], "rb") as f:
             f.seek(offset)
-            return f.read(size), ext
+            return f.read(size)
 
     def load(self, index: int) -> np.ndarray:
+        if self.samples[index][5] == _BAD_LABEL:
+            raise CorruptImageError(index, self.describe(index), "its .cls member is not a class index (>= 0, or -1)")
         try:
             return decode_bytes(self.encoded(index)[0])
         except (OSError, ValueError) as e:
@@ -465,7 +519,7 @@ class WebDataset(RelaDataset):
     def _record(self, index: int, deep: bool) -> bytes:
         shard, key, ext, _, size, label = self.samples[index]
         rec = f"{self.shards[shard].name}\t{key}{ext}\t{size}\t{label}".encode()
-        return rec + (hashlib.sha256(self.encoded(index)[0]).digest() if deep else b"")
+        return rec + (hashlib.sha256(self._read(index)).digest() if deep else b"")
 
     def info(self) -> dict:
         return {"shards": len(self.shards), "first_shard": str(self.shards[0].resolve())}
@@ -496,39 +550,67 @@ def _expand_shards(spec) -> list[Path]:
     return paths
 
 
-def _shard_index(shard: Path) -> list[tuple[str, str, int, int, int]]:
-    """(key, image suffix, data offset, size, label) of each sample in one shard, cached."""
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
+
+
+def _shard_index(shard: Path) -> tuple[list[tuple[str, str, int, int, int]], str | None]:
+    """(key, image suffix, data offset, size, label) of each sample in one shard, and why the shard
+    is truncated (None when whole); cached. A truncated shard keeps the members it holds: one cut
+    short fails when read (a corrupt sample, skippable), the rest are lost and said so."""
     import json
     import tarfile
 
     st = shard.stat()
-    key = hashlib.sha256(f"{shard.resolve()}\t{st.st_size}\t{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"v2\t{shard.resolve()}\t{st.st_size}\t{st.st_mtime_ns}".encode()).hexdigest()[:24]
     cached = cache_root() / "wds" / f"{key}.json"
     if cached.exists():
-        return [tuple(r) for r in json.loads(cached.read_text())]
+        saved = json.loads(cached.read_text())
+        return [tuple(r) for r in saved["samples"]], saved["truncated"]
+    with open(shard, "rb") as f:
+        if f.read(6).startswith(_COMPRESSED):
+            raise DatasetError(f"{shard}: a compressed tar; rela reads members at their offsets, so shards must be "
+                               "uncompressed .tar (decompress them with gunzip, zstd -d, ...)")
     members: dict[str, dict] = {}
+    truncated, end = None, 0
     try:
         with tarfile.open(shard, mode="r:") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                stem, dot, ext = m.name.rpartition("/")[2].partition(".")
-                name = m.name.rpartition("/")[0] + "/" + stem if "/" in m.name else stem
-                entry = members.setdefault(name, {})
-                ext = "." + ext.lower()
-                if ext in WebDataset.IMAGE_EXTENSIONS and "image" not in entry:
-                    entry["image"] = (ext, m.offset_data, m.size)
-                elif ext == ".cls":
-                    entry["label"] = int(tar.extractfile(m).read().decode().strip() or -1)
-    except (tarfile.TarError, OSError, ValueError) as e:
-        raise DatasetError(f"{shard}: not a readable uncompressed tar shard ({e}); rela reads members at their "
-                           "offsets, so shards must be plain .tar") from None
+            try:
+                for m in tar:
+                    end = m.offset_data + -(-m.size // 512) * 512
+                    if m.isfile():
+                        _index_member(tar, m, members)
+            except tarfile.ReadError as e:  # a header cut short
+                truncated = f"it ends inside a member header ({e})"
+    except (tarfile.TarError, OSError) as e:
+        truncated = f"no member is readable ({e})"
+    if truncated is None and st.st_size < end + 1024:  # no end-of-archive blocks: cut at a member boundary
+        truncated = "it ends without tar's end-of-archive marker"
     index = [(k, *v["image"], v.get("label", -1)) for k, v in members.items() if "image" in v]
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(index))
+    tmp.write_text(json.dumps({"samples": index, "truncated": truncated}))
     os.replace(tmp, cached)
-    return index
+    return index, truncated
+
+
+_BAD_LABEL = -2  # a .cls member that is not a class index: the sample fails when read (skippable)
+
+
+def _index_member(tar, m, members: dict[str, dict]) -> None:
+    import tarfile
+
+    stem, dot, ext = m.name.rpartition("/")[2].partition(".")
+    name = m.name.rpartition("/")[0] + "/" + stem if "/" in m.name else stem
+    entry = members.setdefault(name, {})
+    ext = "." + ext.lower()
+    if ext in WebDataset.IMAGE_EXTENSIONS and "image" not in entry:
+        entry["image"] = (ext, m.offset_data, m.size)
+    elif ext == ".cls":
+        try:
+            label = int(tar.extractfile(m).read().decode().strip() or -1)
+        except (ValueError, UnicodeDecodeError, tarfile.TarError, OSError):
+            label = _BAD_LABEL
+        entry["label"] = label if label >= -1 else _BAD_LABEL
 
 
 _IMAGE_KEYS, _LABEL_KEYS = ("image", "img", "pixel_values"), ("label", "labels", "target", "class")

@@ -40,7 +40,7 @@ from rela import distributed as dist_util
 from rela._alloc import keep_freed_memory
 from rela.data.datasets import MapDataset, RelaDataset, open_dataset
 from rela.data.store import TargetStore
-from rela.errors import CorruptImageError, RelaError
+from rela.errors import CorruptImageError, RelaError, RelaWarning
 from rela.loading import backends
 from rela.loading.backends.augment import colour_batch_tensor, normalize_batch
 from rela.loading.subset import Subset
@@ -154,7 +154,7 @@ class Loader:
         if persistent_workers:
             warnings.warn("rela.Loader: persistent_workers is not supported yet; workers start at each "
                           "epoch (cheap with fork) and views switch without restarting them",
-                          UserWarning, stacklevel=2)
+                          RelaWarning, stacklevel=2)
         self.on_error = on_error
         dr, dw = dist_util.rank_world()
         self.rank = dr if rank is None else rank
@@ -296,7 +296,7 @@ class Loader:
         if self.skipped:
             warnings.warn(f"rela.Loader: {len(self.skipped)} undecodable samples were replaced this epoch "
                           f"(first: index {self.skipped[0][0]}, {self.skipped[0][1]}); see loader.skipped",
-                          RuntimeWarning, stacklevel=2)
+                          RelaWarning, stacklevel=2)
         self._consumed = 0
         if epoch == self.epoch:
             self.epoch += 1  # a finished pass moves on, so forgetting set_epoch still gives fresh subsets

@@ -23,6 +23,8 @@ import warnings
 import torch
 from torch import nn
 
+from rela.errors import RelaWarning
+
 ONEDNN_ISSUE = "oneDNN issue #6035"
 MIN_CHANNELS = 8  # oneDNN's channel block on AVX2: fewer input channels than this trigger the bug
 
@@ -55,7 +57,7 @@ def student_memory_format(model: nn.Module, device: torch.device | str, channels
         f"strided convolution with fewer than {MIN_CHANNELS} input channels in channels_last ({ONEDNN_ISSUE}); "
         f"this student has {len(bad)} ({bad[0]}{', ...' if len(bad) > 1 else ''}). Training runs contiguous "
         f"(same results). To keep channels_last on a CPU, widen the student (e.g. --width 0.125)",
-        RuntimeWarning, stacklevel=2)
+        RelaWarning, stacklevel=2)
     return torch.contiguous_format
 
 

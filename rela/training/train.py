@@ -382,8 +382,11 @@ class Trainer:
             from rela.training.evaluate import extract_features, knn_accuracy
 
             size, device = self.cfg.image_size, self.device
-            tr = extract_features(self.backbone, self.dataset.head(min(len(self.dataset), 5000)), size, device=device)
-            te = extract_features(self.backbone, open_dataset(self.test_name, 2000), size, device=device)
+            on_error = self.loader.on_error  # --skip-corrupt covers the probe's reads too
+            tr = extract_features(self.backbone, self.dataset.head(min(len(self.dataset), 5000)), size, device=device,
+                                  on_error=on_error)
+            te = extract_features(self.backbone, open_dataset(self.test_name, 2000), size, device=device,
+                                  on_error=on_error)
             info["knn_top1"] = knn_accuracy(*tr, *te)
         (self.out / "switch.json").write_text(json.dumps(info, indent=1))
         return info
