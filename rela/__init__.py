@@ -33,6 +33,7 @@ _EXPORTS = {
     "Accelerator": "rela.training.accelerate",
     "TrainConfig": "rela.training.run",
     "train": "rela.training.train",
+    "LoaderState": "rela.training.lightning",  # a Lightning callback: exact mid-epoch resume
     # the RELA loss kernel
     "rela_loss": "rela.kernels.rela_loss",
     "RelaLoss": "rela.kernels.rela_loss",

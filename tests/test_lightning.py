@@ -1,8 +1,15 @@
 """rela.Loader as the train_dataloader() of a LightningDataModule under a real Lightning Trainer:
 set_epoch reaches the loader each epoch, and a run resumed from Lightning's own checkpoint
-(which stores the loader's state_dict) sees the same batches as an uninterrupted one."""
+(which stores the loader's state_dict) sees the same batches as an uninterrupted one. Under
+Lightning DDP (2 CPU processes, gloo; tests/lightning_fit.py), a loader built before fit() shards,
+and with rela.LoaderState a mid-epoch resume replays exactly the remaining batches, also when
+configure_optimizers reads estimated_stepping_batches."""
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,3 +63,72 @@ def test_rela_loader_under_a_lightning_trainer(tmp_path):
     resumed = _fit(tmp_path / "b", 3, ckpt=str(ckpt))
     straight = _fit(tmp_path / "c", 3)
     assert [y for e, y in resumed.seen] == [y for e, y in straight.seen if e == 2]
+
+
+_FIT = Path(__file__).with_name("lightning_fit.py")
+
+
+def _lightning_fit(out: Path, *args: str) -> dict[int, dict]:
+    r = subprocess.run([sys.executable, str(_FIT), str(out), *args], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {int(p.stem[4:]): json.loads(p.read_text()) for p in out.glob("rank*.json")}
+
+
+def _trained(run: dict) -> list[tuple[int, int, int]]:
+    return [(s["epoch"], s["batch"], s["pixels"]) for s in run["seen"]]
+
+
+@pytest.fixture(scope="module")
+def ddp_straight(tmp_path_factory):
+    """Two epochs on two ranks, a checkpoint every 3 steps (all kept)."""
+    out = tmp_path_factory.mktemp("ddp") / "straight"
+    return out, _lightning_fit(out, "--devices", "2", "--epochs", "2", "--every", "3")
+
+
+def test_a_loader_built_before_fit_shards_under_lightning_ddp(ddp_straight):
+    _, ranks = ddp_straight
+    assert sorted(ranks) == [0, 1] and all(r["world"] == 2 and r["len"] == 8 for r in ranks.values())
+    assert len(ranks[0]["seen"]) == len(ranks[1]["seen"]) == 16  # 64 / 2 ranks / batch 4, two epochs
+    for epoch in (0, 1):
+        shares = [sorted(sum((s["labels"] for s in ranks[r]["seen"] if s["epoch"] == epoch), [])) for r in (0, 1)]
+        assert not set(shares[0]) & set(shares[1]) and sorted(shares[0] + shares[1]) == list(range(64))
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_a_mid_epoch_resume_replays_exactly_the_remaining_batches(ddp_straight, tmp_path, devices):
+    if devices == 2:
+        straight_dir, straight = ddp_straight
+    else:
+        straight_dir = tmp_path / "straight"
+        straight = _lightning_fit(straight_dir, "--epochs", "2", "--every", "3")
+    resumed = _lightning_fit(tmp_path / "resumed", "--devices", str(devices), "--epochs", "2",
+                             "--ckpt", str(straight_dir / "ckpt" / "step=3.ckpt"))  # 3 batches into epoch 0
+    assert sorted(resumed) == sorted(straight) == list(range(devices))
+    for rank in straight:  # the same pixels, batch for batch: not labels alone
+        assert _trained(resumed[rank]) == _trained(straight[rank])[3:]
+
+
+def test_a_loader_refuses_to_iterate_in_a_job_whose_group_it_cannot_see(monkeypatch):
+    from rela.errors import RelaError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    loader = Loader(_Data().dataset, 8, image_size=8, num_workers=0)
+    with pytest.raises(RelaError, match="rank 1 of a 2-process job .*no process group yet.*rank= and world_size="):
+        next(iter(loader))
+    assert len(Loader(_Data().dataset, 8, image_size=8, num_workers=0, rank=1, world_size=2)) == 4
+
+
+def test_the_loader_seed_follows_the_users_seed():
+    ds = _Data().dataset
+    order = lambda loader: [b["index"].tolist() for b in loader]  # noqa: E731
+    torch.manual_seed(5)  # what seed_everything(5) sets
+    a, b = Loader(ds, 8, image_size=8, num_workers=0), Loader(ds, 8, image_size=8, num_workers=0)
+    torch.manual_seed(6)
+    c = Loader(ds, 8, image_size=8, num_workers=0)
+    assert a.seed == b.seed == 5 and c.seed == 6
+    assert order(a) == order(b) != order(c)
+    c.load_state_dict(a.state_dict())  # a resumed run continues the saved run's stream (at epoch 1)
+    ref = Loader(ds, 8, image_size=8, num_workers=0, seed=5)
+    ref.set_epoch(1)
+    assert c.seed == 5 and order(c) == order(ref)

@@ -28,6 +28,7 @@ the number of workers, a resumed run replays the same remaining batches, and eve
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
@@ -83,7 +84,7 @@ class Loader:
         shuffle: bool = True,
         drop_last: bool = True,
         num_workers: int | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         backend: str = "auto",
         device: str | torch.device = "cpu",
         pin_memory: bool = False,
@@ -113,6 +114,9 @@ class Loader:
         if batch_format not in ("dict", "tuple"):
             raise RelaError(f"batch_format must be 'dict' or 'tuple', not {batch_format!r}")
         self.batch_format = batch_format
+        # seed=None follows the user's seed (seed_everything / torch.manual_seed); see _agree_on_seed
+        self._seed_given, self._seed_agreed = seed is not None, seed is not None
+        seed = int(seed) if seed is not None else torch.initial_seed() % 2**63
         self.as_is = isinstance(views, str) and views == AS_IS
         self.dataset = self._as_is_dataset(dataset, backend) if self.as_is else open_dataset(dataset)
         if getattr(self.dataset, "as_is", False) and not self.as_is:
@@ -156,14 +160,12 @@ class Loader:
                           "epoch (cheap with fork) and views switch without restarting them",
                           RelaWarning, stacklevel=2)
         self.on_error = on_error
-        dr, dw = dist_util.rank_world()
-        self.rank = dr if rank is None else rank
-        self.world_size = dw if world_size is None else world_size
+        self._rank, self._world_size = rank, world_size  # None: the process group's, when it is asked
         self.timeout = timeout
         self.epoch = 0
         self._resume_batch = 0
         self._order_cache: tuple[int, np.ndarray] | None = None
-        rules = backends.SampleRules(self.dataset, self.targets, seed, on_error)
+        self._rules = rules = backends.SampleRules(self.dataset, self.targets, seed, on_error)
         options = backends.Options(batch_size, drop_last, num_workers, worker_type, self.prefetch_factor,
                                    self.pin_memory, timeout, self.device, handoff)
         self._backend = backends.create(self.backend, rules, options)
@@ -195,6 +197,28 @@ class Loader:
             return "dali" if device.type == "cuda" and backends.available()["dali"] else "torch"
         backends.check(backend)
         return backend
+
+    # --- ranks ---------------------------------------------------------------------------
+    # Read when used, not at construction: Lightning (and most code built on it) makes the loader
+    # before `trainer.fit()` creates the process group, and only injects a DistributedSampler into
+    # a torch DataLoader. Read once, every rank would train the whole dataset, silently.
+    @property
+    def rank(self) -> int:
+        return self._rank if self._rank is not None else self._group()[0]
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size if self._world_size is not None else self._group()[1]
+
+    def _group(self) -> tuple[int, int]:
+        rank, world = dist_util.rank_world()
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1 and launched > 1:
+            raise RelaError(f"this process is rank {os.environ.get('RANK', '?')} of a {launched}-process job "
+                            "(WORLD_SIZE), but torch.distributed has no process group yet, so every rank would see "
+                            "the whole dataset. Iterate once the group exists (in Lightning: inside trainer.fit), "
+                            "or pass rank= and world_size= to rela.Loader")
+        return rank, world
 
     # --- order ---------------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> np.ndarray:
@@ -268,6 +292,9 @@ class Loader:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        if not self._seed_given:  # a derived seed: the saved run's is the one to continue
+            self._set_seed(state["seed"])
+            self._seed_agreed = True
         if state["seed"] != self.seed:
             raise RelaError(f"loader state was saved with seed {state['seed']}, this loader has {self.seed}")
         self.subset.load_state_dict(state["subset"])
@@ -277,11 +304,31 @@ class Loader:
         self._views_version += 1
         self._order_cache = (self.epoch, state["order"].numpy()) if "order" in state else None
 
+    # --- the seed ------------------------------------------------------------------------
+    def _set_seed(self, seed: int) -> None:
+        self.seed = self.subset.seed = self._rules.seed = int(seed)
+        self._order_cache = None
+
+    def _agree_on_seed(self) -> None:
+        """A seed derived from each process's torch seed may differ between ranks (no
+        seed_everything): then their shards would overlap. At the first pass inside a process group,
+        every rank takes rank 0's (one broadcast, once)."""
+        if self._seed_agreed or self._world_size is not None:
+            return
+        if dist_util.active():
+            import torch.distributed as dist
+
+            seed = torch.tensor([self.seed], dtype=torch.int64)
+            dist.broadcast(seed, 0, group=dist_util.cpu_group())
+            self._set_seed(int(seed))
+            self._seed_agreed = True
+
     # --- iteration -----------------------------------------------------------------------
     def _current_views(self) -> tuple[tuple[ViewSpec, ...], int]:
         return self._views, self._views_version
 
     def __iter__(self) -> Iterator[dict]:
+        self._agree_on_seed()
         epoch, start = self.epoch, self._resume_batch
         batches = self._rank_batches(epoch)
         self._resume_batch = 0
