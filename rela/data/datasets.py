@@ -790,8 +790,12 @@ class MapDataset(RelaDataset):
         return {"name": self.name, "fingerprint": self.user_fingerprint}
 
 
-_TRANSFORM_ADVICE = ("Create the dataset without transform=: rela applies the views (or, to train on its items "
-                     "as they are, pass views='as-is' to rela.Loader)")
+# The fast path first (rela decodes and makes the views itself, in C++), the as-is path second
+# (the dataset's own transform per item, in Python: measured x0.96 of a plain DataLoader).
+_TRANSFORM_ADVICE = ("Fast: give rela.Loader the data without its transform (the folder path, or the dataset made "
+                     "without transform=) and the transform as views= (e.g. views=BYOLTransform(...): lightly's and "
+                     "torchvision's transforms are translated into rela's views). Slower: keep it and pass "
+                     "views='as-is' to train on the items as they are")
 
 
 def _made_by_a_transform(image) -> str | None:
