@@ -33,7 +33,8 @@ _EXPORTS = {
     "Accelerator": "rela.training.accelerate",
     "TrainConfig": "rela.training.run",
     "train": "rela.training.train",
-    "LoaderState": "rela.training.lightning",  # a Lightning callback: exact mid-epoch resume
+    "LoaderState": "rela.training.lightning",  # Lightning callbacks: exact mid-epoch resume,
+    "RelaCallback": "rela.training.lightning",  # and the RELA phase for any LightningModule
     # the RELA loss kernel
     "rela_loss": "rela.kernels.rela_loss",
     "RelaLoss": "rela.kernels.rela_loss",

@@ -17,6 +17,7 @@ import torch
 
 from rela import Loader
 from rela.data.datasets import ArrayDataset
+from tests.conftest import run_cli
 
 L = __import__("lightning") if os.environ.get("CI") else pytest.importorskip("lightning")  # a dev dependency
 
@@ -132,3 +133,84 @@ def test_the_loader_seed_follows_the_users_seed():
     ref = Loader(ds, 8, image_size=8, num_workers=0, seed=5)
     ref.set_epoch(1)
     assert c.seed == 5 and order(c) == order(ref)
+
+
+_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lightly_imagenet_byol.py"
+
+
+def _metrics(run: Path) -> list[dict]:
+    import csv
+
+    with open(run / "logs" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_lightlys_byol_benchmark_with_rela_under_ddp(tmp_path):
+    """examples/lightly_imagenet_byol.py: lightly's BYOL module and transform, rela's loader and
+    RelaCallback, two CPU ranks. 96 images / 2 ranks / batch 8 = 6 steps an epoch; RELA for
+    epochs 0-1, BYOL for 2-3; a resume from 3 steps into epoch 0 logs what the straight run logged.
+    (--base-lr 30: lightly's LARS moves a weight by lr x 0.001 x its norm per step, so at batch 8
+    its 0.45 trains nothing in 24 steps; at ImageNet's batch 4096 the step is ~500x larger.)"""
+    from tests.conftest import make_folder
+
+    data = make_folder(tmp_path / "imgs", classes=2, per_class=48)
+    store = tmp_path / "store"
+    assert run_cli("convert", "--data", str(data), "--prior", "random:resnet18", "--dim", "16", "--input-size", "32",
+                   "--out", str(store), "--quiet").returncode == 0
+    args = ["--data", str(data), "--store", str(store), "--arch", "resnet18", "--image-size", "32",
+            "--batch-size-per-device", "8", "--epochs", "4", "--accelerator", "cpu", "--precision", "32",
+            "--num-workers", "0", "--warmup-epochs", "0", "--base-lr", "30", "--log-every-n-steps", "1",
+            "--devices", "2", "--phase", "fixed:0.5"]
+
+    def example(out: Path, *more: str) -> list[dict]:
+        r = subprocess.run([sys.executable, str(_EXAMPLE), *args, "--out", str(out), *more], capture_output=True,
+                           text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        return _metrics(out)
+
+    rows = example(tmp_path / "straight", "--checkpoint-every-n-steps", "3")
+    rela_rows = [r for r in rows if r["rela/loss"]]
+    byol_rows = [r for r in rows if r["train_loss"]]
+    assert [int(r["step"]) for r in rela_rows] == list(range(12))  # sharded: 6 steps an epoch per rank
+    assert {r["epoch"] for r in rela_rows} == {"0", "1"} and {r["epoch"] for r in byol_rows} == {"2", "3"}
+    losses = [float(r["rela/loss"]) for r in rela_rows]
+    assert sum(losses[-4:]) < sum(losses[:4]) - 0.2, losses  # the RELA phase trains the head and backbone
+    ckpt = tmp_path / "straight" / "checkpoints"
+    first = torch.load(ckpt / "epoch=0-step=3.ckpt", weights_only=False)["state_dict"]
+    last = torch.load(ckpt / "last.ckpt", weights_only=False)["state_dict"]
+    assert not torch.equal(first["rela.transfer.weight"], last["rela.transfer.weight"])
+    assert float(last["rela.weight"]) == 0.0 and int(last["rela.switch_step"]) >= 0  # switched; state saved
+    resumed = example(tmp_path / "resumed", "--ckpt-path", str(ckpt / "epoch=0-step=3.ckpt"))
+    key = lambda rs: [(r["step"], r["rela/loss"][:6], r["train_loss"][:6]) for r in rs if int(r["step"]) >= 3]  # noqa: E731
+    assert key(resumed) == key(rows)
+
+
+def test_relacallback_refuses_a_head_no_optimizer_trains_and_a_loader_without_targets(tmp_path):
+    from rela import RelaCallback, convert
+    from rela.errors import RelaError
+
+    ds = _Data().dataset
+    store = convert(ds, "random:resnet18", tmp_path / "s", dim=4, input_size=32, progress=False)
+
+    class Listed(L.LightningModule):  # configure_optimizers names its modules, without self.rela
+        def __init__(self):
+            super().__init__()
+            self.backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 6))
+
+        def training_step(self, batch, _):
+            return self.backbone(batch[0][0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.backbone.parameters(), lr=0.1)
+
+    def fit(batch_format):
+        loader = Loader(ds, 8, image_size=8, num_workers=0, targets=store, batch_format=batch_format)
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
+                            callbacks=[RelaCallback(store, phase="fixed:0.5", probe_size=8)])
+        trainer.fit(Listed(), train_dataloaders=loader)
+
+    with pytest.raises(RelaError, match="transfer head .* is in no optimizer"):
+        fit("lightly")
+    with pytest.raises(RelaError, match="batch_format='tuple' carries no targets"):
+        fit("tuple")

@@ -50,6 +50,11 @@ from rela.loading.views import ViewSpec, resolve_views
 
 SKIP_REMEDY = ("Fix or remove the file, or pass on_error='skip' to rela.Loader (rela train / rela eval: "
                "--skip-corrupt) to replace it with the next decodable sample")
+# batch_format=: "dict" {views, label, index[, target]}; "tuple" ((v1, v2, ...), label), what
+# lightly's and torchvision's loops unpack; "lightly" ((v1, v2, ...), label, {index[, target]}):
+# lightly's (views, targets, extra) triplet, so `views, y = batch[0], batch[1]` still works and the
+# RELA phase (rela.RelaCallback) still finds the targets and indices.
+BATCH_FORMATS = ("dict", "tuple", "lightly")
 AS_IS = "as-is"  # views=: the dataset's own transform makes the views (MapDataset(as_is=True))
 # handoff=: what crosses to the device. float32: finished views; uint8: coloured crops, normalised
 # there; device-colour: plain crops and each row's colour choices, coloured and normalised there.
@@ -111,8 +116,8 @@ class Loader:
         if worker_type not in ("process", "thread"):
             raise RelaError(f"worker_type must be 'process' or 'thread', not {worker_type!r}")
         self.worker_type = worker_type
-        if batch_format not in ("dict", "tuple"):
-            raise RelaError(f"batch_format must be 'dict' or 'tuple', not {batch_format!r}")
+        if batch_format not in BATCH_FORMATS:
+            raise RelaError(f"batch_format must be one of {', '.join(BATCH_FORMATS)}, not {batch_format!r}")
         self.batch_format = batch_format
         # seed=None follows the user's seed (seed_everything / torch.manual_seed); see _agree_on_seed
         self._seed_given, self._seed_agreed = seed is not None, seed is not None
@@ -369,7 +374,7 @@ class Loader:
             batch.pop("version"), batch.pop("drawn")
             self._consumed = number + 1
             batch = self._to_device(batch, batch.pop("colour", None))
-            yield batch if self.batch_format == "dict" else (tuple(batch["views"]), batch["label"])
+            yield _formatted(batch, self.batch_format)
 
     def close(self) -> None:
         """Release what the backend keeps between passes (FFCV's compiled loaders, DALI's pipelines)."""
@@ -391,3 +396,13 @@ class Loader:
             if key in batch:
                 batch[key] = batch[key].to(self.device, non_blocking=nb)
         return batch
+
+
+def _formatted(batch: dict, batch_format: str):
+    """The batch in the shape the user's loop unpacks (see BATCH_FORMATS)."""
+    if batch_format == "dict":
+        return batch
+    views = tuple(batch["views"])
+    if batch_format == "tuple":
+        return views, batch["label"]
+    return views, batch["label"], {k: batch[k] for k in ("index", "target") if k in batch}
