@@ -44,6 +44,18 @@ def make_folder(root: Path, classes: int = 2, per_class: int = 3, seed: int = 0,
     return root
 
 
+def write_shard(path: Path, items: list[tuple[str, bytes]]) -> None:
+    """A WebDataset-style tar shard holding `items` (member name, bytes) in order."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in items:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_folder(tmp_path / "folder")

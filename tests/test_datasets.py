@@ -14,7 +14,7 @@ from rela.data.datasets import (
     open_dataset,
 )
 from rela.errors import CorruptImageError, DatasetError
-from tests.conftest import make_folder, smooth_image
+from tests.conftest import make_folder, smooth_image, write_shard
 
 
 def test_image_folder_order_and_labels(image_folder):
@@ -245,17 +245,6 @@ def test_a_hugging_face_dataset_with_an_image_column(tmp_path):
     assert store.manifest["dataset"]["kind"].endswith("arrow_dataset.Dataset")
 
 
-def _shard(path, items):
-    import io
-    import tarfile
-
-    with tarfile.open(path, "w") as tar:
-        for name, data in items:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def _jpeg(rng, h=30, w=40, fmt="JPEG") -> bytes:
     import io
 
@@ -275,7 +264,7 @@ def test_webdataset_shards_with_random_access(tmp_path, monkeypatch):
         for k in range(6):
             key = f"s{s}/{k:04d}"
             items += [(f"{key}.jpg", _jpeg(rng)), (f"{key}.cls", str((s * 6 + k) % 3).encode())]
-        _shard(tmp_path / f"{s:06d}.tar", items)
+        write_shard(tmp_path / f"{s:06d}.tar", items)
     ds = open_dataset(str(tmp_path / "{000000..000001}.tar"))
     assert isinstance(ds, WebDataset) and len(ds) == 12 and ds.labels().tolist() == [i % 3 for i in range(12)]
     assert ds.describe(7).endswith("000001.tar:s1/0001.jpg") and ds.load(7).shape == (30, 40, 3)
@@ -295,7 +284,7 @@ def test_webdataset_shards_with_random_access(tmp_path, monkeypatch):
                     input_size=32, progress=False)
     assert store.manifest["dataset"]["kind"] == "webdataset" and store.manifest["n"] == 12
     # Bad input: a truncated member is named; a missing shard and a compressed one are one-line errors.
-    _shard(tmp_path / "bad.tar", [("a.jpg", _jpeg(rng)[:200]), ("a.cls", b"1"), ("b.png", _jpeg(rng, fmt="PNG"))])
+    write_shard(tmp_path / "bad.tar", [("a.jpg", _jpeg(rng)[:200]), ("a.cls", b"1"), ("b.png", _jpeg(rng, fmt="PNG"))])
     bad = open_dataset(str(tmp_path / "bad.tar"))
     assert bad.load(1).shape == (30, 40, 3) and bad.label(1) == -1
     with pytest.raises(CorruptImageError, match="bad.tar:a.jpg"):
@@ -383,7 +372,7 @@ def _kind(tmp_path, kind):
 
         return Mine()
     for s in range(2):
-        _shard(tmp_path / f"{s:06d}.tar", [x for k in range(6) for x in
+        write_shard(tmp_path / f"{s:06d}.tar", [x for k in range(6) for x in
                                             ((f"{s}_{k}.jpg", _jpeg(rng)), (f"{s}_{k}.cls", str(k % 3).encode()))])
     return str(tmp_path / "*.tar")
 

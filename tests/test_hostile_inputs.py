@@ -11,7 +11,7 @@ import torch
 from rela import Loader
 from rela.data.datasets import MapDataset, open_dataset
 from rela.errors import CorruptImageError, DatasetError, RelaError
-from tests.conftest import make_folder, run_cli, smooth_image
+from tests.conftest import make_folder, run_cli, smooth_image, write_shard
 
 # --- odd items from a user's map-style dataset ------------------------------------------------
 
@@ -247,17 +247,6 @@ def test_decode_reasons_carry_no_build_paths_or_addresses(tmp_path):
 
 # --- WebDataset shards ------------------------------------------------------------------------
 
-def _shard(path, items):
-    import io
-    import tarfile
-
-    with tarfile.open(path, "w") as tar:
-        for name, data in items:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def _jpeg(seed: int) -> bytes:
     import io
 
@@ -274,7 +263,7 @@ def test_one_truncated_shard_does_not_stop_the_dataset(tmp_path, monkeypatch):
         items = []
         for k in range(6):
             items += [(f"s{s}/{k:04d}.jpg", _jpeg(s * 6 + k)), (f"s{s}/{k:04d}.cls", b"1")]
-        _shard(tmp_path / f"{s:06d}.tar", items)
+        write_shard(tmp_path / f"{s:06d}.tar", items)
     whole = (tmp_path / "000001.tar").read_bytes()
     cut = whole.index(_jpeg(9)) + 100  # inside sample s1/0003's image
     (tmp_path / "000001.tar").write_bytes(whole[:cut])
@@ -294,7 +283,7 @@ def test_one_truncated_shard_does_not_stop_the_dataset(tmp_path, monkeypatch):
 
 def test_a_bad_class_member_is_a_corrupt_sample(tmp_path, monkeypatch):
     monkeypatch.setenv("RELA_CACHE", str(tmp_path / "cache"))
-    _shard(tmp_path / "000000.tar", [("a.jpg", _jpeg(0)), ("a.cls", b"cat"), ("b.jpg", _jpeg(1)), ("b.cls", b"-5"),
+    write_shard(tmp_path / "000000.tar", [("a.jpg", _jpeg(0)), ("a.cls", b"cat"), ("b.jpg", _jpeg(1)), ("b.cls", b"-5"),
                                      ("c.jpg", _jpeg(2)), ("c.cls", b"2")])
     ds = open_dataset(str(tmp_path / "000000.tar"))
     for i in (0, 1):
