@@ -185,7 +185,9 @@ class RelaCallback(LoaderState):
             values /= dist.get_world_size()
         values = values.tolist()
         if self.acc.mode in ("adaptive", "blend"):
-            self.acc.observe(values)
+            self.acc.observe(values)  # also hands the per-sample scores to the loader
+        else:
+            self.acc.flush_scores()  # scored subsets: this interval's losses reach the loader here
         self._log(pl_module, sum(values) / len(values))
 
     def _log(self, pl_module, loss: float | None = None) -> None:
