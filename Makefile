@@ -31,6 +31,7 @@ bench: setup
 	$(PYTHON) bench/kernels.py
 	$(PYTHON) bench/resample.py
 	$(PYTHON) bench/loader.py
+	$(PYTHON) bench/lightly_loader.py
 	$(PYTHON) bench/scaling.py
 	$(PYTHON) bench/end_to_end.py --extra --quiet
 
