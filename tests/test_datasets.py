@@ -399,3 +399,26 @@ def test_new_dataset_kinds_shard_and_resume_like_built_in_ones(tmp_path, monkeyp
     assert len(rest) == len(full) - 2
     for a, b in zip(full[2:], rest, strict=True):  # the remaining batches, views and all, replayed exactly
         assert torch.equal(a["index"], b["index"]) and torch.equal(a["views"][1], b["views"][1])
+
+
+def test_the_scan_lists_what_torchvision_lists(tmp_path):
+    """The same samples, labels and sizes as torchvision's ImageFolder (nested folders, a followed
+    link), in its order where class folders are flat (ImageNet's layout). Nested files are ordered
+    by their whole relative path (torchvision: by folder, then name), as rela's fingerprints
+    always were: changing it would orphan existing stores."""
+    import torchvision
+
+    root = make_folder(tmp_path / "data", classes=3, per_class=4)
+
+    def listed():
+        ours, theirs = ImageFolder(root), torchvision.datasets.ImageFolder(str(root))
+        return ([(str(ours.path(i)), ours.label(i), ours.samples[i][1]) for i in range(len(ours))],
+                [(p, c, os.path.getsize(p)) for p, c in theirs.samples])
+
+    ours, theirs = listed()
+    assert ours == theirs
+    (root / "class_1" / "deep" / "er").mkdir(parents=True)
+    (root / "class_1" / "deep" / "er" / "a.jpg").write_bytes((root / "class_0" / "img_000.jpg").read_bytes())
+    (root / "class_2" / "linked").symlink_to(make_folder(tmp_path / "extra", classes=1, per_class=2) / "class_0")
+    ours, theirs = listed()
+    assert sorted(ours) == sorted(theirs) and len(ours) == 15
