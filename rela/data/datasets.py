@@ -488,7 +488,7 @@ class WebDataset(RelaDataset):
         return len(self.samples)
 
     def encoded(self, index: int, suffixes: tuple[str, ...] | None = None) -> tuple[bytes, str] | None:
-        ext, size, label = self.samples[index][2], self.samples[index][4], self.samples[index][5]
+        _, _, ext, _, size, label = self.samples[index]
         if (suffixes is not None and ext not in suffixes) or label == _BAD_LABEL:
             return None  # a bad label: the general path's load() names it
         data = self._read(index)
@@ -658,20 +658,18 @@ class MapDataset(RelaDataset):
         the caller's process, not in a worker. A broken item 0 itself is left to on_error, like any
         other sample."""
         try:
-            image = self._split(self._item(0), 0)[0]
+            item = self._item(0)
+        except CorruptImageError:  # its __getitem__ failed: one bad sample, left to on_error
+            return
+        try:
+            image = self._split(item, 0)[0]
         except CorruptImageError as e:
-            if isinstance(self._item_or_none(0), dict):  # no image key: the layout, not one bad item
+            if isinstance(item, dict):  # no image key: the layout, not one bad item
                 raise DatasetError(f"{self.name}: {e.reason}") from None
             return
         why = _not_views(image) if self.as_is else _made_by_a_transform(image)
         if why:
             raise DatasetError(f"{self.name}: {why}")
-
-    def _item_or_none(self, index: int):
-        try:
-            return self.dataset[index]
-        except Exception:  # noqa: BLE001 - only asked to tell a dict item from others
-            return None
 
     def used_as_is(self) -> MapDataset:
         """The same dataset with its items taken as they are (see the class doc)."""
