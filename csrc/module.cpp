@@ -1,8 +1,10 @@
 // rela._C: the compiled helpers behind rela's index sampling. Every function releases the GIL.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <stdexcept>
 #include <thread>
 #include <string>
@@ -12,6 +14,7 @@
 #include "jpeg.h"
 #endif
 #include "sampling.h"
+#include "scan.h"
 #include "views.h"
 
 namespace py = pybind11;
@@ -132,8 +135,50 @@ static void colour_batch(py::array_t<uint8_t, py::array::c_style> images,
   });
 }
 
+// Names joined by "\0" into one bytes object: Python splits it in one call, and decodes
+// non-UTF-8 names with surrogateescape as os.scandir would.
+static py::bytes joined(const std::vector<std::string>& names) {
+  std::string out;
+  for (size_t i = 0; i < names.size(); ++i) {
+    if (i) out.push_back('\0');
+    out += names[i];
+  }
+  return py::bytes(out);
+}
+
+// List the directories root/rel for every rel in rels, `threads` at a time (each thread takes
+// the next directory when it is done). One tuple per directory; see csrc/scan.h.
+static py::list list_dirs(const std::string& root, const std::vector<std::string>& rels,
+                          const std::vector<std::string>& extensions, int threads) {
+  std::vector<rela::DirListing> out(rels.size());
+  {
+    py::gil_scoped_release release;
+    std::atomic<size_t> next{0};
+    auto work = [&]() {
+      for (size_t i = next++; i < rels.size(); i = next++) out[i] = rela::list_dir(root, rels[i], extensions);
+    };
+    const int t = std::max(1, std::min<int>(threads, static_cast<int>(rels.size())));
+    std::vector<std::thread> pool;
+    for (int k = 1; k < t; ++k) pool.emplace_back(work);
+    work();
+    for (auto& th : pool) th.join();
+  }
+  py::list result;
+  for (auto& d : out) {
+    py::array_t<int64_t> sizes(static_cast<py::ssize_t>(d.sizes.size()));
+    std::copy(d.sizes.begin(), d.sizes.end(), sizes.mutable_data());
+    result.append(py::make_tuple(joined(d.images), sizes, joined(d.others), joined(d.subdirs),
+                                 py::bytes(std::string(d.links.begin(), d.links.end())), py::bytes(d.error),
+                                 py::make_tuple(d.mtime_ns, d.inode, d.device)));
+  }
+  return result;
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rela's compiled helpers: index sampling, JPEG crops, view colour operations";
+  m.def("list_dirs", &list_dirs, py::arg("root"), py::arg("rels"), py::arg("extensions"), py::arg("threads") = 8,
+        "List image folders' directories in parallel: per directory (images, sizes, others, subdirs, links, "
+        "error, (mtime_ns, inode, device)); names joined by NUL bytes.");
   m.def("permutation", &permutation, py::arg("n"), py::arg("seed"),
         "A seeded Fisher-Yates permutation of range(n) (xoshiro256**, portable stream).");
   m.def("uniform_subset", &uniform_subset, py::arg("n"), py::arg("k"), py::arg("seed"),

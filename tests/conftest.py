@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # One intra-op thread: faster and steadier for the tiny models the tests run on 2 cores.
@@ -14,6 +15,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # (bench/gpu_check.sh sets RELA_GPU_CHECK=1) the kernels compile for the device instead.
 if not os.environ.get("RELA_GPU_CHECK"):
     os.environ["TRITON_INTERPRET"] = "1"
+# What rela caches (folder listings, WebDataset indexes, FFCV files) goes to a fresh folder per
+# test process, never the user's ~/.cache/rela: a test must not pass on a listing cached by another.
+os.environ.setdefault("RELA_CACHE", tempfile.mkdtemp(prefix="rela-test-cache-"))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

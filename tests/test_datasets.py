@@ -412,7 +412,7 @@ def test_the_scan_lists_what_torchvision_lists(tmp_path):
 
     def listed():
         ours, theirs = ImageFolder(root), torchvision.datasets.ImageFolder(str(root))
-        return ([(str(ours.path(i)), ours.label(i), ours.samples[i][1]) for i in range(len(ours))],
+        return ([(str(ours.path(i)), ours.label(i), ours.size(i)) for i in range(len(ours))],
                 [(p, c, os.path.getsize(p)) for p, c in theirs.samples])
 
     ours, theirs = listed()

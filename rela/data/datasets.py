@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from rela.data import folder_scan
+from rela.data.folder_scan import IMG_EXTENSIONS, cache_root
 from rela.errors import CorruptImageError, DatasetError, RelaWarning
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 # Refuse images whose header claims more pixels than this (decompression bombs); ImageNet's
 # largest image is ~ 20 MP.
@@ -342,51 +343,38 @@ def _decode_pil(source) -> np.ndarray:
 
 class ImageFolder(RelaDataset):
     """Images under a folder: class sub-folders (torchvision's ImageFolder layout) or a flat,
-    unlabeled folder. Order: class names sorted, then file paths sorted within each class."""
+    unlabeled folder. Order: class names sorted, then file paths sorted within each class.
+    The listing comes from `rela.data.folder_scan` (parallel, cached until the folder changes;
+    `cache=False` or RELA_SCAN_CACHE=0 always scans)."""
 
     kind = "image-folder"
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, cache: bool = True) -> None:
         self.root = Path(root)
         if not self.root.exists():
             raise DatasetError(f"dataset path {self.root} does not exist")
         if not self.root.is_dir():
             raise DatasetError(f"{self.root} is not a folder (expected an image folder, an .npz or 'fashion-mnist')")
-        classes = sorted(d.name for d in os.scandir(self.root) if d.is_dir() and not d.name.startswith("."))
-        samples: list[tuple[str, int, int]] = []  # (relative path, size in bytes, label)
-        empty, others = [], []
-        for label, cls in enumerate(classes):
-            images, rest = _scan_images(self.root, cls)
-            samples += [(rel, size, label) for rel, size in images]
-            others += rest
-            if not images:
-                empty.append(cls)
-        flat, _ = _scan_images(self.root, "", recursive=False)
-        if samples:
-            if empty:  # torchvision's ImageFolder refuses them too: every later class's label would shift
-                raise DatasetError(f"{self.root}: class folder(s) {', '.join(empty[:5])}"
-                                   f"{' and more' if len(empty) > 5 else ''} hold no images; remove them or add "
-                                   f"images (looked for {', '.join(IMG_EXTENSIONS)})")
-            self.classes = classes
-            if flat:
-                warnings.warn(f"{self.root}: {len(flat)} images at the top level are ignored "
-                              "(class sub-folders are in use)", RelaWarning, stacklevel=2)
-            if others:
-                warnings.warn(f"{self.root}: {len(others)} files in the class folders are not images rela reads and "
-                              f"are left out (first: {others[0]}; images are {', '.join(IMG_EXTENSIONS)})",
-                              RelaWarning, stacklevel=2)
-        else:
-            self.classes = []
-            samples = [(rel, size, -1) for rel, size in flat]
-        if not samples:
-            raise DatasetError(f"no images found under {self.root} (looked for {', '.join(IMG_EXTENSIONS)})")
-        self.samples = samples
+        self._scan = listing = folder_scan.scan(self.root, cache)
+        self.classes, self._paths, self._sizes, self._labels = (listing.classes, listing.paths, listing.sizes,
+                                                                listing.labels)
+        if listing.ignored_top:
+            warnings.warn(f"{self.root}: {listing.ignored_top} images at the top level are ignored "
+                          "(class sub-folders are in use)", RelaWarning, stacklevel=2)
+        if listing.others:
+            warnings.warn(f"{self.root}: {len(listing.others)} files in the class folders are not images rela reads "
+                          f"and are left out (first: {listing.others[0]}; images are {', '.join(IMG_EXTENSIONS)})",
+                          RelaWarning, stacklevel=2)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self._paths)
 
     def path(self, index: int) -> Path:
-        return self.root / self.samples[index][0]
+        return self.root / self._paths[index]
+
+    def size(self, index: int) -> int:
+        """File size in bytes as listed (from the cached listing when the folder is unchanged)."""
+        return int(self._sizes[index])
 
     def load(self, index: int) -> np.ndarray:
         try:
@@ -395,70 +383,31 @@ class ImageFolder(RelaDataset):
             raise CorruptImageError(index, str(self.path(index)), str(e)) from None
 
     def label(self, index: int) -> int:
-        return self.samples[index][2]
+        return int(self._labels[index])
+
+    def labels(self) -> np.ndarray:
+        return self._labels.copy()
 
     def describe(self, index: int) -> str:
         return str(self.path(index))
 
     def _record(self, index: int, deep: bool) -> bytes:
-        rel, size, label = self.samples[index]
-        rec = f"{rel}\t{size}\t{label}".encode()
+        if deep:  # the file's real size and contents, never the cached listing's size
+            data = self.path(index).read_bytes()
+            return f"{self._paths[index]}\t{len(data)}\t{self._labels[index]}".encode() + hashlib.sha256(data).digest()
+        return f"{self._paths[index]}\t{self._sizes[index]}\t{self._labels[index]}".encode()
+
+    def fingerprint(self, deep: bool = False) -> dict:
+        """As RelaDataset's; the shallow digest is computed once and kept with the cached listing."""
         if deep:
-            rec += hashlib.sha256(self.path(index).read_bytes()).digest()
-        return rec
+            return super().fingerprint(deep=True)
+        if self._scan.digest is None:
+            self._scan.digest = super().fingerprint()["digest"]
+            folder_scan.remember_digest(self.root, self._scan)
+        return {"kind": self.kind, "n": len(self), "deep": False, "digest": self._scan.digest, **self.info()}
 
     def info(self) -> dict:
         return {"root": str(self.root.resolve()), "classes": len(self.classes)}
-
-
-def _scan_images(root: Path, sub: str, recursive: bool = True) -> tuple[list[tuple[str, int]], list[str]]:
-    """(relative path, size) of the images under root/sub, sorted, and the other files there.
-    Hidden files and folders (.DS_Store, .ipynb_checkpoints/) are not data. Links to folders are
-    followed, but one that points at a folder containing it (a loop) is refused by name: followed,
-    it would repeat the tree above it under this class's label until the path grew too long.
-    Plain strings and os.scandir, not pathlib: per-file Path objects were 3/4 of a large scan."""
-    top = str(Path(root))
-    cut = len(top) + 1  # entry.path[cut:] is the path relative to root
-    images, others = [], []
-    pending = [os.path.join(top, sub) if sub else top]
-    while pending:
-        dirpath = pending.pop()
-        with os.scandir(dirpath) as entries:
-            for e in entries:
-                if e.name.startswith("."):
-                    continue
-                if e.is_dir():  # follows links, as os.walk(followlinks=True)
-                    if recursive:
-                        if e.is_symlink():
-                            _refuse_a_loop(e.path, dirpath, root)
-                        pending.append(e.path)
-                    continue
-                rel = e.path[cut:].replace(os.sep, "/")
-                if not e.name.lower().endswith(IMG_EXTENSIONS):
-                    others.append(rel)
-                    continue
-                try:
-                    size = e.stat().st_size
-                except OSError as err:
-                    hint = " (a dangling symlink?)" if e.is_symlink() else ""
-                    raise DatasetError(f"{e.path}: cannot read it{hint}: {err.strerror}; fix or remove it") from None
-                images.append((rel, size))
-    images.sort()
-    return images, sorted(others)
-
-
-def _refuse_a_loop(link: str, dirpath: str, root: Path) -> None:
-    """A folder link whose target contains the link itself (or the dataset root): a loop."""
-    target = os.path.realpath(link)
-    for inside in (os.path.realpath(dirpath), os.path.realpath(root)):
-        if inside == target or inside.startswith(target.rstrip(os.sep) + os.sep):
-            raise DatasetError(f"{link} is a link to {target}, a folder that contains it: a loop that would repeat "
-                               "those images under another label. Remove the link")
-
-
-def cache_root() -> Path:
-    """Where rela caches what it derives from datasets ($RELA_CACHE, default ~/.cache/rela)."""
-    return Path(os.environ.get("RELA_CACHE", Path.home() / ".cache" / "rela"))
 
 
 class WebDataset(RelaDataset):
