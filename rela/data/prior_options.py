@@ -17,8 +17,12 @@ class PriorOptions:
     """What a prior spec may be given besides its name (also `rela convert`'s prior flags)."""
 
     arch: str | None = option(None, "architecture for state_dict:<path> priors (torchvision name or efficientnet-lite0)")
-    weights: str | Path | None = option(None, "local weights file for torchvision:<arch> priors")
+    weights: str | Path | None = option(None, "local weights file for torchvision:, timm: and open_clip: priors")
     input_size: int | None = option(None, "prior input resolution (default: the prior's own)", type=positive_int)
+    resize: int | None = option(None, "resize the shorter side to this before the centre crop (default: the "
+                                "prior's own, e.g. timm's input size / crop_pct)", type=positive_int)
+    interpolation: str | None = option(None, "resize interpolation (default: the prior's own)",
+                                       choices=("bilinear", "bicubic", "nearest"))
     mean: tuple[float, float, float] | None = option(None, "override normalisation mean, e.g. 0.485,0.456,0.406",
                                                      type=floats3)
     std: tuple[float, float, float] | None = option(None, "override normalisation std", type=floats3)

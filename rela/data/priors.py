@@ -6,22 +6,23 @@ Weights are loaded with `weights_only=True` or safetensors; a whole-module pickl
 unless the caller trusts it explicitly, because unpickling can run arbitrary code.
 
 Specs: `random:<arch>`, `torchvision:<arch>`, `efficientnet-lite0`, `torchscript:<path>`,
-`state_dict:<path>` (with `arch`), `student:<file>` (a run's backbone written by `rela export`).
+`state_dict:<path>` (with `arch`), `student:<file>` (a run's backbone written by `rela export`),
+and from the ecosystem (`rela.data.library_priors`): `timm:<name>`, `open_clip:<name>[:<tag>]`,
+`hf:<dir>`.
 `<arch>` is any torchvision classification model name, or `efficientnet-lite0`. Each kind has one builder in `PRIORS` that returns a `Prior`; a new kind of
 prior is one more function there.
 """
 
 from __future__ import annotations
 
-import hashlib
 import pickle
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
+from rela.data import library_priors
+from rela.data.prior import Prior, _prior, sha256_file, sha256_state_dict  # noqa: F401 (re-exported)
 from rela.data.prior_options import PriorOptions
 from rela.errors import PriorError
 
@@ -57,103 +58,6 @@ class _LiteFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(x).mean(dim=(2, 3))
-
-
-@dataclass
-class Prior:
-    """A frozen encoder plus the preprocessing it expects."""
-
-    model: nn.Module
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    identity: dict = field(default_factory=dict)
-    dim: int = 0
-
-    def __post_init__(self) -> None:
-        self.model.eval().requires_grad_(False)
-        if not self.dim:
-            with torch.inference_mode():
-                self.dim = int(self.model(torch.zeros(2, 3, self.input_size, self.input_size)).shape[1])
-
-    def preprocessing(self) -> dict:
-        return {
-            "input_size": self.input_size,
-            "resize": "shorter side to input_size, bilinear, antialias",
-            "crop": "center",
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "channels": "grayscale repeated to RGB",
-        }
-
-    def resize_crop(self, images: list[np.ndarray]) -> torch.Tensor:
-        """uint8 H×W×C images → uint8 [B, 3, S, S]: shorter side resized to S (antialiased), centre crop.
-
-        Same-sized images (MNIST-like arrays, pre-resized folders) are resized as one batch, which
-        is several times cheaper than one call per image. Output stays uint8 so decode workers
-        ship a quarter of the bytes; `normalize` finishes the job in the main process.
-        """
-        from torchvision.transforms.v2 import functional as F
-
-        def prep(batch: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] uint8
-            batch = F.resize(batch, self.input_size, antialias=True)
-            batch = F.center_crop(batch, [self.input_size, self.input_size])
-            return batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch
-
-        tensors = [torch.from_numpy(_writable(im)).permute(2, 0, 1) for im in images]
-        if len({t.shape for t in tensors}) == 1:
-            return prep(torch.stack(tensors)).contiguous()
-        return torch.cat([prep(t[None]) for t in tensors]).contiguous()
-
-    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, 3, S, S] → float32 scaled to [0, 1] and normalised with the prior's mean/std
-        (on the batch's device)."""
-        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
-        return batch.float().div_(255.0).sub_(mean).div_(std)
-
-    @property
-    def device(self) -> torch.device:
-        p = next(self.model.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
-
-    def to(self, device: str | torch.device) -> Prior:
-        """Run the prior on `device` (the conversion moves uint8 batches there, features back)."""
-        self.model.to(device)
-        return self
-
-    def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """uint8 H×W×C → normalised float32 3×S×S (resize_crop + normalize for one image)."""
-        return self.normalize(self.resize_crop([image]))[0]
-
-    @torch.inference_mode()
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        """Features of a normalised batch, float32 on the CPU (computed on the prior's device)."""
-        return self.model(batch.to(self.device)).float().cpu()
-
-
-def _writable(image: np.ndarray) -> np.ndarray:
-    """A C-contiguous array torch may wrap (PIL and memory maps hand out read-only ones)."""
-    image = np.ascontiguousarray(image)
-    return image if image.flags.writeable else image.copy()
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def sha256_state_dict(model: nn.Module) -> str:
-    """A hash of the weights themselves (names, shapes, bytes), independent of how they were saved."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _build_arch(arch: str) -> nn.Module:
@@ -263,14 +167,6 @@ def _load_into(model: nn.Module, state: dict, source: str, arch: str) -> None:
         raise PriorError(f"weights in {source} do not match architecture {arch!r}: {detail}") from None
 
 
-def _prior(opts: PriorOptions, model: nn.Module, size: int, mean, std, identity: dict) -> Prior:
-    """The Prior for `model` with its own preprocessing, where the options don't override it."""
-    size = opts.input_size or size
-    if size < 8:
-        raise PriorError(f"input size {size} is too small")
-    return Prior(model, size, tuple(opts.mean or mean), tuple(opts.std or std), identity=identity)
-
-
 def _normalisation(arch: str) -> tuple[tuple, tuple]:
     """The mean/std an architecture's weights expect when nothing else says (EfficientNet-Lite: [-1, 1])."""
     return (LITE_MEAN, LITE_STD) if arch.startswith("efficientnet-lite") else (IMAGENET_MEAN, IMAGENET_STD)
@@ -305,21 +201,22 @@ def _torchscript(rest: str, opts: PriorOptions) -> Prior:
     return _prior(opts, FeatureExtractor(model), 224, IMAGENET_MEAN, IMAGENET_STD, ident)
 
 
-def load_prior(spec: str, *, arch: str | None = None, weights: str | Path | None = None,
-               input_size: int | None = None, mean: tuple[float, float, float] | None = None,
-               std: tuple[float, float, float] | None = None, seed: int = 0,
-               trust_pickle: bool = False) -> Prior:
+def load_prior(spec: str, **options) -> Prior:
     """Build a prior from a spec `kind[:rest]` by the builder registered for `kind` (`PRIORS`);
-    see the module docstring for the forms it takes."""
+    see the module docstring for the forms it takes. `options` are `PriorOptions` fields
+    (arch, weights, input_size, resize, interpolation, mean, std, seed, trust_pickle)."""
     kind, _, rest = spec.partition(":")
     builder = PRIORS.get(kind)
     if builder is None or bool(rest) != (kind != "efficientnet-lite0"):
         raise PriorError(
             f"unknown prior {spec!r}: use efficientnet-lite0, random:<arch>, torchvision:<arch>, "
-            "torchscript:<path>, state_dict:<path> (with --arch) or student:<file from rela export>"
+            "torchscript:<path>, state_dict:<path> (with --arch), student:<file from rela export>, "
+            "timm:<name>, open_clip:<name>[:<tag>] or hf:<dir>"
         )
-    opts = PriorOptions(arch=arch, weights=weights, input_size=input_size, mean=mean, std=std, seed=seed,
-                        trust_pickle=trust_pickle)
+    try:
+        opts = PriorOptions(**options)
+    except TypeError as e:
+        raise PriorError(f"load_prior: {e}") from None
     return builder(rest, opts)
 
 
@@ -417,4 +314,5 @@ def _student(rest: str, opts: PriorOptions) -> Prior:
 
 # A prior spec's kind → its builder (the text after the colon, the options) → Prior.
 PRIORS = {"efficientnet-lite0": _efficientnet_lite0, "random": _random, "torchvision": _torchvision,
-          "state_dict": _state_dict, "torchscript": _torchscript, "student": _student}
+          "state_dict": _state_dict, "torchscript": _torchscript, "student": _student,
+          **library_priors.BUILDERS}
