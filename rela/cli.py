@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", required=True, help="fashion-mnist[:train|:test], an image folder, an .npz, or "
                    "WebDataset shards ('shards/{000000..000009}.tar' or a glob)")
     c.add_argument("--prior", required=True,
-                   help="efficientnet-lite0 | random:<arch> | torchvision:<arch> | torchscript:<path> | state_dict:<path>")
+                   help="efficientnet-lite0 | random:<arch> | torchvision:<arch> | torchscript:<path> | "
+                   "state_dict:<path> | student:<file> | timm:<name> | open_clip:<name>[:<tag>] | hf:<dir>")
     c.add_argument("--out", required=True, help="store directory to create")
     c.add_argument("--dim", type=positive_int, default=256, help="PCA components to keep (default 256)")
     c.add_argument("--limit", type=positive_int, help="use only the first N samples")
