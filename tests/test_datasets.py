@@ -268,8 +268,19 @@ def test_webdataset_shards_with_random_access(tmp_path, monkeypatch):
     ds = open_dataset(str(tmp_path / "{000000..000001}.tar"))
     assert isinstance(ds, WebDataset) and len(ds) == 12 and ds.labels().tolist() == [i % 3 for i in range(12)]
     assert ds.describe(7).endswith("000001.tar:s1/0001.jpg") and ds.load(7).shape == (30, 40, 3)
-    assert list((tmp_path / "cache" / "wds").glob("*.json"))  # the offset index is cached
-    assert open_dataset(str(tmp_path / "*.tar")).fingerprint() == ds.fingerprint()
+    assert len(list((tmp_path / "cache" / "wds").glob("*.npz"))) == 2  # the offset indexes are cached
+    fp = ds.fingerprint()
+    from rela.data import datasets
+
+    with monkeypatch.context() as m:  # a warm open reads the cached indexes and digest
+        m.setattr(datasets, "_index_shard", lambda *a: pytest.fail("indexed again"))
+        m.setattr(WebDataset, "_record", lambda *a: pytest.fail("hashed again"))
+        warm = open_dataset(str(tmp_path / "*.tar"))
+        assert warm.fingerprint() == fp and warm._labels.tolist() == ds._labels.tolist()
+    write_shard(tmp_path / "000001.tar", items[:-2])  # one sample fewer: indexed and hashed again
+    changed = open_dataset(str(tmp_path / "*.tar"))
+    assert len(changed) == 11 and changed.fingerprint()["digest"] != fp["digest"]
+    write_shard(tmp_path / "000001.tar", items)
     if _ext.has_jpeg_decoder():  # JPEG members take the crop-while-decoding path
         calls = []
         real = _ext.decode_resized_crops
@@ -422,3 +433,29 @@ def test_the_scan_lists_what_torchvision_lists(tmp_path):
     (root / "class_2" / "linked").symlink_to(make_folder(tmp_path / "extra", classes=1, per_class=2) / "class_0")
     ours, theirs = listed()
     assert sorted(ours) == sorted(theirs) and len(ours) == 15
+
+
+def test_the_plain_tar_reader_indexes_as_tarfile_does(tmp_path, monkeypatch):
+    """The header-by-header reader gives tarfile's index on plain shards, and hands every other
+    shard (long or non-ASCII names: pax records; a truncated one) to tarfile."""
+    from rela.data import datasets
+
+    rng = np.random.default_rng(0)
+    plain = [(f"s/{k:04d}.jpg", _jpeg(rng)) for k in range(5)] + [("s/0001.cls", b"2"), ("s/0003.cls", b"x"),
+                                                                   ("s/0004.CLS", b"-5"), ("s/0002.txt", b"note")]
+    fancy = plain + [("d/" + "long" * 30 + ".jpg", _jpeg(rng)), ("d/café.jpg", _jpeg(rng))]
+    paths = {}
+    for name, items in (("plain", plain), ("fancy", fancy)):
+        paths[name] = tmp_path / f"{name}.tar"
+        write_shard(paths[name], items)
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(paths["plain"].read_bytes()[:1500])
+    paths["cut"] = cut
+    fast = {n: datasets._index_plain_tar(p, p.stat().st_size) for n, p in paths.items()}
+    with monkeypatch.context() as m:
+        m.setattr(datasets, "_index_plain_tar", lambda *a: None)  # tarfile alone
+        ref = {n: datasets._index_shard(p, p.stat().st_size) for n, p in paths.items()}
+    assert fast["plain"] == ref["plain"][0] and ref["plain"][1] is None
+    assert [label for *_, label in fast["plain"]] == [-1, 2, -1, -2, -2]
+    assert fast["fancy"] is None and len(ref["fancy"][0]) == 7
+    assert fast["cut"] is None and ref["cut"][1]
