@@ -1,4 +1,5 @@
-// rela._C: the compiled helpers behind rela's index sampling. Every function releases the GIL.
+// rela._C: rela's compiled helpers — index sampling, JPEG crop decoding, view colour operations,
+// image-folder listing. Every function releases the GIL while it works.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>

@@ -6,7 +6,7 @@ append-only journal. A run killed at any point (SIGKILL included) resumes from t
 batches never straddle chunks, so a resumed run feeds the prior exactly the batches an
 uninterrupted run would have, and the final store is bit-identical.
 
-Phase 2 streams the chunks twice: once for the float64 mean/covariance (see `rela.pca`), once
+Phase 2 streams the chunks twice: once for the float64 mean/covariance (see `rela.data.pca`), once
 to project, standardise and write float16 targets. The manifest is written last, atomically;
 until it exists the directory is not a store.
 """

@@ -194,10 +194,9 @@ class Loader:
 
     def _pick_backend(self, backend: str, device: torch.device) -> str:
         """`auto`: DALI on a GPU (hardware-assisted decode) when installed; on the CPU rela's own
-        torch backend — it needs no conversion step and replays crops exactly on resume. In
-        bench/loader.py (2 cores) the ffcv backend was faster for one view (1455 vs 1072 img/s)
-        and slower for two (705 vs 759), DALI's CPU pipeline slower in both; choose `ffcv`
-        explicitly to trade exact replay for that."""
+        torch backend — it needs no conversion step and replays crops exactly on resume. The
+        measured trade-off against `ffcv` (faster on plain crops, crops not replayable) is in the
+        README's backend list (`bench/loader.py`); choose `ffcv` explicitly to make it."""
         if backend == "auto":
             return "dali" if device.type == "cuda" and backends.available()["dali"] else "torch"
         backends.check(backend)
