@@ -8,9 +8,11 @@ import errno
 import json
 import sys
 
+from rela.data.convert_options import ConvertOptions
 from rela.data.prior_options import PriorOptions
 from rela.errors import RelaError, RelaWarning
 from rela.options import add_arguments, from_args, positive_int
+from rela.training.eval_options import EvalOptions
 from rela.training.run import TrainConfig
 
 
@@ -27,27 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         "per sample. Killed runs resume from their last committed chunk when rerun with the same "
         "arguments; the result is bit-identical to an uninterrupted run.",
     )
-    c.add_argument("--data", required=True, help="fashion-mnist[:train|:test], an image folder, an .npz, or "
-                   "WebDataset shards ('shards/{000000..000009}.tar' or a glob)")
-    c.add_argument("--prior", required=True,
-                   help="efficientnet-lite0 | random:<arch> | torchvision:<arch> | torchscript:<path> | "
-                   "state_dict:<path> | student:<file> | timm:<name> | open_clip:<name>[:<tag>] | hf:<dir>")
-    c.add_argument("--out", required=True, help="store directory to create")
-    c.add_argument("--dim", type=positive_int, default=256, help="PCA components to keep (default 256)")
-    c.add_argument("--limit", type=positive_int, help="use only the first N samples")
+    add_arguments(c, ConvertOptions)
     add_arguments(c.add_argument_group("prior options"), PriorOptions)
-    c.add_argument("--batch-size", type=positive_int, default=256)
-    c.add_argument("--chunk-rows", type=positive_int, default=4096, help="rows per committed chunk")
-    c.add_argument("--workers", type=int, help="decode worker processes per rank (default: 2, fewer if the node has fewer cores "
-                   "per rank; 0 for small or in-memory data)")
-    c.add_argument("--skip-corrupt", action="store_true",
-                   help="record undecodable samples as skipped instead of stopping")
-    c.add_argument("--resume", action="store_true", help="require an interrupted conversion to resume")
-    c.add_argument("--overwrite", action="store_true", help="replace whatever is at --out")
-    c.add_argument("--keep-raw", action="store_true", help="keep raw prior features in OUT/.convert")
-    c.add_argument("--deep", action="store_true", help="fingerprint file contents, not just names and sizes")
-    c.add_argument("--device", default="auto",
-                   help="where the prior runs: auto (this rank's GPU when there is one) | cpu | cuda[:N]")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
 
     i = sub.add_parser("info", help="print a store's manifest and target statistics",
@@ -84,13 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "code's Adam protocol (--probe adam: Adam 3e-4, 100 epochs, mean of the last 3 epochs) — "
                        "and kNN (k=20, cosine). Writes RUN/eval.json.")
     e.add_argument("run", help="run directory from rela train")
-    e.add_argument("--probe", choices=("lbfgs", "adam"), default="lbfgs", help="linear probe protocol (default lbfgs)")
-    e.add_argument("--C", type=float, default=1.0, help="lbfgs: inverse L2 strength, as scikit-learn's (default 1)")
-    e.add_argument("--probe-epochs", type=positive_int, default=100, help="adam: epochs (default 100)")
-    e.add_argument("--k", type=positive_int, default=20)
-    e.add_argument("--test-data", help="test split (default: the run's, or fashion-mnist:test)")
+    add_arguments(e, EvalOptions)
     e.add_argument("--skip-corrupt", action=argparse.BooleanOptionalAction, default=None,
-                   help="leave undecodable images out of both splits (default: as the run was trained)")
+                   help=EvalOptions.__dataclass_fields__["skip_corrupt"].metadata["help"])  # tri-state: by hand
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.add_argument("--quiet", action="store_true")
     return p
@@ -123,8 +102,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     from rela.training.evaluate import evaluate_run
 
-    r = evaluate_run(a.run, probe=a.probe, probe_epochs=a.probe_epochs, C=a.C, k=a.k, test_data=a.test_data,
-                     progress=not a.quiet, skip_corrupt=a.skip_corrupt)
+    r = evaluate_run(a.run, **dataclasses.asdict(from_args(EvalOptions, a, skip_corrupt=a.skip_corrupt)),
+                     progress=not a.quiet)
     if a.json:
         print(json.dumps(r, indent=1))
         return 0
@@ -150,13 +129,10 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_convert(a: argparse.Namespace) -> int:
     from rela.data.convert import convert
 
-    store = convert(
-        a.data, a.prior, a.out, dim=a.dim, limit=a.limit, batch_size=a.batch_size,
-        chunk_rows=a.chunk_rows, num_workers=a.workers, skip_corrupt=a.skip_corrupt,
-        resume=True if a.resume else None, overwrite=a.overwrite, keep_raw=a.keep_raw,
-        deep=a.deep, progress=not a.quiet, device=a.device,
-        **dataclasses.asdict(from_args(PriorOptions, a)),
-    )
+    o = dataclasses.asdict(from_args(ConvertOptions, a))
+    o["resume"] = True if o["resume"] else None  # the flag insists; without it a found conversion resumes
+    store = convert(o.pop("data"), o.pop("prior"), o.pop("out"), **o, progress=not a.quiet,
+                    **dataclasses.asdict(from_args(PriorOptions, a)))
     from rela import distributed as dist_util
 
     if dist_util.is_main():

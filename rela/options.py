@@ -17,6 +17,8 @@ import types
 import typing
 from typing import Any
 
+from rela.errors import RelaError
+
 
 def positive_int(text: str) -> int:
     v = int(text)
@@ -70,6 +72,16 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
             if f.default is not None and not meta.get("required") and "(default" not in kw["help"]:
                 kw["help"] += f" (default {f.default})"
         parser.add_argument(flag, **kw)
+
+
+def check_choices(config: Any) -> None:
+    """A config built in Python (not through argparse) meets the same `choices=` as its flags."""
+    for f in dataclasses.fields(config):
+        allowed, value = f.metadata.get("choices"), getattr(config, f.name)
+        if allowed is not None and value is not None and value not in allowed:
+            flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+            raise RelaError(f"unknown {f.name.replace('_', ' ')} {value!r}: {flag} must be one of "
+                            f"{', '.join(map(str, allowed))}")
 
 
 def from_args(cls: type, args: argparse.Namespace, **overrides: Any):

@@ -30,6 +30,7 @@ import torch
 
 from rela import __version__, _workers
 from rela import distributed as dist_util
+from rela.data.convert_options import ConvertOptions
 from rela.data.datasets import RelaDataset, open_dataset
 from rela.data.pca import StreamingMoments, Whitening, fit_whitening
 from rela.data.priors import Prior, load_prior
@@ -175,17 +176,17 @@ def convert(
     prior: str | Prior,
     out: str | Path,
     *,
-    dim: int = 256,
-    limit: int | None = None,
-    batch_size: int = 256,
-    chunk_rows: int = 4096,
-    num_workers: int | None = None,
-    skip_corrupt: bool = False,
+    dim: int = ConvertOptions.dim,
+    limit: int | None = ConvertOptions.limit,
+    batch_size: int = ConvertOptions.batch_size,
+    chunk_rows: int = ConvertOptions.chunk_rows,
+    num_workers: int | None = ConvertOptions.num_workers,
+    skip_corrupt: bool = ConvertOptions.skip_corrupt,
     resume: bool | None = None,
-    overwrite: bool = False,
-    keep_raw: bool = False,
-    deep: bool = False,
-    device: str | torch.device = "auto",
+    overwrite: bool = ConvertOptions.overwrite,
+    keep_raw: bool = ConvertOptions.keep_raw,
+    deep: bool = ConvertOptions.deep,
+    device: str | torch.device = ConvertOptions.device,
     progress: bool = True,
     **prior_kwargs,
 ) -> TargetStore:

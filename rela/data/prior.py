@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from rela import choices
 from rela.data.prior_options import PriorOptions
 from rela.errors import PriorError
 
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+INTERPOLATIONS = choices.INTERPOLATIONS
 
 
 @dataclass

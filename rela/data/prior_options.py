@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from rela.options import floats3, option, positive_int
+from rela import choices
+from rela.options import check_choices, floats3, option, positive_int
 
 
 @dataclass(frozen=True)
@@ -22,9 +23,12 @@ class PriorOptions:
     resize: int | None = option(None, "resize the shorter side to this before the centre crop (default: the "
                                 "prior's own, e.g. timm's input size / crop_pct)", type=positive_int)
     interpolation: str | None = option(None, "resize interpolation (default: the prior's own)",
-                                       choices=("bilinear", "bicubic", "nearest"))
+                                       choices=choices.INTERPOLATIONS)
     mean: tuple[float, float, float] | None = option(None, "override normalisation mean, e.g. 0.485,0.456,0.406",
                                                      type=floats3)
     std: tuple[float, float, float] | None = option(None, "override normalisation std", type=floats3)
     seed: int = option(0, "seed for random:<arch> priors")
     trust_pickle: bool = option(False, "allow weights files that contain pickled Python objects (runs their code!)")
+
+    def __post_init__(self) -> None:
+        check_choices(self)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rela import choices
 from rela.data import library_priors
 from rela.data.prior import Prior, _prior, sha256_file, sha256_state_dict  # noqa: F401 (re-exported)
 from rela.data.prior_options import PriorOptions
@@ -208,11 +209,7 @@ def load_prior(spec: str, **options) -> Prior:
     kind, _, rest = spec.partition(":")
     builder = PRIORS.get(kind)
     if builder is None or bool(rest) != (kind != "efficientnet-lite0"):
-        raise PriorError(
-            f"unknown prior {spec!r}: use efficientnet-lite0, random:<arch>, torchvision:<arch>, "
-            "torchscript:<path>, state_dict:<path> (with --arch), student:<file from rela export>, "
-            "timm:<name>, open_clip:<name>[:<tag>] or hf:<dir>"
-        )
+        raise PriorError(f"unknown prior {spec!r}: use {choices.PRIOR_FORMS} (state_dict: with --arch)")
     try:
         opts = PriorOptions(**options)
     except TypeError as e:
@@ -316,3 +313,4 @@ def _student(rest: str, opts: PriorOptions) -> Prior:
 PRIORS = {"efficientnet-lite0": _efficientnet_lite0, "random": _random, "torchvision": _torchvision,
           "state_dict": _state_dict, "torchscript": _torchscript, "student": _student,
           **library_priors.BUILDERS}
+choices.check_registry("PRIORS", PRIORS, choices.PRIOR_KINDS)

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rela import choices
 from rela import distributed as dist_util
 from rela._alloc import keep_freed_memory
 from rela.data.datasets import MapDataset, RelaDataset, open_dataset
@@ -54,11 +55,11 @@ SKIP_REMEDY = ("Fix or remove the file, or pass on_error='skip' to rela.Loader (
 # lightly's and torchvision's loops unpack; "lightly" ((v1, v2, ...), label, {index[, target]}):
 # lightly's (views, targets, extra) triplet, so `views, y = batch[0], batch[1]` still works and the
 # RELA phase (rela.RelaCallback) still finds the targets and indices.
-BATCH_FORMATS = ("dict", "tuple", "lightly")
+BATCH_FORMATS = choices.BATCH_FORMATS
 AS_IS = "as-is"  # views=: the dataset's own transform makes the views (MapDataset(as_is=True))
 # handoff=: what crosses to the device. float32: finished views; uint8: coloured crops, normalised
 # there; device-colour: plain crops and each row's colour choices, coloured and normalised there.
-HANDOFFS = ("float32", "uint8", "device-colour")
+HANDOFFS = choices.HANDOFFS
 
 _UNSUPPORTED = {
     "sampler": "rela.Loader draws its own order from seed + epoch; use shuffle=, subset= and seed=",

@@ -19,11 +19,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rela import _ext
+from rela import _ext, choices
 from rela.errors import RelaError
 from rela.kernels.scoring import loss_scale, scores_to_weights, update_scores
 
-POLICIES = ("uniform", "scored")
+POLICIES = choices.POLICIES
 
 
 def stream_seed(seed: int, *keys: int) -> int:

@@ -31,6 +31,7 @@ from rela.data.datasets import RelaDataset, open_dataset
 from rela.distributed import resolve_device
 from rela.errors import RelaError
 from rela.models import build_backbone
+from rela.training.eval_options import EvalOptions
 from rela.training.run import (
     CHECKPOINT,
     config_from_run,
@@ -186,8 +187,9 @@ def adam_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tenso
                          "standardize": standardize}}
 
 
-def evaluate_run(run: str | Path, *, probe: str = "lbfgs", probe_epochs: int = 100, C: float = 1.0, k: int = 20,
-                 test_data=None, progress: bool = True, train_data=None, skip_corrupt: bool | None = None) -> dict:
+def evaluate_run(run: str | Path, *, probe: str = EvalOptions.probe, probe_epochs: int = EvalOptions.probe_epochs,
+                 C: float = EvalOptions.C, k: int = EvalOptions.k, test_data=EvalOptions.test_data,
+                 progress: bool = True, train_data=None, skip_corrupt: bool | None = EvalOptions.skip_corrupt) -> dict:
     """Linear probe (`probe`: lbfgs or adam) and kNN of a run's final backbone; written to RUN/eval.json.
     `skip_corrupt` (default: the run's own setting) leaves undecodable images out of both splits."""
     run = Path(run)

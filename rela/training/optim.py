@@ -19,10 +19,11 @@ import math
 import torch
 from torch import nn
 
+from rela import choices
 from rela.errors import RelaError
 
-OPTIMIZERS = ("adamw", "sgd", "lars")
-SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = choices.OPTIMIZERS
+SCHEDULES = choices.SCHEDULES
 
 
 def scaled_lr(lr: float, scale: str, global_batch: int) -> float:

@@ -15,9 +15,11 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import nn
 
+from rela import choices
 from rela.errors import RelaError
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+choices.check_registry("precision.DTYPES", DTYPES, choices.PRECISIONS)
 
 
 class Precision:

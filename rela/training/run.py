@@ -16,8 +16,9 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from rela import choices
 from rela.errors import RelaError
-from rela.options import option, positive_int
+from rela.options import check_choices, option, positive_int
 
 # torch is imported where it is used: `rela train --help` builds its flags from TrainConfig.
 
@@ -33,8 +34,7 @@ class TrainConfig:
     prior: str | None = option("efficientnet-lite0", "a prior spec (efficientnet-lite0, random:<arch>, ...) "
                                "converted into RUN/store, or a STORE directory")  # None = no RELA
     budget: float = option(1.0, "fraction of the data visited per epoch (0, 1]")
-    method: str = option("byol", "what the RELA phase hands over to: byol | simclr | moco | barlowtwins | vicreg | "
-                         "dino | supervised (rela.training.methods)")
+    method: str = option("byol", "what the RELA phase hands over to (rela.training.methods)", choices=choices.METHODS)
     arch: str = option("resnet18-cifar", "resnet18|34|50[-cifar]")
     width: float = option(0.125, "width multiplier of the student")
     epochs: int = option(20, "passes over the (budgeted) data", type=positive_int)
@@ -42,14 +42,15 @@ class TrainConfig:
                              type=positive_int)
     lr: float = option(1e-3, "base learning rate (see --lr-scale)")
     weight_decay: float = option(0.01, "weight decay (sgd/lars: not on biases and norm weights)")
-    optimizer: str = option("adamw", "adamw | sgd | lars (lightly's; momentum 0.9, for large batches)")
-    lr_schedule: str = option("constant", "constant | cosine (to 0 at the last step), per optimizer step")
+    optimizer: str = option("adamw", "lars is lightly's (momentum 0.9, for large batches)", choices=choices.OPTIMIZERS)
+    lr_schedule: str = option("constant", "cosine goes to 0 at the last step; per optimizer step",
+                              choices=choices.SCHEDULES)
     warmup_epochs: float = option(0.0, "linear learning-rate warm-up over this many epochs")
-    lr_scale: str = option("none", "none | linear: lr x global batch / 256")
-    precision: str = option("fp32", "fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler; losses in fp32)")
-    handoff: str = option("float32", "float32 | uint8 (views cross to the device as uint8, normalised there: 4x less "
-                          "host-to-device traffic) | device-colour (plain uint8 crops; colour and normalisation as "
-                          "batched ops on the device); torch backend")
+    lr_scale: str = option("none", "linear: lr x global batch / 256", choices=choices.LR_SCALES)
+    precision: str = option("fp32", "autocast; fp16 with a gradient scaler; losses in fp32", choices=choices.PRECISIONS)
+    handoff: str = option("float32", "uint8: views cross to the device as uint8, normalised there (4x less "
+                          "host-to-device traffic); device-colour: plain uint8 crops, colour and normalisation as "
+                          "batched ops on the device; torch backend", choices=choices.HANDOFFS)
     channels_last: bool = option(False, "channels_last memory format for the student and every view batch")
     compile: bool = option(False, "torch.compile the student (the first steps pay the compilation: "
                            "tens of seconds to minutes)")
@@ -74,8 +75,8 @@ class TrainConfig:
                                      "if the node has fewer cores per rank)", flag="--workers", metavar="N")
     skip_corrupt: bool = option(False, "an undecodable image is replaced by the next decodable sample (each "
                                 "reported once an epoch; conversion records it as skipped) instead of stopping the run")
-    backend: str = option("auto", "loader backend: auto | torch | dali | ffcv")
-    policy: str = option("uniform", "subset policy: uniform | scored")
+    backend: str = option("auto", "loader backend", choices=("auto", *choices.BACKENDS))
+    policy: str = option("uniform", "subset policy", choices=choices.POLICIES)
     freeze_transfer: bool = option(False, "frozen random transfer head (reference code)")
     warm_heads: bool = option(False, "during the RELA phase also train the method's heads on detached backbone "
                               "features (the backbone gets no gradient from it), so the method does not start cold "
@@ -96,25 +97,14 @@ class TrainConfig:
         if self.epochs < 1 or self.batch_size < 1:
             raise RelaError("--epochs and --batch-size must be positive")
         from rela.training.accelerate import parse_phase
-        from rela.training.methods import METHODS, parse_options
+        from rela.training.methods import parse_options
 
         parse_phase(self.phase)
-        from rela.training.optim import OPTIMIZERS, SCHEDULES
-        from rela.training.precision import DTYPES
-
-        for flag, value, allowed in (("--optimizer", self.optimizer, OPTIMIZERS),
-                                     ("--lr-schedule", self.lr_schedule, SCHEDULES),
-                                     ("--lr-scale", self.lr_scale, ("none", "linear")),
-                                     ("--precision", self.precision, tuple(DTYPES)),
-                                     ("--handoff", self.handoff, ("float32", "uint8", "device-colour"))):
-            if value not in allowed:
-                raise RelaError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}")
+        check_choices(self)
         if self.warmup_epochs < 0:
             raise RelaError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
         if not 0 < self.switch_threshold <= 1:
             raise RelaError(f"--switch-threshold must be in (0, 1], got {self.switch_threshold}")
-        if self.method not in METHODS:
-            raise RelaError(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")
         parse_options(self.method, self.method_options)  # a typo fails here, not after the conversion
         from rela.loading.views import resolve_views
 

@@ -24,12 +24,13 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from rela import choices
 from rela.data.datasets import MAX_PIXELS, RelaDataset, jpeg_size
 from rela.data.store import TargetStore
 from rela.errors import CorruptImageError, RelaError
 from rela.loading.views import ViewSpec, sample_generator
 
-NAMES = ("torch", "dali", "ffcv")
+NAMES = choices.BACKENDS
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import inspect
 
 from torch import nn
 
+from rela import choices
 from rela.errors import RelaError
 from rela.training.methods.barlowtwins import BarlowTwins
 from rela.training.methods.base import MomentumTeacher, SSLMethod
@@ -20,7 +21,8 @@ from rela.training.methods.vicreg import VICReg
 
 METHODS: dict[str, type[SSLMethod]] = {"byol": BYOL, "simclr": SimCLR, "moco": MoCo, "barlowtwins": BarlowTwins,
                                        "vicreg": VICReg, "dino": DINO, "supervised": Supervised}
-NAMES = tuple(METHODS)  # for messages and --help without importing torch elsewhere
+choices.check_registry("METHODS", METHODS, choices.METHODS)
+NAMES = choices.METHODS
 __all__ = ["METHODS", "MomentumTeacher", "SSLMethod", "build_method", *(c.__name__ for c in METHODS.values())]
 
 
