@@ -250,3 +250,27 @@ def test_foreach_momentum_update_matches_lightlys():
     for ref, got in ((ref_b, method.target_backbone), (ref_p, method.target_projection)):
         for a, b in zip(ref.parameters(), got.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_the_method_contract_is_explicit():
+    """Labels are declared, options are the constructor's own (a misspelling fails, naming them),
+    and every criterion computes in float32 under autocast wherever the method is used."""
+    import copy
+
+    from rela.errors import RelaError
+    from rela.training.methods import METHODS, SimCLR
+
+    assert [n for n, m in METHODS.items() if m.needs_labels] == ["supervised"]
+    backbone = build_backbone("resnet18-cifar", 1 / 32)
+    with pytest.raises(RelaError, match="simclr has no option temprature: it takes out_dim=128, temperature=0.5"):
+        build_method("simclr", backbone, backbone.feature_dim, temprature=0.2)
+    with pytest.raises(TypeError, match="temprature"):
+        SimCLR(backbone, backbone.feature_dim, temprature=0.2)
+    assert not hasattr(build_method("vicreg", backbone, backbone.feature_dim, momentum=0.9), "momentum")
+    moco = build_method("moco", backbone, backbone.feature_dim, queue=64)
+    twin = copy.deepcopy(moco)  # the copy's criterion is its own (its queue), not the original's
+    assert twin.criterion.forward.__self__ is twin.criterion
+    x = torch.randn(4, 128).bfloat16().requires_grad_()  # lightly's bank takes a batch only with gradients
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert twin.criterion(x, x).dtype == torch.float32
+    assert not torch.equal(twin.criterion.memory_bank.bank, moco.criterion.memory_bank.bank)

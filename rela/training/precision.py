@@ -9,7 +9,7 @@ backbone. The RELA loss kernels take bf16/fp16 predictions and compute in fp32 i
 
 from __future__ import annotations
 
-import functools
+import types
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -61,13 +61,14 @@ def _to_float(x):
 
 def float32_loss(criterion: nn.Module) -> nn.Module:
     """Make `criterion` compute in float32 under autocast (inputs upcast, autocast off inside).
-    Patches the instance's forward, so its state_dict (MoCo's queue) keeps its keys."""
-    forward = criterion.forward
-
-    @functools.wraps(forward)
-    def run(*args, **kwargs):
-        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
-            return forward(*_to_float(args), **{k: _to_float(v) for k, v in kwargs.items()})
-
-    criterion.forward = run
+    Patches the instance's forward, so its state_dict (MoCo's queue) keeps its keys; the patch is
+    a method bound to the instance, so a deep copy calls its own class forward, not the original's."""
+    if getattr(criterion.forward, "__func__", None) is _float32_forward:
+        return criterion  # already
+    criterion.forward = types.MethodType(_float32_forward, criterion)
     return criterion
+
+
+def _float32_forward(self, *args, **kwargs):
+    with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+        return type(self).forward(self, *_to_float(args), **{k: _to_float(v) for k, v in kwargs.items()})

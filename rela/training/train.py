@@ -180,15 +180,16 @@ class Trainer:
         from rela.data.datasets import open_dataset
         from rela.loading.loader import Loader
         from rela.training.accelerate import Accelerator
+        from rela.training.methods import METHODS
 
         cfg = self.cfg
         self.device = device = resolve_device(cfg.device)
         self.dataset = open_dataset(self.data, cfg.limit)
         classes = 0
-        if cfg.method == "supervised":  # reads every label
+        if METHODS[cfg.method].needs_labels:  # reads every label
             labels = self.dataset.labels()
             if labels.min() < 0:
-                raise RelaError("method 'supervised' needs a labelled dataset (class sub-folders, an .npz with "
+                raise RelaError(f"method {cfg.method!r} needs a labelled dataset (class sub-folders, an .npz with "
                                 f"labels, fashion-mnist); {int((labels < 0).sum())} samples have no label")
             classes = int(labels.max()) + 1
         self.backbone, self.method = build_student(cfg, classes=classes)
@@ -227,7 +228,7 @@ class Trainer:
     def _build_optimizer(self) -> None:
         """Optimizer, per-step learning-rate schedule and precision (rela.training.optim / .precision)."""
         from rela.training.optim import build_optimizer, build_schedule, scaled_lr
-        from rela.training.precision import Precision, float32_loss
+        from rela.training.precision import Precision
 
         cfg = self.cfg
         params = list(self.backbone.parameters()) + self.method.online_parameters()
@@ -238,8 +239,6 @@ class Trainer:
         warmup = round(cfg.warmup_epochs * len(self.loader))
         self.schedule = build_schedule(self.opt, cfg.lr_schedule, self.total_steps, warmup)
         self.precision = Precision(cfg.precision, self.device)
-        if hasattr(self.method, "criterion"):
-            float32_loss(self.method.criterion)
 
     # --- 3. checkpoints: what is saved, and restored from it -----------------------------------
     def _checkpoint_state(self, epoch: int) -> dict:

@@ -26,13 +26,24 @@ NAMES = choices.METHODS
 __all__ = ["METHODS", "MomentumTeacher", "SSLMethod", "build_method", *(c.__name__ for c in METHODS.values())]
 
 
+# What the trainer gives every method; each takes those its constructor declares.
+CONTEXT = ("momentum", "cosine_momentum", "classes")
+
+
 def build_method(name: str, backbone: nn.Module, feature_dim: int, options: str | None = None,
                  **kw) -> SSLMethod:
-    """The method `name` for `backbone`; keyword options a method doesn't use are ignored, while
-    `options` (the user's `--method-options`, see `parse_options`) must name its own."""
+    """The method `name` for `backbone`. Of the trainer's settings (`CONTEXT`) it gets those it
+    declares; every other keyword and `options` (the user's `--method-options`, see
+    `parse_options`) must name its own options, or this fails listing them."""
     if name not in METHODS:
         raise RelaError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
-    return METHODS[name](backbone, feature_dim, **{**kw, **parse_options(name, options)})
+    declared = inspect.signature(METHODS[name].__init__).parameters
+    given = {**kw, **parse_options(name, options)}
+    unknown = [k for k in given if k not in declared and k not in CONTEXT]
+    if unknown:
+        takes = ", ".join(f"{k}={p.default!r}" for k, p in method_parameters(name).items()) or "no options"
+        raise RelaError(f"{name} has no option {', '.join(unknown)}: it takes {takes}")
+    return METHODS[name](backbone, feature_dim, **{k: v for k, v in given.items() if k in declared})
 
 
 def method_parameters(name: str) -> dict[str, inspect.Parameter]:

@@ -14,13 +14,13 @@ class BarlowTwins(SSLMethod):
 
     views = "byol"  # the paper's augmentations are BYOL's
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, lambda_param: float = 5e-3, **_) -> None:
+    def __init__(self, backbone: nn.Module, feature_dim: int, lambda_param: float = 5e-3) -> None:
         from lightly.loss import BarlowTwinsLoss
         from lightly.models.modules.heads import BarlowTwinsProjectionHead
 
         super().__init__()
         self.projection = BarlowTwinsProjectionHead(feature_dim, 8 * feature_dim, 8 * feature_dim)
-        self.criterion = BarlowTwinsLoss(lambda_param=lambda_param)
+        self.set_criterion(BarlowTwinsLoss(lambda_param=lambda_param))
 
     def loss(self, features, views, step, total_steps, labels=None) -> torch.Tensor:
         self.two_views(features, "Barlow Twins")

@@ -1,12 +1,19 @@
 """The interface every method implements, and the momentum teacher BYOL, MoCo and DINO share.
 
 A method is an `nn.Module` with:
-- `views`: the loader view preset of its phase (e.g. `"byol"`), used unless `--ssl-views` says otherwise,
+- `views`: the views of its phase — a preset name (e.g. `"byol"`, see `rela.loading.views`) or its own
+  `ViewSpec`s — used unless `--ssl-views` says otherwise,
+- `needs_labels`: True if its loss reads the labels (every sample must then have one),
+- a constructor `(backbone, feature_dim, <its options>)` that takes only what it declares: the
+  trainer's settings (`momentum`, `cosine_momentum`, `classes`) reach the methods that declare them,
+  and a misspelled option fails,
 - `loss(features, views, step, total_steps, labels)`: its loss from the online backbone's features
   of each view ([V, B, F]), the views themselves (for target networks) and the labels (supervised),
 - `update_target(step, total_steps)`: its momentum/EMA update, called every optimizer step — also
   during the RELA phase, so target networks track the backbone there (as in the reference code),
-- `online_parameters()`: what the optimizer trains besides the backbone (not the `target_*` copies).
+- `online_parameters()`: what the optimizer trains besides the backbone (not the `target_*` copies),
+- its loss criterion set with `set_criterion`, which computes it in float32 under autocast (in
+  `rela train`, in `Accelerator` loops and in yours alike).
 """
 
 from __future__ import annotations
@@ -20,7 +27,15 @@ from rela.errors import RelaError
 
 
 class SSLMethod(nn.Module):
-    views: str = "byol"
+    views: str | tuple = "byol"
+    needs_labels: bool = False
+
+    def set_criterion(self, criterion: nn.Module) -> None:
+        """`self.criterion`, computed in float32 under autocast: the losses' exp/log/normalise
+        overflow or lose the signal in bf16/fp16 (rela.training.precision.float32_loss)."""
+        from rela.training.precision import float32_loss
+
+        self.criterion = float32_loss(criterion)
 
     def loss(self, features: torch.Tensor, views: list[torch.Tensor], step: int, total_steps: int,
              labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,7 +15,7 @@ class BYOL(MomentumTeacher):
     views = "byol"
 
     def __init__(self, backbone: nn.Module, feature_dim: int, out_dim: int = 256, momentum: float = 0.99,
-                 cosine_momentum: bool = False, **_) -> None:
+                 cosine_momentum: bool = False) -> None:
         from lightly.loss import NegativeCosineSimilarity
         from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead
 
@@ -23,7 +23,7 @@ class BYOL(MomentumTeacher):
         self.projection = BYOLProjectionHead(feature_dim, 2 * feature_dim, out_dim)
         self.prediction = BYOLPredictionHead(out_dim, 2 * feature_dim, out_dim)
         self.make_targets()
-        self.criterion = NegativeCosineSimilarity()
+        self.set_criterion(NegativeCosineSimilarity())
 
     def loss(self, features, views, step, total_steps, labels=None) -> torch.Tensor:
         self.two_views(features, "BYOL")

@@ -24,7 +24,7 @@ class DINO(MomentumTeacher):
 
     def __init__(self, backbone: nn.Module, feature_dim: int, out_dim: int = 2048, momentum: float = 0.99,
                  cosine_momentum: bool = False, warmup_fraction: float = 0.3, teacher_temp: tuple = (0.04, 0.07),
-                 batch_norm: bool = True, freeze_last_layer: float = 0.01, **_) -> None:
+                 batch_norm: bool = True, freeze_last_layer: float = 0.01) -> None:
         from lightly.loss import DINOLoss
         from lightly.models.modules.heads import DINOProjectionHead
 
@@ -34,8 +34,8 @@ class DINO(MomentumTeacher):
 
         self.projection = head()
         self.make_targets(head)  # its weight-normalised last layer can't be deep-copied
-        self.criterion = DINOLoss(output_dim=out_dim, warmup_teacher_temp=teacher_temp[0],
-                                  teacher_temp=teacher_temp[1])
+        self.set_criterion(DINOLoss(output_dim=out_dim, warmup_teacher_temp=teacher_temp[0],
+                                    teacher_temp=teacher_temp[1]))
         self.warmup_fraction, self.teacher_temps = warmup_fraction, teacher_temp
         self.freeze_fraction, self._frozen = freeze_last_layer, False
         for p in (p for p in self.projection.last_layer.parameters() if p.requires_grad):  # DDP-safe freeze

@@ -17,14 +17,14 @@ class MoCo(MomentumTeacher):
     views = "simclr"
 
     def __init__(self, backbone: nn.Module, feature_dim: int, out_dim: int = 128, momentum: float = 0.99,
-                 cosine_momentum: bool = False, queue: int = 4096, temperature: float = 0.1, **_) -> None:
+                 cosine_momentum: bool = False, queue: int = 4096, temperature: float = 0.1) -> None:
         from lightly.loss import NTXentLoss
         from lightly.models.modules.heads import MoCoProjectionHead
 
         super().__init__(backbone, momentum, cosine_momentum)
         self.projection = MoCoProjectionHead(feature_dim, feature_dim, out_dim)
         self.make_targets()
-        self.criterion = NTXentLoss(temperature=temperature, memory_bank_size=(queue, out_dim))
+        self.set_criterion(NTXentLoss(temperature=temperature, memory_bank_size=(queue, out_dim)))
         bank = self.criterion.memory_bank  # lightly keeps the queue out of state_dict: put it back in,
         bank.register_buffer("bank", bank.bank)  # so a resumed run contrasts with the same negatives
         bank.register_buffer("bank_ptr", bank.bank_ptr)

@@ -14,14 +14,13 @@ class SimCLR(SSLMethod):
 
     views = "simclr"
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, out_dim: int = 128, temperature: float = 0.5,
-                 **_) -> None:
+    def __init__(self, backbone: nn.Module, feature_dim: int, out_dim: int = 128, temperature: float = 0.5) -> None:
         from lightly.loss import NTXentLoss
         from lightly.models.modules.heads import SimCLRProjectionHead
 
         super().__init__()
         self.projection = SimCLRProjectionHead(feature_dim, feature_dim, out_dim)
-        self.criterion = NTXentLoss(temperature=temperature)
+        self.set_criterion(NTXentLoss(temperature=temperature))
 
     def loss(self, features, views, step, total_steps, labels=None) -> torch.Tensor:
         self.two_views(features, "SimCLR")

@@ -14,8 +14,9 @@ class Supervised(SSLMethod):
     """A linear classifier on the backbone's features, cross-entropy averaged over the views."""
 
     views = "supervised"
+    needs_labels = True
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, classes: int = 0, **_) -> None:
+    def __init__(self, backbone: nn.Module, feature_dim: int, classes: int = 0) -> None:
         super().__init__()
         self.classes = classes
         self.classifier = nn.Linear(feature_dim, max(classes, 1))

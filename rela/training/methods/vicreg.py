@@ -13,13 +13,13 @@ class VICReg(SSLMethod):
 
     views = "byol"  # VICReg uses BYOL's augmentations
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, **_) -> None:
+    def __init__(self, backbone: nn.Module, feature_dim: int) -> None:
         from lightly.loss import VICRegLoss
         from lightly.models.modules.heads import VICRegProjectionHead
 
         super().__init__()
         self.projection = VICRegProjectionHead(feature_dim, 8 * feature_dim, 8 * feature_dim, num_layers=2)
-        self.criterion = VICRegLoss()
+        self.set_criterion(VICRegLoss())
 
     def loss(self, features, views, step, total_steps, labels=None) -> torch.Tensor:
         self.two_views(features, "VICReg")
