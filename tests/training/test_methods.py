@@ -14,7 +14,6 @@ from rela.models import build_backbone
 from rela.training.methods import METHODS, build_method
 from rela.training.run import TrainConfig
 from rela.training.train import train
-from tests.test_train import tiny  # noqa: F401 - the module-scoped dataset + store fixture
 
 F, B = 16, 12
 

@@ -1,7 +1,7 @@
 """rela.Loader as the train_dataloader() of a LightningDataModule under a real Lightning Trainer:
 set_epoch reaches the loader each epoch, and a run resumed from Lightning's own checkpoint
 (which stores the loader's state_dict) sees the same batches as an uninterrupted one. Under
-Lightning DDP (2 CPU processes, gloo; tests/lightning_fit.py), a loader built before fit() shards,
+Lightning DDP (2 CPU processes, gloo; tests/training/lightning_fit.py), a loader built before fit() shards,
 and with rela.LoaderState a mid-epoch resume replays exactly the remaining batches, also when
 configure_optimizers reads estimated_stepping_batches."""
 
@@ -135,7 +135,7 @@ def test_the_loader_seed_follows_the_users_seed():
     assert c.seed == 5 and order(c) == order(ref)
 
 
-_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lightly_imagenet_byol.py"
+_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lightly_imagenet_byol.py"
 
 
 def _metrics(run: Path) -> list[dict]:

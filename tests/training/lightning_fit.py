@@ -1,9 +1,9 @@
-"""A Lightning fit with rela.Loader, run as its own script by tests/test_lightning.py (Lightning's DDP
+"""A Lightning fit with rela.Loader, run as its own script by tests/training/test_lightning.py (Lightning's DDP
 launcher starts the other ranks by running this file again). Shaped like lightly's benchmark
 modules: the loader is built before fit() creates the process group, and configure_optimizers
 reads trainer.estimated_stepping_batches for its schedule. Each rank writes what it trained on.
 
-    python tests/lightning_fit.py OUT --devices 2 --epochs 2 [--ckpt PATH] [--every 2] [--no-loader-state]
+    python tests/training/lightning_fit.py OUT --devices 2 --epochs 2 [--ckpt PATH] [--every 2] [--no-loader-state]
 """
 
 import argparse
@@ -17,7 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the checkout's rela
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere: the checkout's rela
 
 import rela  # noqa: E402
 from rela.data.datasets import ArrayDataset  # noqa: E402
