@@ -44,7 +44,6 @@ from rela.data.datasets import MapDataset, RelaDataset, open_dataset
 from rela.data.store import TargetStore
 from rela.errors import CorruptImageError, RelaError, RelaWarning
 from rela.loading import backends
-from rela.loading.backends.augment import colour_batch_tensor, normalize_batch
 from rela.loading.subset import Subset
 from rela.loading.translate import as_views
 from rela.loading.views import ViewSpec, resolve_views
@@ -70,6 +69,26 @@ _UNSUPPORTED = {
     "multiprocessing_context": "rela uses the platform's default start method",
     "pin_memory_device": "use device= (and pin_memory=True) instead",
 }
+
+
+def _check_arguments(dataloader_kwargs: dict, batch_size: int, on_error: str, worker_type: str, batch_format: str,
+                     handoff: str, backend: str, views) -> None:
+    """What can be refused before anything is opened."""
+    for key in dataloader_kwargs:
+        why = _UNSUPPORTED.get(key)
+        raise TypeError(f"rela.Loader does not take {key}=: {why}" if why
+                        else f"rela.Loader got an unexpected argument {key!r}")
+    if batch_size < 1:
+        raise RelaError(f"batch_size must be positive, got {batch_size}")
+    for name, value, allowed in (("on_error", on_error, ("raise", "skip")),
+                                 ("worker_type", worker_type, ("process", "thread")),
+                                 ("batch_format", batch_format, BATCH_FORMATS), ("handoff", handoff, HANDOFFS)):
+        if value not in allowed:
+            raise RelaError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+    as_is = isinstance(views, str) and views == AS_IS
+    if handoff != "float32" and (backend not in ("auto", "torch") or as_is):
+        raise RelaError(f"handoff={handoff!r} is the torch backend's (with rela's views): DALI and FFCV "
+                        "normalise in their own pipelines")
 
 
 class Loader:
@@ -106,23 +125,25 @@ class Loader:
         timeout: float = 0,
         **dataloader_kwargs,
     ) -> None:
-        for key in dataloader_kwargs:
-            why = _UNSUPPORTED.get(key)
-            raise TypeError(f"rela.Loader does not take {key}=: {why}" if why
-                            else f"rela.Loader got an unexpected argument {key!r}")
-        if batch_size < 1:
-            raise RelaError(f"batch_size must be positive, got {batch_size}")
-        if on_error not in ("raise", "skip"):
-            raise RelaError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-        if worker_type not in ("process", "thread"):
-            raise RelaError(f"worker_type must be 'process' or 'thread', not {worker_type!r}")
-        self.worker_type = worker_type
-        if batch_format not in BATCH_FORMATS:
-            raise RelaError(f"batch_format must be one of {', '.join(BATCH_FORMATS)}, not {batch_format!r}")
-        self.batch_format = batch_format
+        _check_arguments(dataloader_kwargs, batch_size, on_error, worker_type, batch_format, handoff, backend, views)
         # seed=None follows the user's seed (seed_everything / torch.manual_seed); see _agree_on_seed
-        self._seed_given, self._seed_agreed = seed is not None, seed is not None
+        self._seed_given = self._seed_agreed = seed is not None
         seed = int(seed) if seed is not None else torch.initial_seed() % 2**63
+        self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
+        self.batch_format, self.worker_type, self.on_error, self.timeout = batch_format, worker_type, on_error, timeout
+        self._open_data(dataset, targets, views, image_size, mean, std, backend)
+        self._draw_subset(subset, policy, torch.device(device))
+        self._start_backend(backend, handoff, num_workers, pin_memory, memory_format, prefetch_factor,
+                            persistent_workers)
+        self._rank, self._world_size = rank, world_size  # None: the process group's, when it is asked
+        self.epoch = self._resume_batch = self._consumed = 0
+        self._order_cache: tuple[int, np.ndarray] | None = None
+        self.skipped: list = []  # (index, source, reason) of each sample replaced in the last epoch, once
+        self._skipped_seen: set[int] = set()
+
+    # --- construction, in steps ------------------------------------------------------------
+    def _open_data(self, dataset, targets, views, image_size, mean, std, backend: str) -> None:
+        """The dataset, the target store checked against it, and the views."""
         self.as_is = isinstance(views, str) and views == AS_IS
         self.dataset = self._as_is_dataset(dataset, backend) if self.as_is else open_dataset(dataset)
         if getattr(self.dataset, "as_is", False) and not self.as_is:
@@ -136,26 +157,28 @@ class Loader:
         self.image_size, self.mean, self.std = image_size, mean, std
         self._views = () if self.as_is else resolve_views(as_views(views), image_size, mean, std)
         self._views_version = 0
-        valid = targets.valid_mask() if targets is not None else None
+
+    def _draw_subset(self, subset, policy: str, device: torch.device) -> None:
+        """The per-epoch subset (a given `Subset`, or a share of the data drawn by `policy`)."""
         if isinstance(subset, Subset):
             if subset.n != len(self.dataset):
                 raise RelaError(f"subset covers {subset.n} samples, the dataset has {len(self.dataset)}")
             self.subset = subset
         else:
+            valid = self.targets.valid_mask() if self.targets is not None else None
             self.subset = Subset(len(self.dataset), 1.0 if subset is None else float(subset), policy,
-                                 seed=seed, valid=valid)
-        self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
+                                 seed=self.seed, valid=valid)
+        self.device = device
+        if self.subset.policy == "scored" and device.type == "cuda":
+            self.subset.to(device)  # scores updated where the losses are; weights to the host per epoch
+
+    def _start_backend(self, backend: str, handoff: str, num_workers, pin_memory: bool, memory_format,
+                       prefetch_factor, persistent_workers: bool) -> None:
+        """The backend that builds the batches, and how it runs."""
         if num_workers is None:
             num_workers = 0 if self.dataset.in_memory else min(2, dist_util.cpu_share())
         self.num_workers = num_workers
-        self.device = torch.device(device)
-        if self.subset.policy == "scored" and self.device.type == "cuda":
-            self.subset.to(self.device)  # scores updated where the losses are; weights to the host per epoch
-        if handoff not in HANDOFFS:
-            raise RelaError(f"handoff must be one of {', '.join(HANDOFFS)}, not {handoff!r}")
-        if handoff != "float32" and (backend not in ("auto", "torch") or self.as_is):
-            raise RelaError(f"handoff={handoff!r} is the torch backend's (with rela's views): DALI and FFCV "
-                            "normalise in their own pipelines")
+        # a uint8 / device-colour hand-off is the torch backend's (checked in _check_arguments)
         self.backend = "torch" if handoff != "float32" else self._pick_backend(backend, self.device)
         self.pin_memory = pin_memory and self.device.type == "cuda"
         self.memory_format = memory_format  # torch.channels_last: views handed over N×C×H×W in NHWC order
@@ -164,20 +187,11 @@ class Loader:
         if persistent_workers:
             warnings.warn("rela.Loader: persistent_workers is not supported yet; workers start at each "
                           "epoch (cheap with fork) and views switch without restarting them",
-                          RelaWarning, stacklevel=2)
-        self.on_error = on_error
-        self._rank, self._world_size = rank, world_size  # None: the process group's, when it is asked
-        self.timeout = timeout
-        self.epoch = 0
-        self._resume_batch = 0
-        self._order_cache: tuple[int, np.ndarray] | None = None
-        self._rules = rules = backends.SampleRules(self.dataset, self.targets, seed, on_error)
-        options = backends.Options(batch_size, drop_last, num_workers, worker_type, self.prefetch_factor,
-                                   self.pin_memory, timeout, self.device, handoff)
-        self._backend = backends.create(self.backend, rules, options)
-        self.skipped: list = []  # (index, source, reason) of each sample replaced in the last epoch, once
-        self._skipped_seen: set[int] = set()
-        self._consumed = 0
+                          RelaWarning, stacklevel=3)
+        self._rules = backends.SampleRules(self.dataset, self.targets, self.seed, self.on_error)
+        options = backends.Options(self.batch_size, self.drop_last, num_workers, self.worker_type,
+                                   self.prefetch_factor, self.pin_memory, self.timeout, self.device, handoff)
+        self._backend = backends.create(self.backend, self._rules, options)
 
     @staticmethod
     def _as_is_dataset(dataset, backend: str) -> MapDataset:
@@ -359,37 +373,32 @@ class Loader:
         except CorruptImageError as e:  # from any backend: say what this API offers
             raise e.with_remedy(SKIP_REMEDY) from None
 
-    def _checked(self, source: Iterator[dict], epoch: int, start: int) -> Iterator[dict]:
-        for number, batch in enumerate(source, start):
-            if "error" not in batch and batch["version"] != self._views_version:
+    def _checked(self, source: Iterator[backends.Built], epoch: int, start: int) -> Iterator[dict]:
+        for number, built in enumerate(source, start):
+            if built.error is None and built.version != self._views_version:
                 # Built before set_views: rebuild it with the current views, here, once.
-                batch = self._backend.build(backends.Task(epoch, number, batch["drawn"], self._views,
+                built = self._backend.build(backends.Task(epoch, number, built.drawn, self._views,
                                                           self._views_version))
-            if "error" in batch:  # a worker's error, returned as a value (see TorchBuilder.build)
-                raise batch["error"]
-            for rec in batch.pop("skipped"):  # each sample once per pass, always (index, source, reason)
+            if built.error is not None:  # a worker's error, returned as a value (see Built.error)
+                raise built.error
+            for rec in built.skipped:  # each sample once per pass, always (index, source, reason)
                 if rec[0] not in self._skipped_seen:
                     self._skipped_seen.add(rec[0])
                     self.skipped.append(tuple(rec))
-            batch.pop("version"), batch.pop("drawn")
             self._consumed = number + 1
-            batch = self._to_device(batch, batch.pop("colour", None))
-            yield _formatted(batch, self.batch_format)
+            yield _formatted(self._to_device(built), self.batch_format)
 
     def close(self) -> None:
         """Release what the backend keeps between passes (FFCV's compiled loaders, DALI's pipelines)."""
         self._backend.close()
 
-    def _to_device(self, batch: dict, colour: list | None = None) -> dict:
-        """Views to the device (non-blocking from pinned memory), the device-side stage when the
-        hand-off asks for it, then the memory format there (a GPU-side copy, off the host)."""
+    def _to_device(self, built: backends.Built) -> dict:
+        """Views to the device (non-blocking from pinned memory), the backend's device stage, then
+        the memory format there (a GPU-side copy, off the host)."""
         nb, fmt = self.pin_memory, self.memory_format
-        views = [v.to(self.device, non_blocking=nb) for v in batch["views"]]
-        if colour is not None:  # device-colour: the rows' drawn colour choices, as batched tensor ops
-            views = [colour_batch_tensor(v.float(), p) for v, p in zip(views, colour, strict=True)]
-        if self.handoff != "float32":  # uint8 (or float 0..255) crossed the bus; normalise where it landed
-            views = [normalize_batch(spec, v) for spec, v in zip(self._views, views, strict=True)]
-        batch["views"] = [v.contiguous(memory_format=fmt) for v in views]
+        views = [v.to(self.device, non_blocking=nb) for v in built.views]
+        views = self._backend.finish_on_device(built, views, self._views)
+        batch = built.user_batch([v.contiguous(memory_format=fmt) for v in views])
         if self.device.type == "cpu":
             return batch
         for key in ("target", "label", "index"):

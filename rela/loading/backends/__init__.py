@@ -10,7 +10,8 @@ and hands a backend a stream of `Task`s (one per batch); the backend turns them 
 - `ffcv`: FFCV's `.beton` storage and JIT-compiled decoders, crops from FFCV's own RNG.
 
 Every backend follows the same rules for a sample (`SampleRules`: the replacement walk for
-`on_error="skip"`, the JPEG probe, the batch dict) and returns the same batch structure.
+`on_error="skip"`, the JPEG probe) and returns the same typed batch (`Built`); each finishes its
+own batches on the device (`finish_on_device`), so the loader has no backend-specific branches.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -97,18 +98,67 @@ class Options:
         return max(2, self.prefetch_factor or 2)
 
 
+@dataclass
+class Built:
+    """One batch as a backend hands it to the loader: what the user receives (`user_batch`:
+    views, label, index, target) and the loader's bookkeeping. It crosses from worker processes
+    (pickled; tensors by shared memory) and through torch's pin-memory thread (`pin_memory`)."""
+
+    views: list[torch.Tensor]
+    label: torch.Tensor | None
+    index: torch.Tensor | None
+    target: torch.Tensor | None = None
+    version: int = 0  # the views' version it was built with: the loader rebuilds a stale one
+    drawn: tuple[int, ...] = ()  # the indices drawn, before undecodable ones were replaced
+    skipped: list = field(default_factory=list)  # (index, source, reason) of each replaced sample
+    colour: list | None = None  # handoff "device-colour": each view's rows' colour choices
+    # rela's errors travel as values, from worker processes and threads alike: raised in a worker,
+    # torch would wrap them in its worker-traceback text; returned, the loader raises rela's own
+    # one-line error. (Anything else — a bug — is raised where it happens, with its traceback.)
+    error: RelaError | None = None
+
+    @classmethod
+    def failed(cls, error: RelaError, version: int) -> Built:
+        return cls([], None, None, version=version, error=error)
+
+    def pin_memory(self) -> Built:
+        """torch's pin-memory thread calls this: the tensors the user gets, in page-locked memory."""
+        if self.error is not None:
+            return self
+        pin = [v.pin_memory() for v in self.views]
+        return replace(self, views=pin, label=self.label.pin_memory(), index=self.index.pin_memory(),
+                       target=None if self.target is None else self.target.pin_memory())
+
+    def user_batch(self, views: list[torch.Tensor]) -> dict:
+        batch = {"views": views, "label": self.label, "index": self.index}
+        if self.target is not None:
+            batch["target"] = self.target
+        return batch
+
+
 class Backend(Protocol):
-    """The contract: build batches from a stream of tasks, or one batch now; release resources."""
+    """The contract: build batches from a stream of tasks, or one batch now; finish a batch on
+    the device; release resources."""
 
-    def batches(self, tasks: Tasks) -> Iterator[dict]:
-        """One batch dict per task, in order; closing the iterator ends the pass's threads/workers."""
+    def batches(self, tasks: Tasks) -> Iterator[Built]:
+        """One batch per task, in order; closing the iterator ends the pass's threads/workers."""
 
-    def build(self, task: Task) -> dict:
+    def build(self, task: Task) -> Built:
         """One batch now, on the caller's thread, possibly while `batches` is still producing (the
         loader rebuilds a batch that was built ahead before `set_views`)."""
 
+    def finish_on_device(self, built: Built, views: list[torch.Tensor],
+                         specs: tuple[ViewSpec, ...]) -> list[torch.Tensor]:
+        """The views once they are on the device: what this backend left for the device to do
+        (the torch backend's uint8 / device-colour hand-offs), else the views as they are."""
+
     def close(self) -> None:
         """Release what outlives a pass (compiled loaders, pipelines)."""
+
+
+def nothing_left(built: Built, views: list[torch.Tensor], specs: tuple[ViewSpec, ...]) -> list[torch.Tensor]:
+    """`finish_on_device` of a backend whose views arrive finished (DALI, FFCV)."""
+    return views
 
 
 class SampleRules:
@@ -172,21 +222,13 @@ class SampleRules:
         return raw, size
 
     def assemble(self, task: Task, views: list[torch.Tensor], index: torch.Tensor, skipped: list,
-                 labels: list[int] | None = None) -> dict:
-        """The batch dict every backend returns: views plus label, target and bookkeeping."""
+                 labels: list[int] | None = None, colour: list | None = None) -> Built:
+        """The batch every backend returns: views plus label, target and bookkeeping."""
         if labels is None:
             labels = [self.dataset.label(i) for i in index.tolist()]
-        batch = {
-            "views": views,
-            "label": torch.tensor(labels, dtype=torch.int64),
-            "index": index,
-            "version": task.version,
-            "drawn": task.indices,
-            "skipped": skipped,
-        }
-        if self.targets is not None:
-            batch["target"] = torch.from_numpy(self.targets[index.numpy()])
-        return batch
+        target = torch.from_numpy(self.targets[index.numpy()]) if self.targets is not None else None
+        return Built(views, torch.tensor(labels, dtype=torch.int64), index, target, task.version, task.indices,
+                     skipped, colour)
 
 
 def available() -> dict[str, bool]:

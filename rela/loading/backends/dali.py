@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from rela.data.datasets import as_rgb
-from rela.loading.backends import Options, SampleRules, Task, Tasks
+from rela.loading.backends import Built, Options, SampleRules, Task, Tasks, nothing_left
 from rela.loading.backends.threads import ThreadedBatches
 from rela.loading.backends.torch_backend import TorchBuilder
 from rela.loading.views import ViewSpec, colour_params, geometry
@@ -86,6 +86,8 @@ class DaliBackend:
     """Builds batches with DALI, fed ahead by one producer thread (DALI's own threads decode);
     the torch builder does the rows DALI is not given and the batches DALI fails on."""
 
+    finish_on_device = staticmethod(nothing_left)  # views arrive finished
+
     def __init__(self, rules: SampleRules, options: Options) -> None:
         self.rules, self.options = rules, options
         self.fallback = TorchBuilder(rules, options.decode_threads)
@@ -94,14 +96,14 @@ class DaliBackend:
         self.device_id = None if self.device.type == "cpu" else (self.device.index or 0)
         self._pipes: dict = {}
 
-    def batches(self, tasks: Tasks) -> Iterator[dict]:
+    def batches(self, tasks: Tasks) -> Iterator[Built]:
         source = ThreadedBatches(self._run, tasks, self.options.depth)
         try:
             yield from source
         finally:
             source.close()
 
-    def build(self, task: Task) -> dict:
+    def build(self, task: Task) -> Built:
         """One batch outside the stream (a rebuild after set_views) while the producer thread may be
         running DALI: the torch builder does it, since a DALI pipeline must not run on two threads."""
         return self.fallback.build(task)
@@ -133,7 +135,7 @@ class DaliBackend:
                 rows.append(row), data.append(np.frombuffer(raw, np.uint8)), hw.append((size[1], size[0]))
         return "jpeg", rows, data, hw
 
-    def _run(self, task: Task) -> dict:
+    def _run(self, task: Task) -> Built:
         """One batch through DALI (on the producer thread only)."""
         kind, rows, data, hw = self._sources(task)
         if not rows:
@@ -175,12 +177,12 @@ class DaliBackend:
         rest = [r for r in range(len(task.indices)) if r not in given]
         if rest:  # rows DALI is not given: the general path, with its on_error handling
             sub = self.fallback.build(replace(task, indices=tuple(task.indices[r] for r in rest)))
-            if "error" in sub:
+            if sub.error is not None:
                 return sub
             full = [torch.empty(len(task.indices), *v.shape[1:], dtype=v.dtype, device=v.device) for v in views]
-            for f, v, w in zip(full, views, sub["views"], strict=True):
+            for f, v, w in zip(full, views, sub.views, strict=True):
                 f[rows], f[rest] = v, w.to(f.device)
-            views, index[rest], skipped = full, sub["index"], sub["skipped"]
+            views, index[rest], skipped = full, sub.index, sub.skipped
         return self.rules.assemble(task, views, index, skipped)
 
     def _to_torch(self, out, n: int, size: int) -> torch.Tensor:

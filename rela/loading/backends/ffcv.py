@@ -27,7 +27,7 @@ import torch
 
 from rela.data.datasets import RelaDataset, as_rgb, cache_root
 from rela.errors import CorruptImageError
-from rela.loading.backends import Options, SampleRules, Task, Tasks
+from rela.loading.backends import Built, Options, SampleRules, Task, Tasks, nothing_left
 from rela.loading.backends.augment import colour, normalize_batch
 from rela.loading.backends.torch_backend import TorchBuilder
 from rela.loading.views import ViewSpec
@@ -102,6 +102,8 @@ class FfcvBackend:
     (FFCV compiles a pipeline on its first pass). A batch rebuilt on its own (after `set_views`)
     goes through the torch builder: FFCV reads whole passes, not single batches."""
 
+    finish_on_device = staticmethod(nothing_left)  # views arrive finished
+
     def __init__(self, rules: SampleRules, options: Options) -> None:
         self.rules, self.options = rules, options
         self.fallback = TorchBuilder(rules, options.decode_threads)
@@ -120,7 +122,7 @@ class FfcvBackend:
         self.beton = write_beton(self.rules.dataset, self.options.num_workers)
         self.bad = set(np.flatnonzero(Reader(str(self.beton)).metadata["f2"] == 0).tolist())
 
-    def build(self, task: Task) -> dict:
+    def build(self, task: Task) -> Built:
         return self.fallback.build(task)
 
     def _replace(self, i: int, skipped: list) -> int:
@@ -166,7 +168,7 @@ class FfcvBackend:
             loader.first_traversal_order = order  # FFCV's len() reads it
             self.iters.append(iter(loader))
 
-    def batches(self, tasks: Tasks) -> Iterator[dict]:
+    def batches(self, tasks: Tasks) -> Iterator[Built]:
         if self.beton is None:
             self._open()
         try:
@@ -178,7 +180,7 @@ class FfcvBackend:
         finally:
             self._stop()
 
-    def _batch(self, task: Task, outs) -> dict:
+    def _batch(self, task: Task, outs) -> Built:
         index = outs[0][1].reshape(-1).to(torch.int64).clone()
         views = []
         for k, (spec, (images, _)) in enumerate(zip(task.views, outs, strict=True)):

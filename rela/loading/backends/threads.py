@@ -9,7 +9,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 
-from rela.loading.backends import Task
+from rela.loading.backends import Built, Task
 
 
 class ThreadedBatches:
@@ -38,6 +38,8 @@ class ThreadedBatches:
                 if not self._put(build(task)):
                     return
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            # rela's own errors never get here (builders return them as Built values); this is
+            # anything else — a bug, MemoryError, KeyboardInterrupt — re-raised with its traceback
             self._put(e)
             return
         self._put(self._END)
@@ -45,7 +47,7 @@ class ThreadedBatches:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict:
+    def __next__(self) -> Built:
         item = self.queue.get()
         if item is self._END:
             raise StopIteration

@@ -19,10 +19,16 @@ import torch
 from rela import _ext, _workers
 from rela._alloc import keep_freed_memory
 from rela.errors import RelaError
-from rela.loading.backends import Options, SampleRules, Task, Tasks
-from rela.loading.backends.augment import colour_rows, crop, crop_batch, normalize_batch
+from rela.loading.backends import Built, Options, SampleRules, Task, Tasks
+from rela.loading.backends.augment import (
+    colour_batch_tensor,
+    colour_rows,
+    crop,
+    crop_batch,
+    normalize_batch,
+)
 from rela.loading.backends.threads import ThreadedBatches
-from rela.loading.views import colour_params, geometry
+from rela.loading.views import ViewSpec, colour_params, geometry
 
 
 class TorchBuilder(torch.utils.data.Dataset):
@@ -38,20 +44,18 @@ class TorchBuilder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rules.dataset)
 
-    def __getitem__(self, task: Task) -> dict:
+    def __getitem__(self, task: Task) -> Built:
         return self.build(task)
 
-    def build(self, task: Task) -> dict:
-        # rela's errors travel as values: raised in a worker process, torch would wrap them in its
-        # worker-traceback text; returned, the loader re-raises rela's own one-line error.
+    def build(self, task: Task) -> Built:
         try:
             if getattr(self.rules.dataset, "as_is", False):
                 return self.stack_items(task)
             return self.finish(self.decode(task))
-        except RelaError as e:
-            return {"error": e, "version": task.version}
+        except RelaError as e:  # a value, not raised: see Built.error
+            return Built.failed(e, task.version)
 
-    def stack_items(self, task: Task) -> dict:
+    def stack_items(self, task: Task) -> Built:
         """A dataset used as-is (`views="as-is"`): its items' own views, stacked per view."""
         skipped: list = []
         index, labels, rows = [], [], []
@@ -90,7 +94,7 @@ class TorchBuilder(torch.utils.data.Dataset):
         keep = [j for j in range(len(ok)) if not errors[j]]  # failures: the general path decides
         return task, [ok[j] for j in keep], [[o[j] for o in outs] for j in keep], [gens[j] for j in keep]
 
-    def finish(self, decoded: tuple) -> dict:
+    def finish(self, decoded: tuple) -> Built:
         """Stage 2: colour operations, the rows the fast path didn't do, normalisation."""
         task, rows, planes, gens = decoded
         skipped: list = []
@@ -112,9 +116,8 @@ class TorchBuilder(torch.utils.data.Dataset):
         self._crop_rest(task, rest, images, u8, params)
         in_worker = torch.utils.data.get_worker_info() is not None
         if self.handoff == "device-colour":  # colour and normalisation on the device (the loader)
-            batch = self.rules.assemble(task, [x.share_memory_() if in_worker else x for x in u8], index, skipped)
-            batch["colour"] = params
-            return batch
+            return self.rules.assemble(task, [x.share_memory_() if in_worker else x for x in u8], index, skipped,
+                                       colour=params)
         for k in range(len(task.views)):  # C++ over the rows, threads, GIL released
             colour_rows(params[k], u8[k], list(range(n)), self.decode_threads)
         if self.handoff == "uint8":
@@ -169,10 +172,10 @@ class TorchBackend:
         self.options = options
         self.builder = TorchBuilder(rules, options.decode_threads, options.handoff)
 
-    def build(self, task: Task) -> dict:
+    def build(self, task: Task) -> Built:
         return self.builder.build(task)
 
-    def batches(self, tasks: Tasks) -> Iterator[dict]:
+    def batches(self, tasks: Tasks) -> Iterator[Built]:
         o = self.options
         if o.num_workers == 0:
             source = map(self.builder.build, tasks)
@@ -189,6 +192,17 @@ class TorchBackend:
         finally:
             if hasattr(source, "close"):
                 source.close()  # the producer thread stops, even on break or error
+
+    def finish_on_device(self, built: Built, views: list[torch.Tensor],
+                         specs: tuple[ViewSpec, ...]) -> list[torch.Tensor]:
+        """The hand-offs that ship less over the bus finish where the views landed: device-colour
+        applies each row's drawn colour choices as batched tensor ops; uint8 and device-colour
+        then normalise there."""
+        if built.colour is not None:
+            views = [colour_batch_tensor(v.float(), p) for v, p in zip(views, built.colour, strict=True)]
+        if self.options.handoff != "float32":
+            views = [normalize_batch(spec, v) for spec, v in zip(specs, views, strict=True)]
+        return views
 
     def close(self) -> None:
         pass  # nothing outlives a pass: workers and the producer thread end with it
