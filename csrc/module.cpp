@@ -125,14 +125,15 @@ static void colour_batch(py::array_t<uint8_t, py::array::c_style> images,
   if (images.ndim() != 4 || images.shape(1) != 3)
     throw std::invalid_argument("colour_batch: images must be uint8 [N, 3, H, W]");
   const int64_t n = images.shape(0);
-  if (params.ndim() != 2 || params.shape(0) != n || params.shape(1) != rela::kColourParams)
-    throw std::invalid_argument("colour_batch: params must be [N, " + std::to_string(rela::kColourParams) + "]");
+  if (params.ndim() != 2 || params.shape(0) != n || params.shape(1) != rela::colour_layout().size)
+    throw std::invalid_argument("colour_batch: params must be [N, " + std::to_string(rela::colour_layout().size) + "]");
   const int h = static_cast<int>(images.shape(2)), w = static_cast<int>(images.shape(3));
+  const int width = rela::colour_layout().size;
   uint8_t* data = images.mutable_data();
   const double* p = params.data();
   py::gil_scoped_release release;
   for_rows(n, threads, [&](int64_t i) {
-    rela::colour_image(data + static_cast<size_t>(i) * 3 * h * w, h, w, p + i * rela::kColourParams);
+    rela::colour_image(data + static_cast<size_t>(i) * 3 * h * w, h, w, p + i * width);
   });
 }
 
@@ -175,8 +176,24 @@ static py::list list_dirs(const std::string& root, const std::vector<std::string
   return result;
 }
 
+// The colour parameter layout of csrc/views.cpp, by name, for rela._ext.pack_colour.
+static py::dict colour_layout() {
+  const rela::ColourLayout& l = rela::colour_layout();
+  py::dict jitter, slots, layout;
+  for (const auto& [name, code] : l.jitter) jitter[py::str(name)] = code;
+  for (const auto& [name, at] : l.slots) slots[py::str(name)] = at;
+  layout["size"] = l.size;
+  layout["jitter_count"] = l.jitter_count;
+  layout["jitter_ops"] = l.jitter_ops;
+  layout["max_jitter"] = l.max_jitter;
+  layout["jitter"] = jitter;
+  layout["slots"] = slots;
+  return layout;
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rela's compiled helpers: index sampling, JPEG crops, view colour operations";
+  m.def("colour_layout", &colour_layout, "The slots colour_batch reads (csrc/views.h), by name.");
   m.def("list_dirs", &list_dirs, py::arg("root"), py::arg("rels"), py::arg("extensions"), py::arg("threads") = 8,
         "List image folders' directories in parallel: per directory (images, sizes, others, subdirs, links, "
         "error, (mtime_ns, inode, device)); names joined by NUL bytes.");

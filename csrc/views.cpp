@@ -199,29 +199,49 @@ ALWAYS_INLINE void solarize(Planes p) {
 
 }  // namespace
 
+// The params layout (see views.h). Adding an op: a slot here, its entry in colour_layout(), its
+// function above and its call in colour_image.
+namespace slot {
+constexpr int kJitterCount = 0, kJitterOps = 1, kMaxJitter = 4;
+constexpr int kGray = 9;       // 0/1
+constexpr int kSigma = 10;     // blur sigma, 0 = none
+constexpr int kSolarize = 11;  // 0/1
+constexpr int kSize = 12;
+}  // namespace slot
+enum JitterOp { kBrightness = 1, kContrast = 2, kSaturation = 3, kHue = 4 };
+
+const ColourLayout& colour_layout() {
+  static const ColourLayout layout{
+      slot::kSize, slot::kJitterCount, slot::kJitterOps, slot::kMaxJitter,
+      {{"brightness", kBrightness}, {"contrast", kContrast}, {"saturation", kSaturation}, {"hue", kHue}},
+      {{"gray", slot::kGray}, {"sigma", slot::kSigma}, {"solarize", slot::kSolarize}}};
+  return layout;
+}
+
 CLONES void colour_image(uint8_t* img, int h, int w, const double* params) {
   const size_t n = static_cast<size_t>(h) * w;
   Planes p{img, img + n, img + 2 * n, n};
-  const int ops = static_cast<int>(params[0]);
-  for (int j = 0; j < ops && j < 4; ++j) {
-    const int op = static_cast<int>(params[1 + 2 * j]);
-    const float f = static_cast<float>(params[2 + 2 * j]);
-    if (op == 1) brightness(p, f);
-    else if (op == 2) contrast(p, f);
-    else if (op == 3) saturation(p, f);
-    else if (op == 4) hue(p, f);
+  const int ops = static_cast<int>(params[slot::kJitterCount]);
+  for (int j = 0; j < ops && j < slot::kMaxJitter; ++j) {
+    const int op = static_cast<int>(params[slot::kJitterOps + 2 * j]);
+    const float f = static_cast<float>(params[slot::kJitterOps + 2 * j + 1]);
+    if (op == kBrightness) brightness(p, f);
+    else if (op == kContrast) contrast(p, f);
+    else if (op == kSaturation) saturation(p, f);
+    else if (op == kHue) hue(p, f);
   }
-  if (params[9] != 0) grayscale(p);
-  const double sigma = params[10];
+  if (params[slot::kGray] != 0) grayscale(p);
+  const double sigma = params[slot::kSigma];
   if (sigma > 0) {
-    const int k = std::min(2 * static_cast<int>(std::ceil(3 * sigma)) + 1, (std::min(h, w) - 1) | 1);
+    // rela.loading.views.blur_radius's rule: radius ceil(3 sigma), at most (min(h, w) - 1) / 2
+    const int k = 2 * std::min(static_cast<int>(std::ceil(3 * sigma)), (std::min(h, w) - 1) / 2) + 1;
     if (k > 1) {
       const std::vector<float> k1 = gaussian_kernel(k, sigma);
       std::vector<float> tmp, row;
       for (uint8_t* c : {p.r, p.g, p.b}) blur(c, h, w, k1, tmp, row);
     }
   }
-  if (params[11] != 0) solarize(p);
+  if (params[slot::kSolarize] != 0) solarize(p);
 }
 
 }  // namespace rela

@@ -46,6 +46,30 @@ def colour_batch(images: np.ndarray, params: np.ndarray, threads: int = 1) -> No
     _C.colour_batch(images, np.ascontiguousarray(params, dtype=np.float64), int(threads))
 
 
+def pack_colour(p) -> list[float]:
+    """A `ColourParams` as the numbers `colour_batch` reads, each at the slot the extension names
+    (`rela._C.colour_layout()`): the slot layout is defined in csrc/views.h only."""
+    layout = _layout()
+    out = [0.0] * layout["size"]
+    out[layout["jitter_count"]] = float(len(p.order))
+    for j, name in enumerate(p.order):
+        out[layout["jitter_ops"] + 2 * j] = float(layout["jitter"][name])
+        out[layout["jitter_ops"] + 2 * j + 1] = float(getattr(p, name))
+    for name, at in layout["slots"].items():
+        out[at] = float(getattr(p, name))
+    return out
+
+
+_LAYOUT: dict | None = None
+
+
+def _layout() -> dict:
+    global _LAYOUT
+    if _LAYOUT is None:
+        _LAYOUT = _C.colour_layout()
+    return _LAYOUT
+
+
 def _warn_once() -> None:
     global _warned
     if not _warned:

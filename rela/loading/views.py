@@ -52,6 +52,11 @@ class ViewSpec:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
+    @property
+    def has_colour(self) -> bool:
+        """Whether any colour op may run on this view (else its crops are final pixels)."""
+        return bool(self.jitter_p or self.gray_p or self.blur_p or self.solarize_p)
+
     def __post_init__(self) -> None:
         if self.crop not in ("random", "center"):
             raise RelaError(f"crop must be 'random' or 'center', not {self.crop!r}")
@@ -208,23 +213,53 @@ def geometry(spec: ViewSpec, height: int, width: int, g: torch.Generator) -> tup
 JITTER = ("brightness", "contrast", "saturation", "hue")
 
 
-def colour_params(spec: ViewSpec, g: torch.Generator) -> dict:
+@dataclass(frozen=True)
+class ColourParams:
+    """One view's drawn colour choices — the one declaration of the colour ops. The jitter
+    factors (hue as a fraction of a turn) apply in `order` (ColorJitter's random order); every
+    other field is one op, applied after them in field order.
+
+    Adding an op touches three source files: a field here and its draw in `colour_params`; its
+    slot, layout entry and function in csrc/views.cpp (`rela._C.colour_layout()` exports the slots
+    and `rela._ext.pack_colour` fills them by name); its reference in `augment.colour_reference`.
+    tests/loading/test_colour_kernel.py then fails until the batched device path
+    (`augment.BATCHED_OPS`) and DALI (`dali.DALI_OPS`) implement it too."""
+
+    brightness: float = 1.0
+    contrast: float = 1.0
+    saturation: float = 1.0
+    hue: float = 0.0
+    order: tuple[str, ...] = ()
+    gray: bool = False
+    sigma: float = 0.0  # blur, 0 = none
+    solarize: bool = False
+
+    @classmethod
+    def ops(cls) -> tuple[str, ...]:
+        """The ops after the jitter, by name (every field but the jitter factors and their order)."""
+        return tuple(f.name for f in fields(cls) if f.name not in JITTER and f.name != "order")
+
+
+def blur_radius(sigma: float, height: int, width: int) -> int:
+    """The Gaussian blur's radius: 3 sigma rounded up, at most what fits in the image (the kernel is
+    2 radius + 1 wide) — the rule of the reference, the batched path and csrc/views.cpp."""
+    return min(math.ceil(3 * sigma), (min(height, width) - 1) // 2)
+
+
+def colour_params(spec: ViewSpec, g: torch.Generator) -> ColourParams:
     """The view's colour choices as numbers drawn from `g`, so that backends with colour operators
-    of their own (DALI) make the same choices as `colour`: brightness/contrast/saturation factors,
-    hue as a fraction of a turn, the jitter order, gray, blur sigma (0 = none) and solarize."""
-    p = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0, "order": [],
-         "gray": False, "sigma": 0.0, "solarize": False}
+    of their own (DALI) make the same choices as `colour`."""
+    factors, order = {}, []
     if spec.jitter_p and float(torch.rand((), generator=g)) < spec.jitter_p:
         present = [(name, v) for name, v in zip(JITTER, spec.jitter, strict=True) if v]
         for k in torch.randperm(len(present), generator=g).tolist():
             name, v = present[k]
-            p[name] = _uniform(g, -v, v) if name == "hue" else _uniform(g, max(0.0, 1 - v), 1 + v)
-            p["order"].append(name)
-    p["gray"] = bool(spec.gray_p) and float(torch.rand((), generator=g)) < spec.gray_p
-    if spec.blur_p and float(torch.rand((), generator=g)) < spec.blur_p:
-        p["sigma"] = _uniform(g, *spec.blur_sigma)
-    p["solarize"] = bool(spec.solarize_p) and float(torch.rand((), generator=g)) < spec.solarize_p
-    return p
+            factors[name] = _uniform(g, -v, v) if name == "hue" else _uniform(g, max(0.0, 1 - v), 1 + v)
+            order.append(name)
+    gray = bool(spec.gray_p) and float(torch.rand((), generator=g)) < spec.gray_p
+    sigma = _uniform(g, *spec.blur_sigma) if spec.blur_p and float(torch.rand((), generator=g)) < spec.blur_p else 0.0
+    solarize = bool(spec.solarize_p) and float(torch.rand((), generator=g)) < spec.solarize_p
+    return ColourParams(**factors, order=tuple(order), gray=gray, sigma=sigma, solarize=solarize)
 
 
 def sample_generator(seed: int, epoch: int, index: int, view: int = 0) -> torch.Generator:

@@ -18,12 +18,19 @@ from PIL import Image
 
 from rela import _ext
 from rela.loading.backends.augment import colour_reference, colour_rows
-from rela.loading.views import byol_views, colour_params, rela_view, sample_generator
+from rela.loading.views import (
+    JITTER,
+    ColourParams,
+    byol_views,
+    colour_params,
+    rela_view,
+    sample_generator,
+)
 
 pytestmark = pytest.mark.skipif(not _ext.has_colour_kernel(), reason="rela._C built without the colour kernel")
 
-BASE = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0, "order": [], "gray": False,
-        "sigma": 0.0, "solarize": False}
+def params(**kw) -> ColourParams:
+    return ColourParams(**{k: tuple(v) if k == "order" else v for k, v in kw.items()})
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +45,7 @@ def photos():
     return out
 
 
-def _ours(p: dict, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
+def _ours(p: ColourParams, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
     b = x.clone()[None].contiguous()
     colour_rows([p], b, [0], threads)
     return b[0]
@@ -58,7 +65,7 @@ def _cases(rng):
                                       ("saturation", 1), ("blur", 1)])
 def test_each_op_matches_torchvision(photos, op, bound):
     for kw in _cases(np.random.default_rng(0))[op]:
-        p = {**BASE, **kw}
+        p = params(**kw)
         for x in photos:
             ref, got = colour_reference(p, x.clone()).int(), _ours(p, x).int()
             d = (ref - got).abs()
@@ -81,8 +88,8 @@ def test_whole_views_with_drawn_parameters_match(photos, view):
 def test_edge_sizes(shape):
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
-    p = {**BASE, "order": ["contrast", "hue", "saturation", "brightness"], "contrast": 1.4, "hue": 0.3,
-         "saturation": 0.6, "brightness": 0.7, "sigma": 1.5, "solarize": True}
+    p = params(order=["contrast", "hue", "saturation", "brightness"], contrast=1.4, hue=0.3, saturation=0.6,
+               brightness=0.7, sigma=1.5, solarize=True)
     d = (colour_reference(p, x.clone()).int() - _ours(p, x).int()).abs()
     assert int(d.max()) <= 4
 
@@ -90,7 +97,7 @@ def test_edge_sizes(shape):
 def test_grey_images_stay_grey_and_match():
     x = torch.full((3, 16, 16), 77, dtype=torch.uint8)
     x[:, 4:8] = 200
-    p = {**BASE, "order": ["saturation", "hue", "contrast"], "saturation": 1.7, "hue": -0.4, "contrast": 0.5}
+    p = params(order=["saturation", "hue", "contrast"], saturation=1.7, hue=-0.4, contrast=0.5)
     got = _ours(p, x)
     assert torch.equal(got, colour_reference(p, x.clone())) and torch.equal(got[0], got[1])
 
@@ -125,3 +132,20 @@ def test_the_loader_gives_torchvisions_views_on_jpegs(tmp_path, monkeypatch):
         for x, y in zip(a["views"], b["views"], strict=True):
             d = (x - y).abs() * 255
             assert float(d.max()) <= 4.01 and float(d.mean()) < 0.05
+
+
+def test_every_colour_op_is_implemented_everywhere():
+    """A ColourParams op that one implementation lacks fails here, not in a user's run: the C++
+    kernel's exported slots, the batched device path and DALI's pipeline each name the ops they do."""
+    from rela.loading.backends import augment, dali
+
+    layout = _ext._C.colour_layout()
+    ops = set(ColourParams.ops())
+    assert set(layout["jitter"]) == set(JITTER) and set(layout["slots"]) == ops
+    assert set(augment.BATCHED_OPS) == ops and set(dali.DALI_OPS) == ops
+    p = ColourParams(order=("hue", "brightness"), hue=0.25, brightness=1.5, gray=True, sigma=0.7, solarize=True)
+    packed = _ext.pack_colour(p)
+    assert len(packed) == layout["size"] and packed[layout["jitter_count"]] == 2
+    assert packed[layout["jitter_ops"]:layout["jitter_ops"] + 4] == [layout["jitter"]["hue"], 0.25,
+                                                                       layout["jitter"]["brightness"], 1.5]
+    assert [packed[layout["slots"][k]] for k in ("gray", "sigma", "solarize")] == [1.0, 0.7, 1.0]

@@ -20,7 +20,7 @@ import math
 import torch
 
 from rela import _ext
-from rela.loading.views import JITTER, ViewSpec, colour_params, geometry
+from rela.loading.views import JITTER, ColourParams, ViewSpec, blur_radius, colour_params, geometry
 
 
 def apply_view(spec: ViewSpec, image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -62,16 +62,7 @@ def colour(spec: ViewSpec, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return colour_reference(colour_params(spec, g), x)
 
 
-_OPS = {"brightness": 1, "contrast": 2, "saturation": 3, "hue": 4}  # csrc/views.h's op codes
-
-
-def pack_colour(p: dict) -> list[float]:
-    """`colour_params`' choices as the 12 numbers `rela._C.colour_batch` reads (csrc/views.h)."""
-    ops = [x for name in p["order"] for x in (_OPS[name], p[name])]
-    return [len(p["order"]), *ops, *[0.0] * (8 - len(ops)), float(p["gray"]), p["sigma"], float(p["solarize"])]
-
-
-def colour_rows(specs_params: list[dict], batch: torch.Tensor, rows: list[int], threads: int = 1) -> None:
+def colour_rows(specs_params: list[ColourParams], batch: torch.Tensor, rows: list[int], threads: int = 1) -> None:
     """Colour operations on `rows` of a uint8 [N, 3, S, S] batch, in place: one C++ call over the
     rows (threads over them, the GIL released) where rela._C has the kernel, else torchvision's
     ops per row (`colour_reference`, the reference the C++ kernel is tested against)."""
@@ -79,7 +70,7 @@ def colour_rows(specs_params: list[dict], batch: torch.Tensor, rows: list[int], 
         return
     if _ext.has_colour_kernel() and batch.is_contiguous():
         sub = batch if len(rows) == len(batch) else batch[rows].contiguous()
-        _ext.colour_batch(sub.numpy(), [pack_colour(p) for p in specs_params], threads)
+        _ext.colour_batch(sub.numpy(), [_ext.pack_colour(p) for p in specs_params], threads)
         if sub is not batch:
             batch[rows] = sub
         return
@@ -87,21 +78,21 @@ def colour_rows(specs_params: list[dict], batch: torch.Tensor, rows: list[int], 
         batch[row] = colour_reference(p, batch[row])
 
 
-def colour_reference(p: dict, x: torch.Tensor) -> torch.Tensor:
+def colour_reference(p: ColourParams, x: torch.Tensor) -> torch.Tensor:
     """torchvision.transforms.v2's ops for the drawn choices `p` on a uint8 3×S×S image."""
     from torchvision.transforms.v2 import functional as F
 
     adjust = {"brightness": F.adjust_brightness, "contrast": F.adjust_contrast,
               "saturation": F.adjust_saturation, "hue": F.adjust_hue}
-    for name in p["order"]:  # ColorJitter's random order
-        x = adjust[name](x, p[name])
-    if p["gray"]:
+    for name in p.order:  # ColorJitter's random order
+        x = adjust[name](x, getattr(p, name))
+    if p.gray:
         x = F.rgb_to_grayscale(x, num_output_channels=3)
-    if p["sigma"]:
-        k = min(2 * math.ceil(3 * p["sigma"]) + 1, (min(x.shape[-2:]) - 1) | 1)
+    if p.sigma:
+        k = 2 * blur_radius(p.sigma, *x.shape[-2:]) + 1
         if k > 1:
-            x = F.gaussian_blur(x, [k, k], [p["sigma"], p["sigma"]])
-    if p["solarize"]:
+            x = F.gaussian_blur(x, [k, k], [p.sigma, p.sigma])
+    if p.solarize:
         x = F.solarize(x, 128)
     return x
 
@@ -133,7 +124,7 @@ def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 def _blur(x: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
     """Per-row Gaussian blur (separable, reflect padding) as one grouped convolution."""
     n, c, h, w = x.shape
-    radius = min(int(math.ceil(3 * max(sigmas))), (min(h, w) - 1) // 2)
+    radius = blur_radius(max(sigmas), h, w)
     t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     sigma = torch.tensor(sigmas, dtype=x.dtype, device=x.device)
     k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2)
@@ -183,7 +174,10 @@ def crop_batch(spec: ViewSpec, images: torch.Tensor, gens: list[torch.Generator]
     return x.round_().clamp_(0, 255).to(torch.uint8).contiguous()
 
 
-def colour_batch_tensor(x: torch.Tensor, params: list[dict]) -> torch.Tensor:
+BATCHED_OPS = ("gray", "sigma", "solarize")  # the ColourParams ops colour_batch_tensor applies
+
+
+def colour_batch_tensor(x: torch.Tensor, params: list[ColourParams]) -> torch.Tensor:
     """The colour operations of a float [B, 3, S, S] batch in 0..255 as masked whole-batch tensor
     ops on its own device (row i takes params[i]): the loader's device-side stage. Float
     arithmetic throughout, so pixels differ from torchvision's uint8 ops by rounding only."""
@@ -191,11 +185,11 @@ def colour_batch_tensor(x: torch.Tensor, params: list[dict]) -> torch.Tensor:
     x = x.clamp_(0, 255)
     for slot in range(4):  # ColorJitter's per-row random order: apply slot by slot
         for name in JITTER:
-            picked = [i for i, p in enumerate(params) if len(p["order"]) > slot and p["order"][slot] == name]
+            picked = [i for i, p in enumerate(params) if len(p.order) > slot and p.order[slot] == name]
             if not picked:
                 continue
             rows = torch.tensor(picked, dtype=torch.int64, device=dev)
-            f = torch.tensor([params[i][name] for i in picked], dtype=x.dtype, device=dev).view(-1, 1, 1, 1)
+            f = torch.tensor([getattr(params[i], name) for i in picked], dtype=x.dtype, device=dev).view(-1, 1, 1, 1)
             v = x[rows]
             if name == "brightness":
                 v = v * f
@@ -209,13 +203,13 @@ def colour_batch_tensor(x: torch.Tensor, params: list[dict]) -> torch.Tensor:
                 v = _shift_hue(v / 255.0, f.view(-1)) * 255.0
             x[rows] = v.clamp_(0, 255)
     def rows_where(key):  # index tensors from host-side choices: no boolean-mask sync on a GPU
-        picked = [i for i, p in enumerate(params) if p[key]]
+        picked = [i for i, p in enumerate(params) if getattr(p, key)]
         return torch.tensor(picked, dtype=torch.int64, device=dev) if picked else None
 
     if (rows := rows_where("gray")) is not None:
         x[rows] = _gray(x[rows]).expand(-1, 3, -1, -1)
     if (rows := rows_where("sigma")) is not None:
-        x[rows] = _blur(x[rows], [p["sigma"] for p in params if p["sigma"]])
+        x[rows] = _blur(x[rows], [p.sigma for p in params if p.sigma])
     if (rows := rows_where("solarize")) is not None:
         v = x[rows].round()
         x[rows] = torch.where(v >= 128, 255 - v, v)

@@ -66,6 +66,9 @@ def _pipeline(views: tuple[ViewSpec, ...], kind: str, batch_size: int, threads: 
     return pipe
 
 
+DALI_OPS = ("gray", "sigma", "solarize")  # the ColourParams ops the pipeline applies (gray: saturation 0)
+
+
 def _inputs(spec: ViewSpec) -> tuple[str, ...]:
     """The per-sample arguments a view's pipeline takes (DALI prunes, and refuses, unused ones)."""
     names = ["roi_start", "roi_end", "flip"]
@@ -151,12 +154,12 @@ class DaliBackend:
                     "roi_start": np.array([top, left], np.float32),
                     "roi_end": np.array([top + ch, left + cw], np.float32),
                     "flip": _scalar(flip),
-                    "brightness": _scalar(p["brightness"]),
-                    "contrast": _scalar(p["contrast"]),
-                    "saturation": _scalar(0.0 if p["gray"] else p["saturation"]),
-                    "hue": _scalar(p["hue"] * 360.0),  # DALI: degrees
-                    "sigma": _scalar(p["sigma"] or 1e-3),  # a ~identity kernel when blur is off
-                    "solarize": _scalar(p["solarize"]),
+                    "brightness": _scalar(p.brightness),
+                    "contrast": _scalar(p.contrast),
+                    "saturation": _scalar(0.0 if p.gray else p.saturation),
+                    "hue": _scalar(p.hue * 360.0),  # DALI: degrees
+                    "sigma": _scalar(p.sigma or 1e-3),  # a ~identity kernel when blur is off
+                    "solarize": _scalar(p.solarize),
                 })
             for name in _inputs(spec):
                 feeds[f"{name}{k}"] = [v[name] for v in values]

@@ -185,7 +185,7 @@ class FfcvBackend:
         views = []
         for k, (spec, (images, _)) in enumerate(zip(task.views, outs, strict=True)):
             x = images
-            if spec.jitter_p or spec.gray_p or spec.blur_p or spec.solarize_p:
+            if spec.has_colour:
                 x = images.clone()
                 for row, i in enumerate(task.indices):
                     x[row] = colour(spec, x[row], self.rules.generator(task, i, k))
