@@ -93,7 +93,6 @@ def bare_step(trainer, precision: str):
 
     backbone = copy.deepcopy(trainer.backbone)
     method = copy.deepcopy(trainer.method)
-    method.backbone = [backbone]
     head = copy.deepcopy(trainer.acc.transfer) if trainer.acc is not None else None
     params = list(backbone.parameters()) + method.online_parameters() + (list(head.parameters()) if head else [])
     opt = torch.optim.AdamW(params, lr=trainer.cfg.lr, weight_decay=trainer.cfg.weight_decay)

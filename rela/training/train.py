@@ -313,7 +313,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.precision.backward_step(loss, self.opt)
         self.schedule.step()
-        self.method.update_target(self.step, self.total_steps)
+        self.method.update_target(self.step, self.total_steps, self.backbone)
         self.pending.append((torch.stack([loss.detach(), rela_l, ssl_l]).double(), lam, epoch,
                              time.perf_counter() - t0))
         self.step += 1

@@ -172,7 +172,7 @@ def test_momentum_teachers_track_the_backbone():
             for p in backbone.parameters():
                 p.add_(1.0)
         before = [p.clone() for p in m.target_backbone.parameters()]
-        m.update_target(0, 10)
+        m.update_target(0, 10, backbone)
         moved = [float((a - b).abs().max()) for a, b in zip(m.target_backbone.parameters(), before, strict=True)]
         assert max(moved) == pytest.approx(0.01, rel=1e-3), name  # (1 - 0.99) of the +1 shift
         assert not any(p.requires_grad for p in m.target_backbone.parameters())
@@ -245,7 +245,7 @@ def test_foreach_momentum_update_matches_lightlys():
     ref_b, ref_p = copy.deepcopy(method.target_backbone), copy.deepcopy(method.target_projection)
     update_momentum(backbone, ref_b, 0.99)
     update_momentum(method.projection, ref_p, 0.99)
-    method.update_target(0, 10)
+    method.update_target(0, 10, backbone)
     for ref, got in ((ref_b, method.target_backbone), (ref_p, method.target_projection)):
         for a, b in zip(ref.parameters(), got.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

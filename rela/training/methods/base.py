@@ -9,7 +9,8 @@ A method is an `nn.Module` with:
   and a misspelled option fails,
 - `loss(features, views, step, total_steps, labels)`: its loss from the online backbone's features
   of each view ([V, B, F]), the views themselves (for target networks) and the labels (supervised),
-- `update_target(step, total_steps)`: its momentum/EMA update, called every optimizer step — also
+- `update_target(step, total_steps, backbone)`: its momentum/EMA update from the online `backbone`
+  (which the trainer owns and passes in: the method holds no hidden reference), called every optimizer step — also
   during the RELA phase, so target networks track the backbone there (as in the reference code),
 - `online_parameters()`: what the optimizer trains besides the backbone (not the `target_*` copies),
 - its loss criterion set with `set_criterion`, which computes it in float32 under autocast (in
@@ -41,7 +42,7 @@ class SSLMethod(nn.Module):
              labels: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def update_target(self, step: int, total_steps: int) -> None:
+    def update_target(self, step: int, total_steps: int, backbone: nn.Module) -> None:
         pass
 
     def online_parameters(self) -> list[nn.Parameter]:
@@ -58,18 +59,17 @@ class MomentumTeacher(SSLMethod):
     `target_backbone`, `target_projection`, updated with lightly's `update_momentum` at a fixed
     momentum or on a cosine schedule from `momentum` to 1."""
 
-    def __init__(self, backbone: nn.Module, momentum: float, cosine_momentum: bool) -> None:
+    def __init__(self, momentum: float, cosine_momentum: bool) -> None:
         super().__init__()
-        self.backbone = [backbone]  # not registered: the trainer owns it (a list hides it from nn.Module)
         self.momentum, self.cosine_momentum = momentum, cosine_momentum
 
-    def make_targets(self, new_projection=None) -> None:
-        """Copy the backbone and the projection head as the frozen teacher (call after building
-        heads). `new_projection()` builds a fresh head to load the weights into, for heads that
-        can't be deep-copied (weight-normalised layers hold non-leaf tensors)."""
+    def make_targets(self, backbone: nn.Module, new_projection=None) -> None:
+        """Copy the online backbone and the projection head as the frozen teacher (call after
+        building heads). `new_projection()` builds a fresh head to load the weights into, for heads
+        that can't be deep-copied (weight-normalised layers hold non-leaf tensors)."""
         from lightly.models.utils import deactivate_requires_grad
 
-        self.target_backbone = copy.deepcopy(self.backbone[0])
+        self.target_backbone = copy.deepcopy(backbone)
         if new_projection is None:
             self.target_projection = copy.deepcopy(self.projection)
         else:
@@ -85,11 +85,11 @@ class MomentumTeacher(SSLMethod):
 
         return cosine_schedule(step, max(total_steps, 1), self.momentum, 1.0)
 
-    def update_target(self, step: int, total_steps: int) -> None:
+    def update_target(self, step: int, total_steps: int, backbone: nn.Module) -> None:
         """target ← m·target + (1 − m)·online, as lightly's `update_momentum`, but in two
         `torch._foreach_*` calls over every parameter instead of two kernels per parameter."""
         m = self._momentum(step, total_steps)
-        online = [*self.backbone[0].parameters(), *self.projection.parameters()]
+        online = [*backbone.parameters(), *self.projection.parameters()]
         target = [*self.target_backbone.parameters(), *self.target_projection.parameters()]
         with torch.no_grad():
             torch._foreach_mul_(target, m)

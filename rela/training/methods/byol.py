@@ -19,10 +19,10 @@ class BYOL(MomentumTeacher):
         from lightly.loss import NegativeCosineSimilarity
         from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead
 
-        super().__init__(backbone, momentum, cosine_momentum)
+        super().__init__(momentum, cosine_momentum)
         self.projection = BYOLProjectionHead(feature_dim, 2 * feature_dim, out_dim)
         self.prediction = BYOLPredictionHead(out_dim, 2 * feature_dim, out_dim)
-        self.make_targets()
+        self.make_targets(backbone)
         self.set_criterion(NegativeCosineSimilarity())
 
     def loss(self, features, views, step, total_steps, labels=None) -> torch.Tensor:

@@ -28,12 +28,12 @@ class DINO(MomentumTeacher):
         from lightly.loss import DINOLoss
         from lightly.models.modules.heads import DINOProjectionHead
 
-        super().__init__(backbone, momentum, cosine_momentum)
+        super().__init__(momentum, cosine_momentum)
         def head() -> nn.Module:
             return DINOProjectionHead(feature_dim, 4 * feature_dim, 64, out_dim, batch_norm=batch_norm)
 
         self.projection = head()
-        self.make_targets(head)  # its weight-normalised last layer can't be deep-copied
+        self.make_targets(backbone, head)  # its weight-normalised last layer can't be deep-copied
         self.set_criterion(DINOLoss(output_dim=out_dim, warmup_teacher_temp=teacher_temp[0],
                                     teacher_temp=teacher_temp[1]))
         self.warmup_fraction, self.teacher_temps = warmup_fraction, teacher_temp

@@ -21,9 +21,9 @@ class MoCo(MomentumTeacher):
         from lightly.loss import NTXentLoss
         from lightly.models.modules.heads import MoCoProjectionHead
 
-        super().__init__(backbone, momentum, cosine_momentum)
+        super().__init__(momentum, cosine_momentum)
         self.projection = MoCoProjectionHead(feature_dim, feature_dim, out_dim)
-        self.make_targets()
+        self.make_targets(backbone)
         self.set_criterion(NTXentLoss(temperature=temperature, memory_bank_size=(queue, out_dim)))
         bank = self.criterion.memory_bank  # lightly keeps the queue out of state_dict: put it back in,
         bank.register_buffer("bank", bank.bank)  # so a resumed run contrasts with the same negatives
