@@ -32,6 +32,7 @@ bench: setup
 	$(PYTHON) bench/resample.py
 	$(PYTHON) bench/loader.py
 	$(PYTHON) bench/lightly_loader.py
+	$(PYTHON) bench/scale.py
 	$(PYTHON) bench/scaling.py
 	$(PYTHON) bench/end_to_end.py --extra --quiet
 

@@ -95,11 +95,11 @@ def test_real_lite0_weights_through_timm_give_rela_lite0_targets(tmp_path):
     images = np.stack([photo(64, 64, seed=s) for s in range(24)])
     x = ours.normalize(ours.resize_crop(list(images)))
     torch.testing.assert_close(matched.normalize(matched.resize_crop(list(images))), x)
-    torch.testing.assert_close(matched(x), ours(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(matched(x), ours(x))  # fp32 tolerance (equal bit for bit here)
     data = ArrayDataset(images, np.arange(24) % 3)
     a = convert(data, matched, tmp_path / "timm", dim=8, batch_size=8, num_workers=0, progress=False)
     b = convert(data, ours, tmp_path / "ours", dim=8, batch_size=8, num_workers=0, progress=False)
-    np.testing.assert_allclose(np.asarray(a.targets, np.float32), np.asarray(b.targets, np.float32), atol=2e-2)
+    np.testing.assert_allclose(np.asarray(a.targets, np.float32), np.asarray(b.targets, np.float32), atol=1e-3)
     assert a.manifest["prior"]["library"] == "timm"
 
 
