@@ -10,7 +10,7 @@ Reported: median img/s over epochs and CPU ms per image (this process + its work
 with its ratio to torch DataLoader + PIL (2 workers). Decode-only limit = 1-thread PIL decode rate
 × cores. FFCV and DALI rows appear when they are installed (`bash scripts/setup.sh` installs them).
 
-    python bench/loader.py [--images 2000] [--epochs 3] [--workers 2]
+    python bench/loader.py [--images 2000] [--epochs 3] [--workers 2] [--profile]
 """
 
 from __future__ import annotations
@@ -226,6 +226,55 @@ def decode_only(folder: Path) -> float:
     return len(data) / (time.perf_counter() - t)
 
 
+def profile_stages(folder: Path, views: int) -> dict:
+    """CPU ms per image in each stage of rela's torch backend on plain crops, measured in this
+    process with no workers (one thread, so the stages add up to the total): each stage's
+    function is wrapped with a process-time counter for one epoch after a warm-up epoch. What
+    worker processes or threads add (hand-off, scheduling) is their rows' CPU ms/img minus this
+    total."""
+    import collections
+
+    import rela.loading.backends.torch_backend as tb
+    from rela import Loader, _ext
+    from rela.loading.views import ViewSpec
+
+    spec = ViewSpec(224, scale=(0.08, 1.0), flip=0.5, mean=MEAN, std=STD)
+    loader = Loader(str(folder), 64, views=[spec] * views, num_workers=0, drop_last=False)
+    spent: dict[str, float] = collections.defaultdict(float)
+
+    def timed(owner, attr: str, stage: str) -> None:
+        fn = getattr(owner, attr)
+
+        def run(*a, **k):
+            t = time.process_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[stage] += time.process_time() - t
+        setattr(owner, attr, run)
+
+    rules = loader._rules
+    for owner, attr, stage in ((rules, "jpeg_file", "file read + JPEG header (Python)"),
+                               (rules, "generator", "per-sample random streams (Python)"),
+                               (tb, "geometry", "crop box + flip draw (Python)"),
+                               (tb, "colour_params", "colour draw (Python; no ops on plain crops)"),
+                               (_ext, "decode_resized_crops", "Huffman + IDCT + resample + flip (C++)"),
+                               (tb, "normalize_batch", "normalise to float32"),
+                               (rules, "assemble", "assemble (labels, targets)")):
+        timed(owner, attr, stage)
+    sum(len(b["index"]) for b in loader)  # warm-up
+    spent.clear()
+    t = time.process_time()
+    n = sum(len(b["index"]) for b in loader)
+    total = time.process_time() - t
+    stages = {k: 1e3 * v / n for k, v in spent.items()}
+    stages["other (loop, copies, Python glue)"] = 1e3 * total / n - sum(stages.values())
+    print(f"  profile, {views} view(s), in-process, {n} images: {1e3 * total / n:.2f} CPU ms/img")
+    for k, v in sorted(stages.items(), key=lambda kv: -kv[1]):
+        print(f"    {k:46s} {v:6.2f} ms/img  {100 * v / (1e3 * total / n):5.1f}%")
+    return {"views": views, "total_cpu_ms": 1e3 * total / n, "stages_cpu_ms": stages}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=2000)
@@ -234,6 +283,7 @@ def main() -> None:
     p.add_argument("--views", type=int, nargs="+", default=[1, 2])
     p.add_argument("--device", default="cpu", help="cuda: also rela's dali backend with the mixed (GPU) decoder, "
                    "batches delivered on the GPU")
+    p.add_argument("--profile", action="store_true", help="also profile rela's torch backend per stage (CPU ms/img)")
     args = p.parse_args()
     folder = build_jpegs(args.images, OUT)
     files = list((folder / "all").iterdir())
@@ -274,6 +324,9 @@ def main() -> None:
         if ffcv:
             print(f"; rela/FFCV x{rela['img_s'] / ffcv['img_s']:.2f} (goal >= 1.3)", end="")
         print("\n")
+        if args.profile:
+            results.setdefault("profile", []).append(profile_stages(folder, views))
+            print()
         results["runs"].append({"views": views, "rows": rows})
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "loader.json").write_text(json.dumps(results, indent=1))
