@@ -275,6 +275,34 @@ def profile_stages(folder: Path, views: int) -> dict:
     return {"views": views, "total_cpu_ms": 1e3 * total / n, "stages_cpu_ms": stages}
 
 
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for dist in ("torch", "torchvision", "numpy", "pillow", "ffcv", "numba", "nvidia-dali-cuda130", "rela-accel"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+_default_unraisable = sys.unraisablehook
+
+
+def _quiet_numba_finaliser(u) -> None:
+    """numba's dispatcher finaliser raises KeyError when FFCV's compiled loaders are collected (a
+    numba bug, harmless): one line instead of its traceback; anything else as Python prints it."""
+    files, tb = [], u.exc_traceback
+    while tb is not None:
+        files.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    if isinstance(u.exc_value, KeyError) and any(f"{os.sep}numba{os.sep}" in f for f in files):
+        print("  (numba's finaliser raised KeyError collecting FFCV's compiled code: ignored)", flush=True)
+        return
+    _default_unraisable(u)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=2000)
@@ -294,7 +322,9 @@ def main() -> None:
     torch.set_num_threads(1)
     limit = decode_only(folder) * cores
     print(f"decode-only limit (PIL, 1 thread x {cores} cores): {limit:.0f} img/s\n")
-    results = {"decode_limit_img_s": limit, "runs": []}
+    results = {"device": device_line(), "versions": _versions(), "workers_or_threads": args.workers,
+               "images": len(files), "epochs": args.epochs, "decode_limit_img_s": limit, "runs": []}
+    sys.unraisablehook = _quiet_numba_finaliser
     for views in args.views:
         print(f"{views} view(s):")
         rows = [measure("torch DataLoader + PIL (baseline)", torch_epoch(folder, views, args.workers), len(files), args.epochs),
