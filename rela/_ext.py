@@ -6,6 +6,7 @@ depend on whether the extension was built; it is only slower, and says so once.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -60,14 +61,9 @@ def pack_colour(p) -> list[float]:
     return out
 
 
-_LAYOUT: dict | None = None
-
-
+@functools.cache
 def _layout() -> dict:
-    global _LAYOUT
-    if _LAYOUT is None:
-        _LAYOUT = _C.colour_layout()
-    return _LAYOUT
+    return _C.colour_layout()
 
 
 def _warn_once() -> None:

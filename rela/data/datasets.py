@@ -26,6 +26,7 @@ import numpy as np
 
 from rela.data import folder_scan
 from rela.data.folder_scan import IMG_EXTENSIONS, cache_root
+from rela.data.store import atomic_write_bytes
 from rela.errors import CorruptImageError, DatasetError, RelaWarning
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -499,7 +500,9 @@ class WebDataset(RelaDataset):
         except (OSError, ValueError):
             pass
         fp = super().fingerprint()
-        _write_atomic(cached, json.dumps({k: fp[k] for k in ("kind", "n", "deep", "digest")}).encode())
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(cached, json.dumps({k: fp[k] for k in ("kind", "n", "deep", "digest")}).encode(),
+                           durable=False)
         return fp
 
     def info(self) -> dict:
@@ -564,7 +567,8 @@ def _shard_index(shard: Path) -> tuple[_ShardIndex, str | None, str]:
     buf = io.BytesIO()
     np.savez(buf, keys=_join(ix.keys), exts=_join(ix.exts), offsets=ix.offsets, sizes=ix.sizes, labels=ix.labels,
              meta=np.frombuffer(json.dumps({"truncated": truncated}).encode(), np.uint8))
-    _write_atomic(cached, buf.getvalue())
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(cached, buf.getvalue(), durable=False)
     return ix, truncated, key
 
 
@@ -574,13 +578,6 @@ def _join(names: list[str]) -> np.ndarray:
 
 def _unjoin(blob: np.ndarray) -> list[str]:
     return blob.tobytes().decode("utf-8", "surrogateescape").split("\0") if blob.size else []
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _index_shard(shard: Path, size: int) -> tuple[list[tuple[str, str, int, int, int]], str | None]:
@@ -620,12 +617,12 @@ def _index_member(tar, m, members: dict[str, dict]) -> None:
     import tarfile
 
     def read() -> bytes:
-        return tar.extractfile(m).read()
+        try:
+            return tar.extractfile(m).read()
+        except tarfile.TarError as e:  # a member cut short: an unreadable label, as a read error is
+            raise OSError(str(e)) from None
 
-    try:
-        _add_member(members, m.name, m.offset_data, m.size, read)
-    except tarfile.TarError:
-        _add_member(members, m.name, m.offset_data, m.size, lambda: b"not a label")
+    _add_member(members, m.name, m.offset_data, m.size, read)
 
 
 def _add_member(members: dict[str, dict], path: str, offset: int, size: int, read) -> None:

@@ -22,6 +22,7 @@ not cached at all: a change in the same clock tick would not move their mtime (g
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -237,21 +238,19 @@ def save_cached(root: Path, result: FolderScan, started_ns: int | None) -> None:
     Best effort: a cache that cannot be written costs the next open a scan, so it warns once."""
     if started_ns is not None and any(stamp[0] >= started_ns - RACY_SECONDS * 1e9 for stamp in result.dirs.values()):
         return
+    from rela.data.store import atomic_write_bytes
+
     path = cache_file(root)
     blob = "\0".join(result.paths).encode("utf-8", "surrogateescape")
     meta = json.dumps(_meta(root, result)).encode()
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    buf = io.BytesIO()
+    np.savez(buf, paths=np.frombuffer(blob, np.uint8), sizes=result.sizes, labels=result.labels,
+             meta=np.frombuffer(meta, np.uint8))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(tmp, paths=np.frombuffer(blob, np.uint8), sizes=result.sizes, labels=result.labels,
-                 meta=np.frombuffer(meta, np.uint8))
-        os.replace(tmp, path)
+        atomic_write_bytes(path, buf.getvalue(), durable=False)
         result.in_cache = True
     except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
         _warn_once(f"could not save the folder listing of {root} to {path} ({e.strerror}): every open scans it "
                    "again. Point RELA_CACHE at a writable folder")
 

@@ -95,8 +95,8 @@ def timm_prior(rest: str, opts: PriorOptions) -> Prior:
     except RuntimeError as e:
         if "state_dict" in str(e):
             raise _mismatch(e, opts.weights or rest, f"timm model {rest!r}") from None
-        raise PriorError(f"timm could not build {rest!r}: {str(e).splitlines()[0]}" +
-                         ("" if opts.weights else "; without network pass --weights FILE") ) from None
+        hint = "" if opts.weights else "; without network pass --weights FILE"
+        raise PriorError(f"timm could not build {rest!r}: {str(e).splitlines()[0]}{hint}") from None
     except (OSError, ValueError) as e:
         raise PriorError(f"timm could not load {rest!r} ({str(e).splitlines()[0][:200]}); "
                          "pass --weights FILE (or timm:local-dir:DIR) when there is no network") from None

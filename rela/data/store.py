@@ -33,20 +33,28 @@ TARGET_DTYPE = np.float16
 IDENTITY_FIELDS = ("kind", "n", "digest", "split", "limit", "shape", "classes")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write-to-temp, fsync, rename: readers see the old file or the new one, never a torn one."""
-    tmp = path.with_name(path.name + ".tmp")
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write-to-temp, fsync, rename: readers see the old file or the new one, never a torn one.
+    The temp name is per process, so processes writing the same file (ranks filling one cache)
+    never write into each other's. `durable=False` skips the fsyncs: for caches, which are
+    checked when read and rebuilt when lost."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
     except OSError as e:  # a full disk, say: leave no torn temp file behind, and say which file
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # its folder is gone or is a file: there is no temp file to remove
         e.filename = e.filename or str(path)
         raise
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(path: Path) -> None:
