@@ -67,64 +67,108 @@ Coeffs make_coeffs(double in0, double in1, int insize, int outsize) {
   return c;
 }
 
-inline uint8_t clamp_u8(float v) {
+inline float round_clamp(float v) {  // nearbyint, then clamped to [0, 255]
   v = std::nearbyint(v);
-  return static_cast<uint8_t>(v < 0.f ? 0.f : (v > 255.f ? 255.f : v));
+  return v < 0.f ? 0.f : (v > 255.f ? 255.f : v);
+}
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CLONES
+#endif
+
+constexpr int kBlock = 8;  // output rows (pass 1) or columns (pass 2) computed before one transposed store
+
+// Pass 1, vertical: for each output row, the weighted sum of its source rows over the box's whole
+// width (contiguous bytes: vectorises), stored transposed, t[j * out_size + yy], so that pass 2
+// runs over contiguous output rows too. Rows are done kBlock at a time, so the transposed store
+// writes kBlock neighbouring floats per cache line instead of one. Each sum is in tap order.
+CLONES void vertical_pass(const uint8_t* src, size_t stride, int cx0, int cy0, int n3, const Coeffs& v,
+                          int out_size, float* rows, float* t) {
+  for (int y0 = 0; y0 < out_size; y0 += kBlock) {
+    const int nb = std::min(kBlock, out_size - y0);
+    for (int b = 0; b < nb; ++b) {
+      const int yy = y0 + b;
+      const float* k = v.w.data() + static_cast<size_t>(yy) * v.ksize;
+      float* row = rows + static_cast<size_t>(b) * n3;
+      for (int j = 0; j < n3; ++j) row[j] = 0.f;
+      for (int i = 0; i < v.count[yy]; ++i) {
+        const uint8_t* s = src + static_cast<size_t>(cy0 + v.start[yy] + i) * stride + static_cast<size_t>(cx0) * 3;
+        const float w = k[i];
+        for (int j = 0; j < n3; ++j) row[j] += w * static_cast<float>(s[j]);
+      }
+    }
+    for (int j = 0; j < n3; ++j) {
+      float* dst = t + static_cast<size_t>(j) * out_size + y0;
+      for (int b = 0; b < nb; ++b) dst[b] = rows[static_cast<size_t>(b) * n3 + j];
+    }
+  }
+}
+
+// Pass 2, horizontal: output column xx of channel c is the weighted sum of transposed source
+// columns, over all output rows at once (vectorises), rounded and clamped; kBlock columns at a
+// time are then written to the planar output (mirrored if `flip`) as uint8, or as normalised
+// float32 (x * scale[c] + bias[c], the same two float roundings as `normalize_batch`) when `f32`.
+CLONES void horizontal_pass(const float* t, const Coeffs& h, int out_size, bool flip, float* cols, uint8_t* u8,
+                            float* f32, const float* scale, const float* bias) {
+  const size_t plane = static_cast<size_t>(out_size) * out_size;
+  for (int c = 0; c < 3; ++c) {
+    for (int x0 = 0; x0 < out_size; x0 += kBlock) {
+      const int nb = std::min(kBlock, out_size - x0);
+      for (int b = 0; b < nb; ++b) {
+        const int xx = x0 + b;
+        const float* k = h.w.data() + static_cast<size_t>(xx) * h.ksize;
+        float* col = cols + static_cast<size_t>(b) * out_size;
+        for (int yy = 0; yy < out_size; ++yy) col[yy] = 0.f;
+        for (int i = 0; i < h.count[xx]; ++i) {
+          const float* src = t + (static_cast<size_t>(h.start[xx] + i) * 3 + c) * out_size;
+          const float w = k[i];
+          for (int yy = 0; yy < out_size; ++yy) col[yy] += w * src[yy];
+        }
+        for (int yy = 0; yy < out_size; ++yy) col[yy] = round_clamp(col[yy]);
+      }
+      const float sc = f32 ? scale[c] : 0.f, bi = f32 ? bias[c] : 0.f;
+      for (int yy = 0; yy < out_size; ++yy) {
+        const size_t at = c * plane + static_cast<size_t>(yy) * out_size;
+        for (int b = 0; b < nb; ++b) {
+          const int ox = flip ? out_size - 1 - (x0 + b) : x0 + b;
+          const float x = cols[static_cast<size_t>(b) * out_size + yy];
+          if (f32) {
+            const float scaled = x * sc;
+            f32[at + ox] = scaled + bi;
+          } else {
+            u8[at + ox] = static_cast<uint8_t>(x);
+          }
+        }
+      }
+    }
+  }
 }
 
 // Resample the box [x0, x1) × [y0, y1) (fractional, in `src` pixels) of an RGB image to
 // out_size × out_size, clamping the filter at the box's enclosing whole pixels (as cropping
-// first and resizing the crop does), mirrored if `flip`.
+// first and resizing the crop does), mirrored if `flip`. Separable: vertical, then horizontal.
 void resample(const uint8_t* src, int src_w, int stride, double x0, double y0, double x1, double y1,
-              int out_size, bool flip, uint8_t* out) {
+              int out_size, bool flip, const Output& out, int view) {
   const int cx0 = static_cast<int>(std::floor(x0 + 1e-9)), cy0 = static_cast<int>(std::floor(y0 + 1e-9));
   const int cx1 = std::min(src_w, static_cast<int>(std::ceil(x1 - 1e-9)));
   const int cy1 = static_cast<int>(std::ceil(y1 - 1e-9));
   const int in_w = std::max(1, cx1 - cx0), in_h = std::max(1, cy1 - cy0);
   const Coeffs h = make_coeffs(x0 - cx0, x1 - cx0, in_w, out_size);
   const Coeffs v = make_coeffs(y0 - cy0, y1 - cy0, in_h, out_size);
-  std::vector<float> tmp(static_cast<size_t>(in_h) * out_size * 3);
-  for (int y = 0; y < in_h; ++y) {
-    const uint8_t* row = src + static_cast<size_t>(cy0 + y) * stride + static_cast<size_t>(cx0) * 3;
-    float* t = tmp.data() + static_cast<size_t>(y) * out_size * 3;
-    for (int xx = 0; xx < out_size; ++xx) {
-      const float* k = h.w.data() + static_cast<size_t>(xx) * h.ksize;
-      float r = 0, g = 0, b = 0;
-      const uint8_t* p = row + static_cast<size_t>(h.start[xx]) * 3;
-      for (int i = 0; i < h.count[xx]; ++i, p += 3) {
-        r += k[i] * p[0];
-        g += k[i] * p[1];
-        b += k[i] * p[2];
-      }
-      t[xx * 3] = r;
-      t[xx * 3 + 1] = g;
-      t[xx * 3 + 2] = b;
-    }
-  }
-  const size_t plane = static_cast<size_t>(out_size) * out_size;  // output is planar: C×S×S
-  for (int yy = 0; yy < out_size; ++yy) {
-    const float* k = v.w.data() + static_cast<size_t>(yy) * v.ksize;
-    uint8_t* o = out + static_cast<size_t>(yy) * out_size;
-    for (int xx = 0; xx < out_size; ++xx) {
-      float r = 0, g = 0, b = 0;
-      for (int i = 0; i < v.count[yy]; ++i) {
-        const float* t = tmp.data() + (static_cast<size_t>(v.start[yy] + i) * out_size + xx) * 3;
-        r += k[i] * t[0];
-        g += k[i] * t[1];
-        b += k[i] * t[2];
-      }
-      const int ox = flip ? out_size - 1 - xx : xx;
-      o[ox] = clamp_u8(r);
-      o[plane + ox] = clamp_u8(g);
-      o[2 * plane + ox] = clamp_u8(b);
-    }
-  }
+  const int n3 = in_w * 3;
+  std::vector<float> rows(static_cast<size_t>(n3) * kBlock), t(static_cast<size_t>(n3) * out_size),
+      cols(static_cast<size_t>(out_size) * kBlock);
+  vertical_pass(src, static_cast<size_t>(stride), cx0, cy0, n3, v, out_size, rows.data(), t.data());
+  horizontal_pass(t.data(), h, out_size, flip, cols.data(), out.u8 ? out.u8[view] : nullptr,
+                  out.f32 ? out.f32[view] : nullptr, out.scale + 3 * view, out.bias + 3 * view);
 }
 
 }  // namespace
 
 std::string decode_resized_crops(const uint8_t* data, size_t size, const int32_t* boxes, const uint8_t* flips,
-                                 int views, int out_size, uint8_t* const* outs) {
+                                 int views, int out_size, const Output& outs) {
   jpeg_decompress_struct cinfo;
   ErrorManager err;
   cinfo.err = jpeg_std_error(&err.mgr);
@@ -186,7 +230,7 @@ std::string decode_resized_crops(const uint8_t* data, size_t size, const int32_t
     const double x0 = b[1] * s - xoff, y0 = b[0] * s - sy;
     const double x1 = (b[1] + b[3]) * s - xoff, y1 = (b[0] + b[2]) * s - sy;
     resample(buf.data(), static_cast<int>(cw), static_cast<int>(stride), x0, y0, x1, std::min(y1, double(rows)),
-             out_size, flips[k] != 0, outs[k]);
+             out_size, flips[k] != 0, outs, k);
   }
   return "";
 }

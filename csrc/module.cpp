@@ -20,16 +20,19 @@
 
 namespace py = pybind11;
 
-// fn(i) for every row i < n, rows dealt by stride to min(threads, n) threads (the caller's among them).
+// fn(i) for every row i < n on min(threads, n) threads (the caller's among them); each thread takes
+// the next row when it is done, so a thread the OS preempts (a busy machine) holds up one row, not
+// its whole share of the batch.
 template <typename Fn>
 static void for_rows(int64_t n, int threads, const Fn& fn) {
-  auto work = [&](int64_t lo, int64_t step) {
-    for (int64_t i = lo; i < n; i += step) fn(i);
+  std::atomic<int64_t> next{0};
+  auto work = [&]() {
+    for (int64_t i = next++; i < n; i = next++) fn(i);
   };
   const int t = std::max(1, std::min<int>(threads, static_cast<int>(n)));
   std::vector<std::thread> pool;
-  for (int k = 1; k < t; ++k) pool.emplace_back(work, k, t);
-  work(0, t);
+  for (int k = 1; k < t; ++k) pool.emplace_back(work);
+  work();
   for (auto& th : pool) th.join();
 }
 
@@ -78,11 +81,15 @@ static py::array_t<int64_t> weighted_subset(
 }
 
 #ifdef RELA_WITH_JPEG
-// Batch of JPEGs -> per view a uint8 [B, 3, S, S] array; errors[i] is "" or libjpeg's message.
+// Batch of JPEGs -> each view's crops written into `outs[k]`, at batch row rows[i] for JPEG i:
+// uint8 [N, 3, S, S] arrays, or float32 ones normalised as x * scale[k, c] + bias[k, c]. Without
+// `outs`, fresh uint8 [B, 3, S, S] arrays (row i for JPEG i) are made and returned.
+// Returns (outs, errors): errors[i] is "" or libjpeg's message.
 static py::tuple decode_resized_crops(const py::list& jpegs,
                                      py::array_t<int32_t, py::array::c_style | py::array::forcecast> boxes,
                                      py::array_t<uint8_t, py::array::c_style | py::array::forcecast> flips,
-                                     int out_size, int threads) {
+                                     int out_size, int threads, py::object outs_arg, py::object rows_arg,
+                                     py::object scale_arg, py::object bias_arg) {
   const int64_t n = static_cast<int64_t>(jpegs.size());
   if (boxes.ndim() != 3 || boxes.shape(0) != n || boxes.shape(2) != 4)
     throw std::invalid_argument("boxes must be [B, views, 4] (top, left, height, width)");
@@ -90,17 +97,52 @@ static py::tuple decode_resized_crops(const py::list& jpegs,
   if (flips.ndim() != 2 || flips.shape(0) != n || flips.shape(1) != views)
     throw std::invalid_argument("flips must be [B, views]");
   if (out_size < 1) throw std::invalid_argument("out_size must be positive");
-  std::vector<std::string> data;
+  // Each file's bytes (bytes, memoryview, any buffer) are read in place, without the GIL; the
+  // buffer views hold them until the decode is done.
+  std::vector<py::buffer_info> data;
   data.reserve(static_cast<size_t>(n));
-  for (const auto& item : jpegs) data.emplace_back(item.cast<std::string>());
+  for (const auto& item : jpegs) data.push_back(py::reinterpret_borrow<py::buffer>(item).request());
+  const bool normalise = !scale_arg.is_none();
   py::list outs;
-  std::vector<uint8_t*> ptrs(static_cast<size_t>(views) * n);
+  if (outs_arg.is_none()) {
+    if (normalise || !rows_arg.is_none()) throw std::invalid_argument("scale, bias and rows need outs");
+    for (int k = 0; k < views; ++k)
+      outs.append(py::array_t<uint8_t>({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(3),
+                                        static_cast<py::ssize_t>(out_size), static_cast<py::ssize_t>(out_size)}));
+  } else {
+    outs = outs_arg.cast<py::list>();
+  }
+  if (static_cast<int>(outs.size()) != views) throw std::invalid_argument("outs needs one array per view");
+  std::vector<int64_t> rows(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) rows[i] = i;
+  if (!rows_arg.is_none()) {
+    auto r = rows_arg.cast<py::array_t<int64_t, py::array::c_style | py::array::forcecast>>();
+    if (r.ndim() != 1 || r.shape(0) != n) throw std::invalid_argument("rows must be [B]");
+    std::copy(r.data(), r.data() + n, rows.begin());
+  }
+  py::array_t<float, py::array::c_style | py::array::forcecast> scale, bias;
+  if (normalise) {
+    scale = scale_arg.cast<decltype(scale)>();
+    bias = bias_arg.cast<decltype(bias)>();
+    if (scale.size() != 3 * views || bias.size() != 3 * views)
+      throw std::invalid_argument("scale and bias must be [views, 3]");
+  }
+  const size_t plane = static_cast<size_t>(3) * out_size * out_size;
+  std::vector<uint8_t*> u8(static_cast<size_t>(views) * n);
+  std::vector<float*> f32(static_cast<size_t>(views) * n);
   for (int k = 0; k < views; ++k) {
-    py::array_t<uint8_t> a({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(3),
-                            static_cast<py::ssize_t>(out_size), static_cast<py::ssize_t>(out_size)});
-    for (int64_t i = 0; i < n; ++i)
-      ptrs[static_cast<size_t>(i) * views + k] = a.mutable_data() + static_cast<size_t>(i) * out_size * out_size * 3;
-    outs.append(a);
+    py::array a = outs[k];
+    const bool ok_dtype = normalise ? a.dtype().is(py::dtype::of<float>()) : a.dtype().is(py::dtype::of<uint8_t>());
+    if (!ok_dtype || a.ndim() != 4 || a.shape(1) != 3 || a.shape(2) != out_size || a.shape(3) != out_size ||
+        !(a.flags() & py::array::c_style) || !a.writeable())
+      throw std::invalid_argument(std::string("outs[k] must be writable C-contiguous ") +
+                                  (normalise ? "float32" : "uint8") + " [N, 3, out_size, out_size]");
+    for (int64_t i = 0; i < n; ++i) {
+      if (rows[i] < 0 || rows[i] >= a.shape(0)) throw std::invalid_argument("rows out of range of outs");
+      const size_t at = static_cast<size_t>(i) * views + k;
+      if (normalise) f32[at] = static_cast<float*>(a.mutable_data()) + rows[i] * plane;
+      else u8[at] = static_cast<uint8_t*>(a.mutable_data()) + rows[i] * plane;
+    }
   }
   std::vector<std::string> errors(static_cast<size_t>(n));
   const int32_t* b = boxes.data();
@@ -108,9 +150,17 @@ static py::tuple decode_resized_crops(const py::list& jpegs,
   {
     py::gil_scoped_release release;
     for_rows(n, threads, [&](int64_t i) {
-      errors[i] = rela::decode_resized_crops(reinterpret_cast<const uint8_t*>(data[i].data()), data[i].size(),
-                                             b + i * views * 4, f + i * views, views, out_size,
-                                             ptrs.data() + static_cast<size_t>(i) * views);
+      rela::Output o;
+      if (normalise) {
+        o.f32 = f32.data() + static_cast<size_t>(i) * views;
+        o.scale = scale.data();
+        o.bias = bias.data();
+      } else {
+        o.u8 = u8.data() + static_cast<size_t>(i) * views;
+      }
+      errors[i] = rela::decode_resized_crops(static_cast<const uint8_t*>(data[i].ptr),
+                                             static_cast<size_t>(data[i].size * data[i].itemsize), b + i * views * 4, f + i * views,
+                                             views, out_size, o);
     });
   }
   py::list errs;
@@ -210,8 +260,11 @@ PYBIND11_MODULE(_C, m) {
         "torchvision v2 semantics on uint8) on each row of a uint8 [N, 3, H, W] batch, in place.");
 #ifdef RELA_WITH_JPEG
   m.def("decode_resized_crops", &decode_resized_crops, py::arg("jpegs"), py::arg("boxes"), py::arg("flips"),
-        py::arg("out_size"), py::arg("threads") = 1,
+        py::arg("out_size"), py::arg("threads") = 1, py::arg("outs") = py::none(), py::arg("rows") = py::none(),
+        py::arg("scale") = py::none(), py::arg("bias") = py::none(),
         "Decode each JPEG once (only the region its views need, DCT-downscaled when possible) and "
-        "resample every view's box to out_size x out_size RGB: ([views x uint8 [B,3,S,S]], errors).");
+        "resample every view's box to out_size x out_size RGB: ([views x uint8 [B,3,S,S]], errors). "
+        "With outs (one [N,3,S,S] array per view) and rows, JPEG i lands in row rows[i]; with scale "
+        "and bias ([views, 3]) the outs are float32, normalised as x * scale + bias.");
 #endif
 }

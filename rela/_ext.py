@@ -32,9 +32,12 @@ def has_jpeg_decoder() -> bool:
     return _C is not None and hasattr(_C, "decode_resized_crops")
 
 
-def decode_resized_crops(jpegs, boxes, flips, out_size, threads: int = 1):
-    """See csrc/jpeg.h; only with has_jpeg_decoder(). `threads` images are decoded at a time."""
-    return _C.decode_resized_crops(jpegs, boxes, flips, int(out_size), int(threads))
+def decode_resized_crops(jpegs, boxes, flips, out_size, threads: int = 1, outs=None, rows=None, scale=None,
+                         bias=None):
+    """See csrc/jpeg.h; only with has_jpeg_decoder(). `threads` images are decoded at a time. With
+    `outs` (one [N, 3, S, S] array per view), JPEG i's views land in row `rows[i]`; with `scale`
+    and `bias` ([views, 3] float32) those are float32 views normalised as x · scale + bias."""
+    return _C.decode_resized_crops(jpegs, boxes, flips, int(out_size), int(threads), outs, rows, scale, bias)
 
 
 def has_colour_kernel() -> bool:

@@ -10,8 +10,8 @@
 
 Pieces, kept apart as in torch.utils.data: the dataset (decode), `rela.loading.subset.Subset` (which
 samples, in which order, on which rank), the view specs (`rela.loading.views`) and a backend that runs
-them. Backends (`rela.loading.backends`, one contract): `torch` (worker processes — or one
-producer thread with `worker_type="thread"` — torchvision transforms.v2 on uint8 tensors, JPEG
+them. Backends (`rela.loading.backends`, one contract): `torch` (worker processes — or worker
+threads with `worker_type="thread"` — torchvision transforms.v2 on uint8 tensors, JPEG
 crop-while-decoding in `rela._C`), `dali` and `ffcv`; all return the same batch structure.
 
 `batch_format="tuple"` yields `((view1, view2, ...), label)` instead, the shape lightly's and
@@ -190,7 +190,8 @@ class Loader:
                           RelaWarning, stacklevel=3)
         self._rules = backends.SampleRules(self.dataset, self.targets, self.seed, self.on_error)
         options = backends.Options(self.batch_size, self.drop_last, num_workers, self.worker_type,
-                                   self.prefetch_factor, self.pin_memory, self.timeout, self.device, handoff)
+                                   self.prefetch_factor, self.pin_memory, self.timeout, self.device, handoff,
+                                   memory_format)
         self._backend = backends.create(self.backend, self._rules, options)
 
     @staticmethod

@@ -284,7 +284,7 @@ def test_webdataset_shards_with_random_access(tmp_path, monkeypatch):
     if _ext.has_jpeg_decoder():  # JPEG members take the crop-while-decoding path
         calls = []
         real = _ext.decode_resized_crops
-        monkeypatch.setattr(_ext, "decode_resized_crops", lambda *a: calls.append(len(a[0])) or real(*a))
+        monkeypatch.setattr(_ext, "decode_resized_crops", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
     batches = list(Loader(ds, 4, views="rela", image_size=16, num_workers=2))
     assert sorted(sum((b["index"].tolist() for b in batches), [])) == list(range(12))
     if _ext.has_jpeg_decoder():

@@ -85,6 +85,35 @@ def test_a_limited_folder_keeps_the_fast_path(photos, monkeypatch):
         head.path(10)
     calls = []
     real = _ext.decode_resized_crops
-    monkeypatch.setattr(_ext, "decode_resized_crops", lambda *a: calls.append(len(a[0])) or real(*a))
+    monkeypatch.setattr(_ext, "decode_resized_crops", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
     batches = list(Loader(head, 5, views=[eval_view(24)], num_workers=0, shuffle=False))
     assert sum(calls) == 10 and [b["index"].tolist() for b in batches] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+
+
+@pytest.mark.parametrize("worker_type", ["thread", "process"])
+def test_fused_normalise_matches_uint8_then_normalise(photos, worker_type):
+    # Plain crops handed over as float32 are normalised inside the C++ resampler; the uint8
+    # hand-off normalised on the "device" (here the CPU) must give exactly the same numbers.
+    views = [ViewSpec(40, scale=(0.08, 1.0), flip=0.5), ViewSpec(40, scale=(0.5, 1.0), mean=(0.5, 0.4, 0.3),
+                                                                  std=(0.2, 0.3, 0.25))]
+    kw = dict(views=views, num_workers=2, worker_type=worker_type, drop_last=False, seed=7)
+    fused = list(Loader(photos, 8, **kw))
+    split = list(Loader(photos, 8, handoff="uint8", **kw))
+    for a, b in zip(fused, split, strict=True):
+        assert torch.equal(a["index"], b["index"])
+        for va, vb in zip(a["views"], b["views"], strict=True):
+            assert va.dtype == vb.dtype == torch.float32 and torch.equal(va, vb)
+
+
+def test_decoder_writes_into_given_rows(photos):
+    # outs + rows: each JPEG's crop lands in its batch row; untouched rows keep their bytes.
+    jpegs = [photos.path(i).read_bytes() for i in range(3)]
+    boxes = np.array([[[0, 0, 40, 40]]] * 3, np.int32)
+    alone, errors = _ext.decode_resized_crops(jpegs, boxes, np.zeros((3, 1), np.uint8), 16)
+    out = np.full((5, 3, 16, 16), 7, np.uint8)
+    _ext.decode_resized_crops(jpegs, boxes, np.zeros((3, 1), np.uint8), 16, outs=[out], rows=np.array([4, 0, 2]))
+    assert errors == ["", "", ""]
+    assert np.array_equal(out[[4, 0, 2]], alone[0]) and (out[[1, 3]] == 7).all()
+    with pytest.raises(ValueError, match="float32"):
+        _ext.decode_resized_crops(jpegs, boxes, np.zeros((3, 1), np.uint8), 16, outs=[out], rows=np.arange(3),
+                                  scale=np.ones((1, 3), np.float32), bias=np.zeros((1, 3), np.float32))

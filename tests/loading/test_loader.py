@@ -263,7 +263,7 @@ def test_thread_workers_raise_errors_and_stop(tmp_path):
     import threading
 
     time.sleep(0.3)
-    assert not any(t.name == "rela-loader" and t.is_alive() for t in threading.enumerate())
+    assert not any(t.name.startswith("rela-loader") and t.is_alive() for t in threading.enumerate())
 
 
 def test_tuple_batches_unpack_like_a_lightly_loop(arrays):
@@ -384,3 +384,32 @@ def test_workers_end_with_their_parent(signum):
     assert waited < (10 if signum == "SIGINT" else 2.5), waited
     if signum == "SIGINT":
         assert p.stderr.read().rstrip().endswith("KeyboardInterrupt")
+
+
+def test_threaded_batches_keep_task_order_bound_their_lead_and_raise_in_order():
+    import random
+    import threading
+
+    from rela.loading.backends.threads import ThreadedBatches
+
+    lead, handed, lock = [], [0], threading.Lock()
+
+    def build(t):
+        with lock:
+            lead.append(t - handed[0])  # how far ahead of the consumer this task was taken
+        time.sleep(random.uniform(0, 0.01))  # later tasks often finish first
+        if t == 13:
+            raise ValueError("task 13")
+        return t
+
+    it = ThreadedBatches(build, iter(range(20)), depth=4, threads=3)
+    got = []
+    with pytest.raises(ValueError, match="task 13"):
+        for x in it:
+            got.append(x)
+            handed[0] += 1
+    assert got == list(range(13))  # in order, up to the failing task; nothing after it
+    assert max(lead) < 4 + 1
+    time.sleep(0.1)
+    assert not any(t.name.startswith("rela-loader") and t.is_alive() for t in threading.enumerate())
+    assert list(ThreadedBatches(lambda t: t, iter(range(7)), depth=2, threads=3)) == list(range(7))

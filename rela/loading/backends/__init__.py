@@ -4,7 +4,7 @@ The loader keeps ordering, subsets, sharding, `set_views`, resume and error poli
 and hands a backend a stream of `Task`s (one per batch); the backend turns them into pixels:
 
 - `torch`: rela's own decode (JPEG crop-while-decoding in `rela._C`) and the torchvision views
-  (`augment`), in the loop's process, worker processes or one producer thread,
+  (`augment`), in the loop's process, worker processes or worker threads,
 - `dali`: an NVIDIA DALI pipeline (CPU, or mixed GPU decode with `device="cuda"`); rela draws
   every random number and feeds it in, so views are as deterministic as the torch backend's,
 - `ffcv`: FFCV's `.beton` storage and JIT-compiled decoders, crops from FFCV's own RNG.
@@ -86,15 +86,18 @@ class Options:
     timeout: float = 0
     device: torch.device = torch.device("cpu")
     handoff: str = "float32"  # torch backend: what crosses to the device (rela.loading.loader.HANDOFFS)
+    memory_format: torch.memory_format = torch.contiguous_format  # how the loader hands views over
 
     @property
     def decode_threads(self) -> int:
-        """C++ JPEG decode threads per batch: the workers' share when they are threads in one process."""
+        """C++ threads that split one batch, for a backend that builds one batch at a time in its
+        feeder thread (the DALI and FFCV fallbacks): the workers' share when they are threads.
+        The torch backend's thread workers each build whole batches instead (one C++ thread each)."""
         return max(1, self.num_workers) if self.worker_type == "thread" else 1
 
     @property
     def depth(self) -> int:
-        """Batches a producer thread builds ahead."""
+        """Batches a feeder thread builds ahead (per thread, for thread workers)."""
         return max(2, self.prefetch_factor or 2)
 
 

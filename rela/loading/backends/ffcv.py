@@ -4,8 +4,9 @@ The dataset is written to a `.beton` once, cached under `$RELA_CACHE` (default
 `~/.cache/rela/ffcv`) by its fingerprint, and FFCV's Loader reads it in the exact order rela's
 subset and sharding chose (a fixed traversal order per pass). FFCV runs the geometry
 (RandomResizedCrop or centre crop while decoding, flip); FFCV 1.0.2 has no hue, grayscale, blur or
-solarise operators, so the colour operations run afterwards in rela (torchvision on the uint8
-batch, per-sample seeded) and normalisation is rela's.
+solarise operators, so for views with colour operations those run afterwards in rela
+(torchvision on the uint8 batch, per-sample seeded) and normalisation is rela's; plain views
+(crop, flip) are normalised by FFCV's `NormalizeImage` on its threads.
 
 Honest limits, all from FFCV 1.0.2 itself: its crop/flip RNG is not seedable, so a resumed or
 repeated run sees the same samples in the same order but not the same crops; a pipeline reads one
@@ -75,15 +76,21 @@ def write_beton(dataset: RelaDataset, threads: int = 1) -> Path:
 
 
 def _pipeline(spec: ViewSpec) -> list:
+    """FFCV's ops for one view. A view without colour ops is normalised inside FFCV (its compiled
+    lookup table, on its threads) and comes out float32 N×C×H×W in NHWC order, as FFCV's own
+    pipelines hand it over; a view with colour ops comes out uint8 C×H×W for rela's colour step."""
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
-    from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
+    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToTensor, ToTorchImage
 
     size = (spec.size, spec.size)
     ops = [RandomResizedCropRGBImageDecoder(size, scale=spec.scale, ratio=spec.ratio) if spec.crop == "random"
            else CenterCropRGBImageDecoder(size, ratio=1.0)]  # rela's eval view: centre square → S×S
     if spec.flip:
         ops.append(RandomHorizontalFlip(flip_prob=spec.flip))
-    return ops + [ToTensor(), ToTorchImage(channels_last=False)]
+    if spec.has_colour:
+        return ops + [ToTensor(), ToTorchImage(channels_last=False)]
+    mean, std = np.asarray(spec.mean) * 255, np.asarray(spec.std) * 255
+    return ops + [NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage(channels_last=True)]
 
 
 class _Fixed:
@@ -110,7 +117,7 @@ class FfcvBackend:
         self.threads, self.batch_size = max(1, options.num_workers), options.batch_size
         self.beton: Path | None = None
         self.bad: set[int] = set()
-        self.loaders: dict[ViewSpec, object] = {}
+        self.loaders: dict[tuple[ViewSpec, int], object] = {}
         self.views: tuple[ViewSpec, ...] | None = None
         self.iters: list = []
         self.skipped: dict[int, list] = {}
@@ -137,18 +144,18 @@ class FfcvBackend:
             skipped.append((j, source, "undecodable when the .beton was written"))
         raise AssertionError("unreachable: candidates() raises when it runs out")
 
-    def _loader(self, spec: ViewSpec):
-        if spec not in self.loaders:
+    def _loader(self, spec: ViewSpec, threads: int):
+        if (spec, threads) not in self.loaders:
             from ffcv.fields.decoders import IntDecoder
             from ffcv.loader import Loader
             from ffcv.transforms import ToTensor
 
-            loader = Loader(str(self.beton), batch_size=self.batch_size, num_workers=self.threads,
+            loader = Loader(str(self.beton), batch_size=self.batch_size, num_workers=threads,
                             pipelines={"image": _pipeline(spec), "index": [IntDecoder(), ToTensor()], "ok": None},
                             drop_last=self.options.drop_last, os_cache=True, batches_ahead=2)
             loader.traversal_order = _Fixed()
-            self.loaders[spec] = loader
-        return self.loaders[spec]
+            self.loaders[spec, threads] = loader
+        return self.loaders[spec, threads]
 
     def _start(self, tasks: Tasks, number: int, views: tuple[ViewSpec, ...]) -> None:
         """FFCV iterators over the pass's batches from `number` on, each batch with replacements."""
@@ -162,8 +169,11 @@ class FfcvBackend:
             self.skipped[b] = skipped
         order = np.asarray(order, dtype=np.int64)
         self.views = views
+        # The workers' threads are shared among the views' loaders, which run at once: one
+        # loader per view with all the threads each would put views × threads threads on the cores.
+        threads = max(1, self.threads // len(views))
         for spec in views:
-            loader = self._loader(spec)
+            loader = self._loader(spec, threads)
             loader.traversal_order.order = order
             loader.first_traversal_order = order  # FFCV's len() reads it
             self.iters.append(iter(loader))
@@ -184,11 +194,12 @@ class FfcvBackend:
         index = outs[0][1].reshape(-1).to(torch.int64).clone()
         views = []
         for k, (spec, (images, _)) in enumerate(zip(task.views, outs, strict=True)):
-            x = images
-            if spec.has_colour:
-                x = images.clone()
-                for row, i in enumerate(task.indices):
-                    x[row] = colour(spec, x[row], self.rules.generator(task, i, k))
+            if not spec.has_colour:  # normalised in FFCV's pipeline, into a buffer FFCV reuses: one
+                views.append(images.clone(memory_format=self.options.memory_format))  # copy, in the loader's format
+                continue
+            x = images.clone()
+            for row, i in enumerate(task.indices):
+                x[row] = colour(spec, x[row], self.rules.generator(task, i, k))
             views.append(normalize_batch(spec, x))
         return self.rules.assemble(task, views, index, self.skipped.get(task.number, []))
 

@@ -6,7 +6,7 @@ need; everything else (other formats, CMYK, in-memory arrays, failures) takes th
 (`SampleRules.load` + `crop`, or `crop_batch` for many same-size images). Either way the colour
 operations then run over the whole batch in rela._C's kernel (`colour_rows`). Batches are built
 in the loop's process (`num_workers=0`), in worker processes through a torch DataLoader (the
-default), or ahead in one producer thread (`worker_type="thread"`).
+default), or ahead in `num_workers` threads of the loop's process (`worker_type="thread"`).
 """
 
 from __future__ import annotations
@@ -69,12 +69,22 @@ class TorchBuilder(torch.utils.data.Dataset):
         views = [torch.stack([r[k] for r in rows]) for k in range(len(rows[0]))]
         return self.rules.assemble(task, views, torch.tensor(index, dtype=torch.int64), skipped, labels)
 
+    def fused(self, task: Task) -> bool:
+        """Plain crops handed over as float32: the C++ resampler writes the normalised batch itself
+        (no uint8 batch, no separate normalise pass; the same numbers as `normalize_batch`)."""
+        return self.handoff == "float32" and not any(v.has_colour for v in task.views)
+
     def decode(self, task: Task) -> tuple:
-        """Stage 1: JPEG files through rela._C, reading only what the views' boxes need. Returns
-        (task, rows decoded, planar uint8 views per row, per-view generators); rows it could not
-        do (CMYK, corrupt, not a JPEG file) are left to `finish`, which takes the general path."""
+        """Stage 1: JPEG files through rela._C, reading only what the views' boxes need, written
+        straight into the batch (uint8, or normalised float32 when `fused`). Returns (task, rows
+        decoded, the batch per view, per-view generators per row); rows it could not do (CMYK,
+        corrupt, not a JPEG file) are left to `finish`, which takes the general path."""
+        n, fused = len(task.indices), self.fused(task)
+        in_worker = torch.utils.data.get_worker_info() is not None
+        batch = [_batch_tensor((n, 3, v.size, v.size), torch.float32 if fused else torch.uint8, in_worker)
+                 for v in task.views]
         if not (_ext.has_jpeg_decoder() and len({v.size for v in task.views}) == 1):
-            return task, [], [], []
+            return task, [], batch, []
         data, boxes, flips, gens, ok = [], [], [], [], []
         for row, i in enumerate(task.indices):
             raw, size = self.rules.jpeg_file(i)
@@ -88,24 +98,23 @@ class TorchBuilder(torch.utils.data.Dataset):
             gens.append(gs)
             ok.append(row)
         if not ok:
-            return task, [], [], []
-        outs, errors = _ext.decode_resized_crops(data, np.asarray(boxes, np.int32), np.asarray(flips, np.uint8),
-                                                 task.views[0].size, self.decode_threads)
+            return task, [], batch, []
+        scale, bias = _normalisation(task.views) if fused else (None, None)
+        _, errors = _ext.decode_resized_crops(data, np.asarray(boxes, np.int32), np.asarray(flips, np.uint8),
+                                              task.views[0].size, self.decode_threads, outs=[b.numpy() for b in batch],
+                                              rows=np.asarray(ok, np.int64), scale=scale, bias=bias)
         keep = [j for j in range(len(ok)) if not errors[j]]  # failures: the general path decides
-        return task, [ok[j] for j in keep], [[o[j] for o in outs] for j in keep], [gens[j] for j in keep]
+        return task, [ok[j] for j in keep], batch, [gens[j] for j in keep]
 
     def finish(self, decoded: tuple) -> Built:
-        """Stage 2: colour operations, the rows the fast path didn't do, normalisation."""
-        task, rows, planes, gens = decoded
+        """Stage 2: the rows the fast path didn't do, colour operations, normalisation."""
+        task, rows, batch, gens = decoded
         skipped: list = []
         n = len(task.indices)
-        # Augment in uint8 straight into one batch tensor per view, then normalise whole batches.
-        u8 = [torch.empty(n, 3, v.size, v.size, dtype=torch.uint8) for v in task.views]
         index = torch.tensor(task.indices, dtype=torch.int64)
         params: list[list[dict | None]] = [[None] * n for _ in task.views]  # each row's colour choices
-        for row, views, gs in zip(rows, planes, gens, strict=True):
+        for row, gs in zip(rows, gens, strict=True):
             for k, spec in enumerate(task.views):
-                u8[k][row] = torch.from_numpy(views[k])  # planar C×S×S
                 params[k][row] = colour_params(spec, gs[k])  # after geometry, on the same stream
         done = set(rows)
         rest, images = [r for r in range(n) if r not in done], []
@@ -113,19 +122,25 @@ class TorchBuilder(torch.utils.data.Dataset):
             i, img = self.rules.load(task.indices[row], skipped)
             index[row] = i
             images.append(img)
-        self._crop_rest(task, rest, images, u8, params)
-        in_worker = torch.utils.data.get_worker_info() is not None
+        if self.fused(task):  # the fast path's rows are final; the others are cropped, then normalised
+            if rest:
+                u8 = [torch.empty(x.shape, dtype=torch.uint8) for x in batch]
+                self._crop_rest(task, rest, images, u8, params)
+                for spec, x, out in zip(task.views, u8, batch, strict=True):
+                    out[rest] = normalize_batch(spec, x[rest])
+            return self.rules.assemble(task, batch, index, skipped)
+        self._crop_rest(task, rest, images, batch, params)
         if self.handoff == "device-colour":  # colour and normalisation on the device (the loader)
-            return self.rules.assemble(task, [x.share_memory_() if in_worker else x for x in u8], index, skipped,
-                                       colour=params)
+            return self.rules.assemble(task, batch, index, skipped, colour=params)
         for k in range(len(task.views)):  # C++ over the rows, threads, GIL released
-            colour_rows(params[k], u8[k], list(range(n)), self.decode_threads)
+            colour_rows(params[k], batch[k], list(range(n)), self.decode_threads)
         if self.handoff == "uint8":
-            return self.rules.assemble(task, [x.share_memory_() if in_worker else x for x in u8], index, skipped)
+            return self.rules.assemble(task, batch, index, skipped)
         # In a worker, write the float batches straight into shared memory: handing them to the
         # main process is then a handle, not a 4-byte-per-pixel copy.
-        outs = [torch.empty(x.shape, dtype=torch.float32).share_memory_() if in_worker else None for x in u8]
-        views = [normalize_batch(spec, x, o) for spec, x, o in zip(task.views, u8, outs, strict=True)]
+        in_worker = torch.utils.data.get_worker_info() is not None
+        views = [normalize_batch(spec, x, _batch_tensor(x.shape, torch.float32, in_worker))
+                 for spec, x in zip(task.views, batch, strict=True)]
         return self.rules.assemble(task, views, index, skipped)
 
     def _crop_rest(self, task: Task, rest: list[int], images: list[torch.Tensor], u8: list[torch.Tensor],
@@ -144,6 +159,20 @@ class TorchBuilder(torch.utils.data.Dataset):
                     u8[k][row] = crop(spec, img, g)
             for row, g in zip(rest, gens, strict=True):
                 params[k][row] = colour_params(spec, g)
+
+
+def _batch_tensor(shape, dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """An empty batch; in a worker process, in shared memory, so handing it over is a handle."""
+    x = torch.empty(shape, dtype=dtype)
+    return x.share_memory_() if shared else x
+
+
+def _normalisation(specs: tuple[ViewSpec, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Each view's (x / 255 − mean) / std as x · scale + bias, [views, 3] float32: the numbers
+    `normalize_batch` multiplies and adds, so the fused path rounds exactly as it does."""
+    scale = [[1.0 / (255.0 * s) for s in v.std] for v in specs]
+    bias = [[-m / s for m, s in zip(v.mean, v.std, strict=True)] for v in specs]
+    return np.asarray(scale, np.float32), np.asarray(bias, np.float32)
 
 
 def _worker_init(_: int) -> None:
@@ -166,11 +195,12 @@ class _TaskSampler(torch.utils.data.Sampler):
 
 
 class TorchBackend:
-    """Runs `TorchBuilder` inline, in worker processes, or in one producer thread."""
+    """Runs `TorchBuilder` inline, in worker processes, or in worker threads."""
 
     def __init__(self, rules: SampleRules, options: Options) -> None:
         self.options = options
-        self.builder = TorchBuilder(rules, options.decode_threads, options.handoff)
+        # Thread workers each build whole batches (see threads.py), so each batch's C++ runs on one thread.
+        self.builder = TorchBuilder(rules, 1, options.handoff)
 
     def build(self, task: Task) -> Built:
         return self.builder.build(task)
@@ -180,7 +210,8 @@ class TorchBackend:
         if o.num_workers == 0:
             source = map(self.builder.build, tasks)
         elif o.worker_type == "thread":
-            source = ThreadedBatches(self.builder.build, tasks, o.depth)
+            keep_freed_memory()  # the batches are this process's allocations: reuse their pages (RELA_TUNE_MALLOC=0: don't)
+            source = ThreadedBatches(self.builder.build, tasks, o.depth * o.num_workers, threads=o.num_workers)
         else:
             source = _workers.start(torch.utils.data.DataLoader(  # a Ctrl-C while forking is not lost
                 self.builder, batch_size=None, sampler=_TaskSampler(tasks), num_workers=o.num_workers,
@@ -191,7 +222,7 @@ class TorchBackend:
             yield from source
         finally:
             if hasattr(source, "close"):
-                source.close()  # the producer thread stops, even on break or error
+                source.close()  # the threads stop, even on break or error
 
     def finish_on_device(self, built: Built, views: list[torch.Tensor],
                          specs: tuple[ViewSpec, ...]) -> list[torch.Tensor]:
@@ -205,4 +236,4 @@ class TorchBackend:
         return views
 
     def close(self) -> None:
-        pass  # nothing outlives a pass: workers and the producer thread end with it
+        pass  # nothing outlives a pass: workers and threads end with it
