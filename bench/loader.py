@@ -7,7 +7,8 @@ shipped photos by random rescales and crops (no synthetic noise). Built once und
 Pipeline for every loader: decode → RandomResizedCrop(224, scale 0.08–1) → horizontal flip →
 normalise → float32 C×H×W, batch 64; "two views" cuts two crops from each decoded image.
 Reported: median img/s over epochs and CPU ms per image (this process + its workers), each
-with its ratio to torch DataLoader + PIL (2 workers). Decode-only limit = 1-thread PIL decode rate
+with its ratio to torch DataLoader + PIL (2 workers). The rows' epochs are interleaved (round k
+runs every row's k-th epoch), so the machine's drift hits every row alike. Decode-only limit = 1-thread PIL decode rate
 × cores. FFCV and DALI rows appear when they are installed (`bash scripts/setup.sh` installs them).
 
 `--busy` runs every row a second time while another process trains a small convnet on all
@@ -77,26 +78,34 @@ def build_jpegs(n: int, root: Path, size=(400, 350), quality: int = 90) -> Path:
     return folder.parent
 
 
-def measure(name: str, make_epoch, n_images: int, epochs: int, busy: Busy | None = None) -> dict:
-    """Run `epochs` full passes (after one warm-up pass); median img/s and CPU ms/img (and, with
-    `busy`, the trainer's median steps/s over the same passes)."""
-    make_epoch()
-    rates, cpu, steps = [], [], []
+def measure(rows: list[tuple[str, object]], n_images: int, epochs: int, busy: Busy | None = None) -> list[dict]:
+    """`epochs` rounds that run every row's epoch in turn, after each ran once as a warm-up
+    (interleaved, so a noisy neighbour slows every row alike rather than the one that happened to
+    run then); median img/s and CPU ms/img per row (and, with `busy`, the trainer's median
+    steps/s during that row's epochs)."""
+    rates: dict[str, list[float]] = {name: [] for name, _ in rows}
+    cpu: dict[str, list[float]] = {name: [] for name, _ in rows}
+    steps: dict[str, list[float]] = {name: [] for name, _ in rows}
     for _ in range(epochs):
-        t, c, b = time.perf_counter(), cpu_seconds(), busy.steps() if busy else 0
-        seen = make_epoch()
-        dt, dc = time.perf_counter() - t, cpu_seconds() - c
-        rates.append(seen / dt)
-        cpu.append(1e3 * dc / seen)
+        for name, make_epoch in rows:
+            t, c, b = time.perf_counter(), cpu_seconds(), busy.steps() if busy else 0
+            seen = make_epoch()
+            dt, dc = time.perf_counter() - t, cpu_seconds() - c
+            rates[name].append(seen / dt)
+            cpu[name].append(1e3 * dc / seen)
+            if busy:
+                steps[name].append((busy.steps() - b) / dt)
+    out = []
+    for name, _ in rows:
+        res = {"name": name, "img_s": statistics.median(rates[name]), "cpu_ms": statistics.median(cpu[name]),
+               "images": n_images, "img_s_each_epoch": rates[name]}
+        line = f"  {name:44s} {res['img_s']:8.1f} img/s  {res['cpu_ms']:6.2f} CPU ms/img"
         if busy:
-            steps.append((busy.steps() - b) / dt)
-    res = {"name": name, "img_s": statistics.median(rates), "cpu_ms": statistics.median(cpu), "images": n_images}
-    line = f"  {name:44s} {res['img_s']:8.1f} img/s  {res['cpu_ms']:6.2f} CPU ms/img"
-    if busy:
-        res["trainer_steps_s"] = statistics.median(steps)
-        line += f"  trainer {res['trainer_steps_s']:5.2f} steps/s"
-    print(line, flush=True)
-    return res
+            res["trainer_steps_s"] = statistics.median(steps[name])
+            line += f"  trainer {res['trainer_steps_s']:5.2f} steps/s"
+        print(line, flush=True)
+        out.append(res)
+    return out
 
 
 # --- the competing compute job (--busy) ----------------------------------------------------
@@ -375,18 +384,21 @@ LOADERS = {  # --loaders name → (row name, epoch factory(folder, views, worker
 
 
 def run_rows(folder: Path, views: int, args, busy: Busy | None = None) -> list[dict]:
-    """Every chosen loader on `views` views; a peer that is missing or fails is one line, not a traceback."""
-    rows = []
+    """Every chosen loader on `views` views, epochs interleaved (see `measure`); a peer that is
+    missing or fails to start is one line, not a traceback."""
+    ready = []
     n = len(list((folder / "all").iterdir()))
     for key in args.loaders:
         name, make = LOADERS[key]
         try:
-            rows.append(measure(name, make(folder, views, args.workers, args.device), n, args.epochs, busy))
+            epoch = make(folder, views, args.workers, args.device)
+            epoch()  # a peer that fails on this host fails here, before the timed rounds
+            ready.append((name, epoch))
         except (ImportError, RelaError) as e:
             print(f"  {name:44s} not installed ({e}); `bash scripts/setup.sh` installs it")
         except Exception as e:  # one peer failing on this host must not hide the other rows
             print(f"  {name:44s} FAILED: {type(e).__name__}: {e}")
-    return rows
+    return measure(ready, n, args.epochs, busy)
 
 
 def summarise(rows: list[dict], limit: float) -> None:
