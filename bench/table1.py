@@ -22,6 +22,14 @@ own features (L-BFGS probe on the prior's raw features under its own preprocessi
     python bench/table1.py --short                       # 5k images, 8 epochs, 1 seed
     python bench/table1.py --short --seeds 2 --method-seeds 2       # the README's table
     python bench/table1.py --short --method-seeds 2 --parts methods  # the other methods only
+    python bench/table1.py --short --method-seeds 2 --parts handover # the hand-over (issue 26)
+
+`--parts handover`: BYOL and the five methods, each at its tuned setting (TUNED: the sweeps
+above), at 50% and 20% of the steps with a Lite0 RELA phase: the method at 100%, RELA alone
+(`fixed:1`), today's switch (`fixed:0.5`, hard, the method's schedules on the run's clock) and the
+default phase (`rela train`'s defaults: adaptive, scaled rule, window, hand-over), with the switch
+step and why it fired; `--candidates` first runs the hand-over candidates (fixed:0.5 each) on
+CANDIDATE_METHODS at 50%, which chose the default.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from bench import end_to_end as e2e  # noqa: E402
 from bench._common import device_line  # noqa: E402
 from rela.options import positive_int  # noqa: E402
 
-PARTS = ("byol", "methods")
+PARTS = ("byol", "methods", "handover")
 BUDGETS = (0.1, 0.2, 0.5)
 BYOL_PRIORS = ("random", "student", "lite0")
 METHODS = ("simclr", "moco", "barlowtwins", "vicreg", "dino")
@@ -272,6 +280,111 @@ def plot(rows: list[dict], method: str, floor: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+# --- the hand-over (issue 26) ------------------------------------------------------------------
+
+# Each method's setting from the sweeps of `--parts byol` and `--parts methods` (README, "Measured:
+# Table 1"): BYOL min-scale 0.5 at lr 2e-3; the others at their best lr with their own view presets.
+TUNED = {"byol": {"ssl_views": "byol,scale=0.5:1", "lr": 2e-3}, "simclr": {**UNTUNED, "lr": 4e-3},
+         "moco": {**UNTUNED, "lr": 2e-3}, "barlowtwins": {**UNTUNED, "lr": 2e-3}, "vicreg": {**UNTUNED, "lr": 2e-3},
+         "dino": {**UNTUNED, "lr": 2e-3}}
+HANDOVER_BUDGETS = (0.5, 0.2)
+TODAY = {"handover": 0.0, "method_clock": "run"}  # the switch before issue 26: hard, on the run's clock
+CANDIDATES = {  # the hand-overs tried at fixed:0.5 (today's is "switch")
+    "switch": TODAY,
+    "clock": {"handover": 0.0, "method_clock": "switch"},
+    "decay": {"handover": 0.1, "method_clock": "switch"},
+    "decay-lr": {"handover": 0.1, "method_clock": "switch", "handover_lr": 0.1},
+}
+CANDIDATE_METHODS = ("byol", "simclr")  # the two the hand-over cost most (−2.8 and −2.3 points)
+
+
+def handover_arms(method: str) -> dict:
+    """label → (run directory, spec) of one method's hand-over table: the method at 100%; per
+    budget RELA alone, today's switch at half and the default phase (rela train's defaults)."""
+    base = {"method": method, **TUNED[method]}
+    arms = {f"{method}-100": (None, 1.0, "off", base)}
+    for b in HANDOVER_BUDGETS:
+        pct = round(100 * b)
+        arms |= {f"rela-{method}-{pct}-only": ("lite0", b, "fixed:1", base),
+                 f"rela-{method}-{pct}-switch": ("lite0", b, "fixed:0.5", {**base, **TODAY}),
+                 f"rela-{method}-{pct}-default": ("lite0", b, "adaptive", base)}
+    return own_dirs(arms)
+
+
+def candidate_arms(method: str) -> dict:
+    base = {"method": method, **TUNED[method]}
+    return own_dirs({f"rela-{method}-50-{name}": ("lite0", 0.5, "fixed:0.5", {**base, **o})
+                     for name, o in CANDIDATES.items()})
+
+
+def handover_table(rows: list[dict], methods) -> str:
+    """Linear top-1 ± sd (total seconds relative to the method's 100%) per arm; the default arm's
+    switch share; the goal's comparisons."""
+    by = e2e.by_arm(rows)
+    head = ["| method | 100% |"]
+    for b in HANDOVER_BUDGETS:
+        pct = round(100 * b)
+        head.append(f" RELA alone {pct}% | switch at half {pct}% | default {pct}% (switch at) |")
+    lines = ["".join(head), "|---|---:|" + "---:|---:|---:|" * len(HANDOVER_BUDGETS)]
+    for m in methods:
+        full = by[f"{m}-100"]
+        t = statistics.mean(r["total_s"] for r in full)
+        cells = [f"| {m} | {cell(full, 'linear')} |"]
+        for b in HANDOVER_BUDGETS:
+            pct = round(100 * b)
+            for arm in ("only", "switch", "default"):
+                rs = by[f"rela-{m}-{pct}-{arm}"]
+                extra = ""
+                if arm == "default":
+                    shares = [(r.get("switch") or {}).get("share") for r in rs]
+                    extra = " (" + "/".join("never" if x is None else f"{x:.2f}" for x in shares) + ")"
+                cells.append(f" {cell(rs, 'linear')} ({statistics.mean(r['total_s'] for r in rs) / t:.2f}×){extra} |")
+        lines.append("".join(cells))
+    return "\n".join(lines)
+
+
+def handover_goals(rows: list[dict], methods) -> str:
+    """The issue's goals, counted: default at 50% ≥ the method at 100%; ≥ RELA alone at 50%."""
+    by = e2e.by_arm(rows)
+    mean = {a: statistics.mean(r["linear"] for r in rs) for a, rs in by.items()}
+    sd = {a: statistics.stdev([r["linear"] for r in rs]) if len(rs) > 1 else 0.0 for a, rs in by.items()}
+    beat_full = [m for m in methods if mean[f"rela-{m}-50-default"] >= mean[f"{m}-100"]]
+    beat_only = [m for m in methods if mean[f"rela-{m}-50-default"] >= mean[f"rela-{m}-50-only"]]
+    out = [f"default at 50% >= the method at 100%: {len(beat_full)} of {len(methods)} ({', '.join(beat_full)})",
+           f"default at 50% >= RELA alone at 50%: {len(beat_only)} of {len(methods)} ({', '.join(beat_only)})"]
+    for b in HANDOVER_BUDGETS:
+        pct = round(100 * b)
+        for m in methods:
+            arms = [f"rela-{m}-{pct}-{a}" for a in ("only", "switch", "default")]
+            best = max(arms, key=mean.get)
+            gap = mean[best] - mean[arms[2]]
+            out.append(f"  {pct}% {m}: default {mean[arms[2]]:.3f}, best arm {best.split('-')[-1]} {mean[best]:.3f}, "
+                       f"gap {100 * gap:.1f} pts vs the best arm's seed sd {100 * sd[best]:.1f}")
+    return "\n".join(out)
+
+
+def handover_part(args, stores: dict, floor: dict) -> dict:
+    """Candidates (with --candidates), then each method's hand-over arms; a table, the goals, a plot each."""
+    args.tuned = {}  # every arm carries its method's own setting
+    out = {}
+    if args.candidates:
+        cand = []
+        for m in CANDIDATE_METHODS:
+            cand += run_arms(candidate_arms(m), args, stores, args.method_seeds)
+        print("\nhand-over candidates (Lite0, 50%, switch at half):\n" + e2e.table(cand), flush=True)
+        out["candidates"] = cand
+    rows = []
+    for m in args.handover_methods:
+        rows += run_arms(handover_arms(m), args, stores, args.method_seeds)
+    print("\nthe hand-over, linear top-1 (total seconds, conversion included, relative to the method's 100%):\n"
+          + handover_table(rows, args.handover_methods))
+    print("\n" + handover_goals(rows, args.handover_methods))
+    for m in args.handover_methods:
+        plot([r for r in rows if r["arm"].startswith((f"{m}-", f"rela-{m}-"))], m, floor,
+             args.out / f"handover-{m}.png")
+    return {**out, "handover": rows}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--short", action="store_true", help="5k images, 8 epochs (default: 10k, 20)")
@@ -287,6 +400,8 @@ def main() -> None:
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                    help="byol: the sweep, BYOL's table, the switch, the earlier run's choices; methods: the other "
                         "methods (each part on its own needs only the conversions)")
+    p.add_argument("--handover-methods", nargs="*", default=list(TUNED), help="--parts handover: which methods")
+    p.add_argument("--candidates", action="store_true", help="--parts handover: run the hand-over candidates first")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
     if "methods" not in args.parts:
@@ -306,6 +421,8 @@ def main() -> None:
         results |= byol_part(args, stores)
     if args.methods:
         results |= methods_part(args, stores, results.get("floors") or floors(args))
+    if "handover" in args.parts:
+        results |= handover_part(args, stores, results.get("floors") or floors(args))
     path = args.out / ("results.json" if set(args.parts) == set(PARTS) else f"results-{'-'.join(args.parts)}.json")
     path.write_text(json.dumps(results, indent=1))
     print(f"\nplots and {path.name} in {args.out}; benchmark wall {time.perf_counter() - t0:.0f}s "

@@ -20,6 +20,7 @@ iterates, so a loader built before `fit()` creates the group shards correctly.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -131,6 +132,9 @@ class RelaCallback(LoaderState):
         ssl_views = loader.views  # as the user made it, before a saved state restores other views
         super().on_train_start(trainer, pl_module)  # the loader's state (a resumed fit)
         self.acc.loader, self.acc.ssl_views = loader, ssl_views
+        total = trainer.estimated_stepping_batches  # the switch window and the scaled rule need the run's length
+        if math.isfinite(total):
+            self.acc.plan(int(total))
         if self.acc.lam == 1 and not self.acc.switched:  # the RELA phase runs on its own views
             loader.set_views(self.rela_views)
         owned = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
@@ -153,11 +157,11 @@ class RelaCallback(LoaderState):
         return loader
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.acc.begin_epoch(trainer.current_epoch, trainer.max_epochs)  # fixed:c (the next log shows λ = 0)
+        self.acc.begin_epoch(trainer.current_epoch, trainer.max_epochs, trainer.global_step)  # fixed:c
 
     # --- the step -----------------------------------------------------------------------------------
     def _step(self, pl_module, user_step, batch, batch_idx, *args, **kwargs):
-        lam = self.acc.lam
+        lam = self.acc.lam_at(pl_module.trainer.global_step)  # falls over the hand-over window
         ssl = user_step(batch, batch_idx, *args, **kwargs) if lam < 1 else None
         if lam == 0:
             return ssl

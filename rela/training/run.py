@@ -90,6 +90,18 @@ class TrainConfig:
     device: str = option("auto", "auto (cuda when available; under torchrun each rank's own GPU) | cpu | cuda[:N]")
     sync_bn: bool = option(False, "SyncBatchNorm across ranks under torchrun (CUDA only, as PyTorch's)")
     switch_threshold: float = option(0.995, "adaptive/blend: switch once rho reaches this (the reference's)")
+    switch_rule: str = option("scaled", "adaptive/blend: scaled (starts at the first RELA loss, gap relative to it, "
+                              "EMA time constants a fixed share of the run) or reference (starts 1.0/2.0, momenta "
+                              "0.999/0.99: fires only after 528+ steps)", choices=choices.SWITCH_RULES)
+    switch_window: str = option("0.2:0.6", "adaptive/blend: MIN:MAX share of the run's steps the RELA phase takes "
+                                "(never switch before MIN; switch at MAX at the latest)")
+    handover: float = option(0.0, "after the switch the RELA weight falls linearly from 1 to 0 over this share of "
+                             "the run's steps (0: a hard switch)")
+    handover_lr: float = option(1.0, "learning-rate factor at the switch, back to 1 over the hand-over window "
+                                "(1: no re-warm-up)")
+    method_clock: str = option("switch", "the method's schedules (DINO's teacher temperature and frozen prototypes, "
+                               "cosine momentum) count from the switch, or from the run's first step",
+                               choices=choices.METHOD_CLOCKS)
 
     def __post_init__(self) -> None:
         if not 0 < self.budget <= 1:
@@ -105,6 +117,10 @@ class TrainConfig:
             raise RelaError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
         if not 0 < self.switch_threshold <= 1:
             raise RelaError(f"--switch-threshold must be in (0, 1], got {self.switch_threshold}")
+        self.window()  # a malformed --switch-window fails here
+        if not 0 <= self.handover <= 1 or not 0 < self.handover_lr <= 1:
+            raise RelaError(f"--handover must be in [0, 1] and --handover-lr in (0, 1], got {self.handover} and "
+                            f"{self.handover_lr}")
         parse_options(self.method, self.method_options)  # a typo fails here, not after the conversion
         from rela.loading.views import resolve_views
 
@@ -114,6 +130,16 @@ class TrainConfig:
                     resolve_views(views, self.image_size)
                 except RelaError as e:
                     raise RelaError(f"{flag}: {e}") from None
+
+    def window(self) -> tuple[float, float]:
+        """--switch-window as (min, max) shares of the run's steps."""
+        try:
+            lo, hi = (float(v) for v in self.switch_window.split(":"))
+        except ValueError:
+            raise RelaError(f"--switch-window takes MIN:MAX, e.g. 0.2:0.6, got {self.switch_window!r}") from None
+        if not 0 <= lo <= hi <= 1:
+            raise RelaError(f"--switch-window needs 0 <= MIN <= MAX <= 1, got {self.switch_window!r}")
+        return lo, hi
 
     @property
     def uses_rela(self) -> bool:

@@ -210,7 +210,8 @@ class Trainer:
         if cfg.uses_rela:
             self.acc = Accelerator(self.backbone.feature_dim, store.dim, cfg.phase,
                                    freeze_transfer=cfg.freeze_transfer, loader=self.loader,
-                                   ssl_views=ssl_views, threshold=cfg.switch_threshold).to(device)
+                                   ssl_views=ssl_views, threshold=cfg.switch_threshold, rule=cfg.switch_rule,
+                                   window=cfg.window(), handover=cfg.handover).to(device)
         self.student = _Student(self.backbone, self.method, self.acc, cfg.warm_heads)
         if self.memory_format is torch.channels_last:
             self.student.to(memory_format=torch.channels_last)
@@ -223,6 +224,8 @@ class Trainer:
             raise RelaError(f"--budget {cfg.budget} of {len(self.dataset)} samples is {self.loader.subset.size} per "
                             f"epoch, fewer than one batch of {cfg.batch_size}: nothing would train. Raise --budget "
                             "or --limit, or lower --batch-size")
+        if self.acc is not None:
+            self.acc.plan(self.total_steps)
         self._build_optimizer()
 
     def _build_optimizer(self) -> None:
@@ -283,7 +286,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         self.loader.set_epoch(epoch)
-        if self.acc is not None and self.acc.begin_epoch(epoch, self.cfg.epochs):
+        if self.acc is not None and self.acc.begin_epoch(epoch, self.cfg.epochs, self.step):
             self.switch = self._on_switch(epoch)
         t_epoch, n_epoch = time.perf_counter(), 0
         self.bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not self.progress,
@@ -305,18 +308,41 @@ class Trainer:
     def train_step(self, batch: dict, epoch: int, t0: float) -> None:
         """Forward (under autocast), backward, optimizer, schedule and target updates. Nothing
         here waits for the device: the step's losses stay there until `_flush` reads them."""
-        lam = self.acc.lam if self.acc is not None else 0.0
+        lam = self.acc.lam_at(self.step) if self.acc is not None else 0.0
         views = batch["views"]
+        step, total = self._method_clock()
         with self.precision.autocast():
-            loss, rela_l, ssl_l = self.model(views, batch.get("target"), batch["index"], lam, self.step,
-                                             self.total_steps, batch["label"])
+            loss, rela_l, ssl_l = self.model(views, batch.get("target"), batch["index"], lam, step, total,
+                                             batch["label"])
         self.opt.zero_grad(set_to_none=True)
         self.precision.backward_step(loss, self.opt)
         self.schedule.step()
-        self.method.update_target(self.step, self.total_steps, self.backbone)
+        self._rewarm_lr(self.step + 1)
+        self.method.update_target(step, total, self.backbone)
         self.pending.append((torch.stack([loss.detach(), rela_l, ssl_l]).double(), lam, epoch,
                              time.perf_counter() - t0))
         self.step += 1
+
+    def _method_clock(self) -> tuple[int, int]:
+        """(step, total steps) as the method's schedules count them: from the switch under
+        --method-clock switch (a method handed half a run warms DINO's teacher temperature and
+        freezes its prototypes at its own start), else from the run's first step."""
+        if self.acc is None or not self.acc.switched or self.cfg.method_clock == "run":
+            return self.step, self.total_steps
+        start = self.acc.switched_at
+        return self.step - start, max(1, self.total_steps - start)
+
+    def _rewarm_lr(self, step: int) -> None:
+        """--handover-lr f: over the hand-over window the next step's learning rate is scaled from
+        f back to 1 (after the schedule set it, so nothing compounds)."""
+        f = self.cfg.handover_lr
+        if f >= 1 or self.acc is None or not self.acc.switched:
+            return
+        window = max(1.0, self.cfg.handover * self.total_steps)
+        progress = (step - self.acc.switched_at) / window
+        if progress < 1:
+            for group in self.opt.param_groups:
+                group["lr"] *= f + (1 - f) * max(0.0, progress)
 
     def _flush(self, epoch: int) -> float:
         """Every --log-every steps: the pending steps' losses, averaged over ranks in one
@@ -337,10 +363,9 @@ class Trainer:
             raise RelaError(f"the loss became {rows[bad][0]} at step {first + bad} (epoch {pending[bad][2]}); lower "
                             "--lr or check the targets (rela info STORE); no checkpoint holds the weights it produced")
         switched, rhos = False, [math.nan] * len(rows)
-        rela_steps = [r[1] for r, (_, lam, *_) in zip(rows, pending, strict=True) if lam > 0]
-        if self.acc is not None and rela_steps:
-            switched, rhos = self.acc.observe(rela_steps)
-            rhos += [self.acc.rho] * (len(rows) - len(rhos))
+        if self.acc is not None:  # every step counts; steps without a RELA loss pass NaN
+            switched, rhos = self.acc.observe([r[1] if lam > 0 else math.nan
+                                               for r, (_, lam, *_) in zip(rows, pending, strict=True)])
         for k, (row, (_, lam, ep, dt)) in enumerate(zip(rows, pending, strict=True)):
             if self.log is not None:
                 self.log.write({"step": first + k, "epoch": ep, "lam": round(lam, 6), "rho": round(rhos[k], 6),
@@ -373,7 +398,9 @@ class Trainer:
     def _on_switch(self, epoch: int) -> dict:
         """ρ, the RELA loss and (rank 0, with a test split) a kNN probe at the switch → switch.json."""
         acc = self.acc
-        info = {"step": self.step, "epoch": epoch, "rho": acc.rho, "rela_loss": float(acc.last_loss)}
+        info = {"step": acc.switched_at, "epoch": epoch, "share": acc.switched_at / self.total_steps, "rho": acc.rho,
+                "rela_loss": float(acc.last_loss), "why": acc.why(), "rule": acc.rule, "window": list(acc.window),
+                "handover_steps": round(acc.handover * self.total_steps)}
         if not self.main:
             return info
         if self.cfg.probe_at_switch and self.test_name:

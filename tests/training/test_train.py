@@ -45,7 +45,7 @@ def test_fixed_phase_switches_at_the_epoch_and_logs(tiny, tmp_path):
 
 
 def test_blend_mixes_both_losses(tiny, tmp_path):
-    train(_cfg(tiny, tmp_path, phase="blend"), progress=False)
+    train(_cfg(tiny, tmp_path, phase="blend", switch_rule="reference", switch_window="0:1"), progress=False)
     rows = _steps(tmp_path / "run")
     lams = [float(r["lam"]) for r in rows]
     assert all(0 < lam < 1 for lam in lams) and lams[-1] < lams[0]  # ρ rises as the RELA loss settles
@@ -53,7 +53,7 @@ def test_blend_mixes_both_losses(tiny, tmp_path):
 
 
 def test_adaptive_phase_runs_rela_until_rho_crosses(tiny, tmp_path):
-    train(_cfg(tiny, tmp_path, phase="adaptive"), progress=False)
+    train(_cfg(tiny, tmp_path, phase="adaptive", switch_rule="reference", switch_window="0:1"), progress=False)
     rows = _steps(tmp_path / "run")
     # With the reference constants ρ cannot reach 0.995 in ten steps: the whole run is RELA.
     assert {r["phase"] for r in rows} == {"rela"} and float(rows[-1]["rho"]) < 0.995
@@ -316,3 +316,42 @@ def test_training_on_a_torchvision_dataset_object(tmp_path):
     assert store_kind.endswith("FakeData")
     r = evaluate_run(tmp_path / "run", train_data=train_set, test_data=test_set, progress=False)
     assert r["train_samples"] == 64 and r["test_samples"] == 32 and r["test_data"].endswith("FakeData")
+
+
+def test_default_adaptive_hands_over_within_its_window_and_says_why(tiny, tmp_path):
+    # The scaled rule with the default window 0.2:0.6: the run of 10 steps switches by step 6
+    # at the latest, the method then trains, and switch.json says when and why.
+    train(_cfg(tiny, tmp_path, phase="adaptive", log_every=1), progress=False)
+    rows = _steps(tmp_path / "run")
+    sw = json.loads((tmp_path / "run" / "switch.json").read_text())
+    assert 2 <= sw["step"] <= 6 and sw["share"] == sw["step"] / 10 and sw["rule"] == "scaled"
+    assert sw["why"] and sw["window"] == [0.2, 0.6]
+    assert [r["phase"] for r in rows] == ["rela"] * sw["step"] + ["ssl"] * (10 - sw["step"])
+
+
+def test_handover_window_moves_the_loss_over_and_the_method_clock_starts_at_the_switch(tiny, tmp_path):
+    from rela.training.methods.dino import DINO
+
+    temps = []
+    real = DINO.teacher_temperature
+    DINO.teacher_temperature = lambda self, step, total: temps.append((step, total)) or real(self, step, total)
+    try:
+        train(_cfg(tiny, tmp_path, method="dino", phase="fixed:0.5", handover=0.4, log_every=1), progress=False)
+    finally:
+        DINO.teacher_temperature = real
+    rows = _steps(tmp_path / "run")
+    lams = [float(r["lam"]) for r in rows]
+    # switch at step 5; λ falls 1 → 0 over 0.4 × 10 = 4 steps: 1, 0.75, 0.5, 0.25, then 0
+    assert lams == [1.0] * 5 + [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert [r["phase"] for r in rows[5:]] == ["rela", "blend", "blend", "blend", "ssl"]
+    assert all(not math.isnan(float(r["rela_loss"])) for r in rows[:9]) and math.isnan(float(rows[9]["rela_loss"]))
+    assert temps == [(k, 5) for k in range(1, 5)]  # the method's clock: steps since the switch, of 5
+
+
+def test_switch_window_and_handover_are_checked():
+    with pytest.raises(RelaError, match="switch-window"):
+        TrainConfig(out="x", switch_window="0.7:0.2")
+    with pytest.raises(RelaError, match="MIN:MAX"):
+        TrainConfig(out="x", switch_window="half")
+    with pytest.raises(RelaError, match="handover"):
+        TrainConfig(out="x", handover=1.5)

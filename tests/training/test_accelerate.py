@@ -1,0 +1,81 @@
+"""The phase rule of rela.training.accelerate on given loss curves: when adaptive and blend switch,
+the window, the hand-over and the state a resumed run restores."""
+
+import math
+
+import pytest
+
+from rela.errors import RelaError
+from rela.training.accelerate import Accelerator
+
+
+def _curve(steps: int, start: float = 0.8, floor: float = 0.2, tau: float = 40.0) -> list[float]:
+    """A RELA loss that falls exponentially to a plateau (what the Fashion-MNIST runs show)."""
+    return [floor + (start - floor) * math.exp(-k / tau) for k in range(steps)]
+
+
+def _switch_step(acc: Accelerator, losses: list[float], every: int = 10) -> int:
+    for k in range(0, len(losses), every):
+        if acc.observe(losses[k:k + every])[0]:
+            return acc.switched_at
+    return -1
+
+
+def test_scaled_rule_fires_on_the_plateau_where_the_reference_rule_cannot():
+    losses = _curve(1000)
+    scaled = Accelerator(8, 4, "adaptive", total_steps=1000, window=(0.0, 1.0))
+    reference = Accelerator(8, 4, "adaptive", rule="reference", total_steps=1000, window=(0.0, 1.0))
+    at = _switch_step(scaled, losses)
+    # the loss is within 1% of its plateau by step ~180; the scaled rule fires after the fall, not during it
+    assert 100 <= at <= 400, at
+    assert _switch_step(reference, losses) == -1  # 1.0/2.0 starts: the gap never closes within 1000 steps
+    assert "stopped falling" in scaled.why()
+
+
+def test_scaled_rule_does_not_depend_on_the_loss_scale():
+    steps = [_switch_step(Accelerator(8, 4, "adaptive", total_steps=1000, window=(0.0, 1.0)),
+                          [c * v for v in _curve(1000)]) for c in (0.1, 1.0, 2.0)]
+    assert steps[0] == steps[1] == steps[2]
+
+
+def test_window_bounds_the_switch():
+    early = Accelerator(8, 4, "adaptive", total_steps=500, window=(0.4, 0.6))
+    assert _switch_step(early, [0.3] * 500) == 200  # flat from the start: at the window's opening
+    late = Accelerator(8, 4, "adaptive", total_steps=500, window=(0.1, 0.3))
+    assert _switch_step(late, [max(0.05, 1.0 - k / 200) for k in range(500)]) == 150  # still falling: at its end
+    assert "window's end" in late.why()
+
+
+def test_blend_holds_lambda_at_one_until_the_window_and_hands_over_at_its_end():
+    acc = Accelerator(8, 4, "blend", total_steps=100, window=(0.2, 0.6))
+    lams = []
+    for v in _curve(100, tau=10):
+        acc.observe([v])
+        lams.append(acc.lam)
+    assert lams[:19] == [1.0] * 19 and all(0 <= x < 1 for x in lams[20:59]) and lams[60:] == [0.0] * 40
+    assert acc.switched_at == 60
+
+
+def test_handover_lambda_falls_linearly_and_survives_a_resume():
+    acc = Accelerator(8, 4, "fixed:0.5", total_steps=100, handover=0.2)
+    acc.observe([0.5] * 50)
+    assert acc.begin_epoch(5, 10, step=50)
+    assert [acc.lam_at(s) for s in (50, 55, 60, 69, 70, 90)] == [1.0, 0.75, 0.5, pytest.approx(0.05), 0.0, 0.0]
+    again = Accelerator(8, 4, "fixed:0.5", total_steps=100, handover=0.2)
+    again.load_state_dict(acc.state_dict())
+    assert again.switched_at == 50 and again.lam_at(60) == 0.5
+
+
+def test_old_checkpoints_without_the_start_load():
+    acc = Accelerator(8, 4, "adaptive", total_steps=100)
+    state = {k: v for k, v in acc.state_dict().items() if k != "start"}
+    again = Accelerator(8, 4, "adaptive", total_steps=100)
+    again.load_state_dict(state)
+    again.observe([0.4])
+    assert again.rho == 1.0  # the first loss seeds the EMAs, as in a fresh run
+
+
+@pytest.mark.parametrize("kw", [{"rule": "fast"}, {"window": (0.6, 0.2)}, {"handover": 2.0}])
+def test_bad_phase_settings_are_refused(kw):
+    with pytest.raises(RelaError):
+        Accelerator(8, 4, "adaptive", **kw)
