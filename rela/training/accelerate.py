@@ -30,9 +30,9 @@ Phases (`phase=`):
   `window[0]`, and the SSL method alone from `window[1]` on.
 - `off` — no RELA at all (the plain SSL baseline).
 
-The hand-over (`handover=h`, a fraction of the run's steps): after the switch λ falls linearly from
-1 to 0 over h·total steps instead of in one step, so the loss moves from RELA's to the method's
-over a window while the method's heads catch up (`lam_at(step)`); h = 0 is the hard switch.
+The hand-over (`handover=h`, a fraction of the run's steps): from the switch on λ falls linearly
+from 1 to 0 over W = round(h·total) steps instead of at once, so the loss moves from RELA's to the
+method's while the method's heads catch up (`lam_at(step)`); h = 0 (or W = 1) is the hard switch.
 
 `acc.step()` advances the rule by one step from the last RELA loss (reading it on the host and,
 under torch.distributed, averaging it over ranks: a sync and a collective per step). A loop that
@@ -152,12 +152,13 @@ class Accelerator(nn.Module):
         return self.lam_at(self._steps)
 
     def lam_at(self, step: int) -> float:
-        """Weight of the RELA loss at optimizer step `step`: during the hand-over window it falls
-        linearly from 1 (the switch step) to 0."""
+        """Weight of the RELA loss at optimizer step `step`: over the hand-over window's W steps it
+        falls linearly, 1 − k/W at the k-th step from the switch on (k = 1 at the switch step, so
+        the method trains from there; W = 1 is the hard switch)."""
         if not self.switched or self.handover <= 0 or self.total_steps is None:
             return self._weight
-        window = max(1.0, self.handover * self.total_steps)
-        return max(0.0, 1.0 - (step - self._switch_step) / window)
+        window = max(1, round(self.handover * self.total_steps))
+        return max(0.0, 1.0 - (step - self._switch_step + 1) / window)
 
     @property
     def handed_over(self) -> bool:

@@ -95,8 +95,8 @@ class TrainConfig:
                               "0.999/0.99: fires only after 528+ steps)", choices=choices.SWITCH_RULES)
     switch_window: str = option("0.2:0.6", "adaptive/blend: MIN:MAX share of the run's steps the RELA phase takes "
                                 "(never switch before MIN; switch at MAX at the latest)")
-    handover: float = option(0.0, "after the switch the RELA weight falls linearly from 1 to 0 over this share of "
-                             "the run's steps (0: a hard switch)")
+    handover: float = option(0.1, "after the switch the RELA weight falls linearly from 1 to 0 over this share of "
+                             "the run's steps (0: a hard switch)")  # the best hand-over candidate (README)
     handover_lr: float = option(1.0, "learning-rate factor at the switch, back to 1 over the hand-over window "
                                 "(1: no re-warm-up)")
     method_clock: str = option("switch", "the method's schedules (DINO's teacher temperature and frozen prototypes, "

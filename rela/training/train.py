@@ -338,8 +338,8 @@ class Trainer:
         f = self.cfg.handover_lr
         if f >= 1 or self.acc is None or not self.acc.switched:
             return
-        window = max(1.0, self.cfg.handover * self.total_steps)
-        progress = (step - self.acc.switched_at) / window
+        window = max(1, round(self.cfg.handover * self.total_steps))  # the hand-over's W steps (accelerate.py)
+        progress = (step - self.acc.switched_at + 1) / window
         if progress < 1:
             for group in self.opt.param_groups:
                 group["lr"] *= f + (1 - f) * max(0.0, progress)

@@ -320,12 +320,13 @@ def test_training_on_a_torchvision_dataset_object(tmp_path):
 
 def test_default_adaptive_hands_over_within_its_window_and_says_why(tiny, tmp_path):
     # The scaled rule with the default window 0.2:0.6: the run of 10 steps switches by step 6
-    # at the latest, the method then trains, and switch.json says when and why.
+    # at the latest, hands over in 0.1 x 10 = 1 step (a hard switch at this length), the method
+    # then trains, and switch.json says when and why.
     train(_cfg(tiny, tmp_path, phase="adaptive", log_every=1), progress=False)
     rows = _steps(tmp_path / "run")
     sw = json.loads((tmp_path / "run" / "switch.json").read_text())
     assert 2 <= sw["step"] <= 6 and sw["share"] == sw["step"] / 10 and sw["rule"] == "scaled"
-    assert sw["why"] and sw["window"] == [0.2, 0.6]
+    assert sw["why"] and sw["window"] == [0.2, 0.6] and sw["handover_steps"] == 1
     assert [r["phase"] for r in rows] == ["rela"] * sw["step"] + ["ssl"] * (10 - sw["step"])
 
 
@@ -341,11 +342,11 @@ def test_handover_window_moves_the_loss_over_and_the_method_clock_starts_at_the_
         DINO.teacher_temperature = real
     rows = _steps(tmp_path / "run")
     lams = [float(r["lam"]) for r in rows]
-    # switch at step 5; λ falls 1 → 0 over 0.4 × 10 = 4 steps: 1, 0.75, 0.5, 0.25, then 0
-    assert lams == [1.0] * 5 + [1.0, 0.75, 0.5, 0.25, 0.0]
-    assert [r["phase"] for r in rows[5:]] == ["rela", "blend", "blend", "blend", "ssl"]
-    assert all(not math.isnan(float(r["rela_loss"])) for r in rows[:9]) and math.isnan(float(rows[9]["rela_loss"]))
-    assert temps == [(k, 5) for k in range(1, 5)]  # the method's clock: steps since the switch, of 5
+    # switch at step 5; λ falls to 0 over 0.4 × 10 = 4 steps: 0.75, 0.5, 0.25, then 0
+    assert lams == [1.0] * 5 + [0.75, 0.5, 0.25, 0.0, 0.0]
+    assert [r["phase"] for r in rows[5:]] == ["blend", "blend", "blend", "ssl", "ssl"]
+    assert all(not math.isnan(float(r["rela_loss"])) for r in rows[:8]) and math.isnan(float(rows[8]["rela_loss"]))
+    assert temps == [(k, 5) for k in range(5)]  # the method's clock: steps since the switch, of 5
 
 
 def test_switch_window_and_handover_are_checked():
