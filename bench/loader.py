@@ -293,6 +293,87 @@ def decode_only(folder: Path) -> float:
     return len(data) / (time.perf_counter() - t)
 
 
+def _min_ms(fn, n: int, repeats: int = 3) -> float:
+    """Best-of-`repeats` CPU ms per item of fn() over n items (process time: one thread)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.process_time()
+        fn()
+        best = min(best, time.process_time() - t)
+    return 1e3 * best / n
+
+
+def profile_split(folder: Path, n: int = 300) -> dict:
+    """The two stages inside rela's C++ call and FFCV's per-image stages, one thread, CPU ms per
+    image on the same files and the same crop boxes. rela: one view against the same box asked
+    twice (the second view costs one resample + normalise, no decode). FFCV's stages are run
+    with the libraries its compiled decoder calls: a whole-image libjpeg-turbo decode (OpenCV's
+    imdecode here), crop + `cv2.resize(INTER_AREA)` (its `resize_crop`), and the flip and the
+    `NormalizeImage` lookup table as the Numba loops FFCV compiles them to."""
+    import cv2
+    from numba import njit
+
+    @njit(cache=False)
+    def flip(src, dst):  # FFCV's RandomHorizontalFlip: a Numba copy, mirrored
+        h, w, c = src.shape
+        for y in range(h):
+            for x in range(w):
+                for k in range(c):
+                    dst[y, x, k] = src[y, w - 1 - x, k]
+
+    @njit(cache=False)
+    def normalise(src, table, dst):  # FFCV's NormalizeImage on the CPU: a lookup per value
+        h, w, c = src.shape
+        for y in range(h):
+            for x in range(w):
+                for k in range(c):
+                    dst[y, x, k] = table[src[y, x, k], k]
+
+    from rela import _ext
+    from rela.loading.views import ViewSpec, geometry, sample_generator
+
+    cv2.setNumThreads(1)
+    files = sorted((folder / "all").iterdir())[:n]
+    data = [f.read_bytes() for f in files]
+    spec = ViewSpec(224, scale=(0.08, 1.0), flip=0.5, mean=MEAN, std=STD)
+    geo = [geometry(spec, 350, 400, sample_generator(0, 0, i)) for i in range(n)]
+    one = np.asarray([[g[:4]] for g in geo], np.int32)
+    flips = np.asarray([[g[4]] for g in geo], np.uint8)
+    scale = np.asarray([[1 / (255 * s) for s in STD]], np.float32)
+    bias = np.asarray([[-m / s for m, s in zip(MEAN, STD, strict=True)]], np.float32)
+
+    def rela(views: int):
+        outs = [np.empty((n, 3, 224, 224), np.float32) for _ in range(views)]
+        return lambda: _ext.decode_resized_crops(data, np.repeat(one, views, 1), np.repeat(flips, views, 1), 224, 1,
+                                                 outs=outs, scale=np.repeat(scale, views, 0),
+                                                 bias=np.repeat(bias, views, 0))
+
+    r1, r2 = _min_ms(rela(1), n), _min_ms(rela(2), n)
+    arrays = [np.frombuffer(b, np.uint8) for b in data]
+    decoded = [cv2.imdecode(a, cv2.IMREAD_COLOR) for a in arrays]
+    crops = [cv2.resize(im[t:t + h, x:x + w], (224, 224), interpolation=cv2.INTER_AREA)
+             for im, (t, x, h, w, _) in zip(decoded, geo, strict=True)]
+    table = ((np.arange(256)[:, None] - np.array(MEAN) * 255) / (np.array(STD) * 255)).astype(np.float32)
+    u8, f32 = np.empty((224, 224, 3), np.uint8), np.empty((224, 224, 3), np.float32)
+    flip(crops[0], u8), normalise(crops[0], table, f32)  # compiled before timing
+    ffcv = {
+        "JPEG decode, whole image (libjpeg-turbo)": _min_ms(lambda: [cv2.imdecode(a, cv2.IMREAD_COLOR) for a in arrays], n),
+        "crop + resize INTER_AREA (OpenCV)": _min_ms(lambda: [
+            cv2.resize(im[t:t + h, x:x + w], (224, 224), interpolation=cv2.INTER_AREA)
+            for im, (t, x, h, w, _) in zip(decoded, geo, strict=True)], n),
+        "flip (Numba)": _min_ms(lambda: [flip(c, u8) for c in crops], n),
+        "normalise, lookup table (Numba)": _min_ms(lambda: [normalise(c, table, f32) for c in crops], n),
+    }
+    out = {"rela_cpp": {"JPEG decode, crop region (libjpeg-turbo)": r1 - (r2 - r1),
+                        "resample + flip + normalise, per view": r2 - r1, "total, one view": r1},
+           "ffcv_equivalent": {**ffcv, "total": sum(ffcv.values())}}
+    print(f"  inside the C++ call and FFCV's stages, {n} images, one thread (CPU ms/img):")
+    for side, stages in out.items():
+        for k, v in stages.items():
+            print(f"    {side:16s} {k:44s} {v:6.3f}")
+    return out
+
+
 def profile_stages(folder: Path, views: int) -> dict:
     """CPU ms per image in each stage of rela's torch backend on plain crops, measured in this
     process with no workers (one thread, so the stages add up to the total): each stage's
@@ -479,6 +560,9 @@ def main() -> None:
         if args.profile:
             results.setdefault("profile", []).append(profile_stages(folder, views))
             print()
+    if args.profile:
+        results["profile_split"] = profile_split(folder)
+        print()
         results["runs"].append({"views": views, "rows": rows})
     if args.busy:
         print(f"--busy: the same rows while a small convnet trains in another process on all {cores} cores")

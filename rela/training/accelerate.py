@@ -83,7 +83,7 @@ class Accelerator(nn.Module):
                  freeze_transfer: bool = False, loader=None, ssl_views="byol",
                  fast_momentum: float = 0.999, slow_momentum: float = 0.99,
                  fast_init: float = 1.0, slow_init: float = 2.0, threshold: float = 0.995,
-                 rule: str = "scaled", window: tuple[float, float] = (0.2, 0.6), handover: float = 0.0,
+                 rule: str = "scaled", window: tuple[float, float] = (0.2, 0.6), handover: float = 0.1,
                  total_steps: int | None = None) -> None:
         super().__init__()
         self.mode, self.fraction = parse_phase(phase)
@@ -104,9 +104,9 @@ class Accelerator(nn.Module):
         # into buffers (state_dict, DDP's broadcast) whenever it changes. `start` is the first
         # observed loss (the scaled rule's origin and scale; NaN until then).
         self._fast, self._slow, self._steps, self._switch_step = fast_init, slow_init, 0, -1
-        self._start = math.nan
+        self._start, self._switch_weight = math.nan, 1.0
         self._weight = 0.0 if self.mode == "off" else 1.0
-        for name in ("fast", "slow", "weight", "start"):
+        for name in ("fast", "slow", "weight", "start", "switch_weight"):
             self.register_buffer(name, torch.tensor(0.0, dtype=torch.float64))
         self.register_buffer("steps", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("switch_step", torch.tensor(-1, dtype=torch.int64))  # -1: not switched
@@ -132,12 +132,13 @@ class Accelerator(nn.Module):
 
     def _write_buffers(self) -> None:
         for name, value in (("fast", self._fast), ("slow", self._slow), ("weight", self._weight),
-                            ("start", self._start), ("steps", self._steps), ("switch_step", self._switch_step)):
+                            ("start", self._start), ("switch_weight", self._switch_weight), ("steps", self._steps),
+                            ("switch_step", self._switch_step)):
             getattr(self, name).fill_(value)  # a device fill from a host scalar: no sync
 
     def _read_buffers(self) -> None:
         self._fast, self._slow, self._weight = float(self.fast), float(self.slow), float(self.weight)
-        self._start = float(self.start)
+        self._start, self._switch_weight = float(self.start), float(self.switch_weight)
         self._steps, self._switch_step = int(self.steps), int(self.switch_step)
 
     # --- the phase --------------------------------------------------------------------------
@@ -153,12 +154,13 @@ class Accelerator(nn.Module):
 
     def lam_at(self, step: int) -> float:
         """Weight of the RELA loss at optimizer step `step`: over the hand-over window's W steps it
-        falls linearly, 1 − k/W at the k-th step from the switch on (k = 1 at the switch step, so
-        the method trains from there; W = 1 is the hard switch)."""
+        falls linearly from its value before the switch (1; blend's 1 − ρ), by 1 − k/W at the k-th
+        step from the switch on (k = 1 at the switch step, so the method trains from there; W = 1
+        is the hard switch)."""
         if not self.switched or self.handover <= 0 or self.total_steps is None:
             return self._weight
         window = max(1, round(self.handover * self.total_steps))
-        return max(0.0, 1.0 - (step - self._switch_step + 1) / window)
+        return self._switch_weight * max(0.0, 1.0 - (step - self._switch_step + 1) / window)
 
     @property
     def handed_over(self) -> bool:
@@ -181,6 +183,7 @@ class Accelerator(nn.Module):
         return self.window[k] * self.total_steps
 
     def _switch(self, step: int | None = None) -> None:
+        self._switch_weight = self._weight  # where the hand-over starts from
         self._weight, self._switch_step = 0.0, self._steps if step is None else step
         self._write_buffers()
         if self.loader is not None:
@@ -273,5 +276,7 @@ class Accelerator(nn.Module):
 
 
 def _fill_missing_start(module, state_dict, prefix, *_) -> None:
-    """Checkpoints from before the scaled rule have no `start`: NaN (set from the next loss)."""
+    """Checkpoints from before the scaled rule and the hand-over have no `start` (NaN: set from the
+    next loss) and no `switch_weight` (1)."""
     state_dict.setdefault(prefix + "start", torch.tensor(math.nan, dtype=torch.float64))
+    state_dict.setdefault(prefix + "switch_weight", torch.tensor(1.0, dtype=torch.float64))

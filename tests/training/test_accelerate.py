@@ -46,14 +46,18 @@ def test_window_bounds_the_switch():
     assert "window's end" in late.why()
 
 
-def test_blend_holds_lambda_at_one_until_the_window_and_hands_over_at_its_end():
-    acc = Accelerator(8, 4, "blend", total_steps=100, window=(0.2, 0.6))
+@pytest.mark.parametrize("handover", [0.0, 0.1])
+def test_blend_holds_lambda_at_one_until_the_window_and_hands_over_at_its_end(handover):
+    acc = Accelerator(8, 4, "blend", total_steps=100, window=(0.2, 0.6), handover=handover)
     lams = []
-    for v in _curve(100, tau=10):
+    for v in _curve(100, tau=10, start=0.8, floor=0.7):
         acc.observe([v])
         lams.append(acc.lam)
-    assert lams[:19] == [1.0] * 19 and all(0 <= x < 1 for x in lams[20:59]) and lams[60:] == [0.0] * 40
-    assert acc.switched_at == 60
+    assert lams[:19] == [1.0] * 19 and all(0 < x < 1 for x in lams[20:59]) and acc.switched_at == 60
+    if handover == 0:
+        assert lams[59:] == [0.0] * 41
+    else:  # from blend's last λ down to 0 over 10 steps, never up
+        assert all(a >= b for a, b in zip(lams[58:70], lams[59:71])) and lams[59] < lams[58] and lams[68:] == [0.0] * 32
 
 
 def test_handover_lambda_falls_linearly_and_survives_a_resume():
