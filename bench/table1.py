@@ -294,6 +294,10 @@ CANDIDATES = {  # the hand-overs tried at fixed:0.5 (today's is "switch")
     "clock": {"handover": 0.0, "method_clock": "switch"},
     "decay": {"handover": 0.1, "method_clock": "switch"},
     "decay-lr": {"handover": 0.1, "method_clock": "switch", "handover_lr": 0.1},
+    # a second round, after the first default (decay, switching by the scaled rule) stayed 3.5
+    # points under RELA alone for BYOL: hand over slowly, or keep RELA beside the method
+    "decay-long": {"handover": 0.5, "method_clock": "switch"},
+    "residual": {"handover": 0.1, "method_clock": "switch", "handover_floor": 0.5},
 }
 CANDIDATE_METHODS = ("byol", "simclr")  # the two the hand-over cost most (−2.8 and −2.3 points)
 

@@ -33,6 +33,8 @@ Phases (`phase=`):
 The hand-over (`handover=h`, a fraction of the run's steps): from the switch on λ falls linearly
 from 1 to 0 over W = round(h·total) steps instead of at once, so the loss moves from RELA's to the
 method's while the method's heads catch up (`lam_at(step)`); h = 0 (or W = 1) is the hard switch.
+`floor=f` keeps a residual RELA term: λ falls to f instead of 0 and stays there (the method then
+trains beside RELA, L = f·L_rela + (1 − f)·L_ssl).
 
 `acc.step()` advances the rule by one step from the last RELA loss (reading it on the host and,
 under torch.distributed, averaging it over ranks: a sync and a collective per step). A loop that
@@ -84,7 +86,7 @@ class Accelerator(nn.Module):
                  fast_momentum: float = 0.999, slow_momentum: float = 0.99,
                  fast_init: float = 1.0, slow_init: float = 2.0, threshold: float = 0.995,
                  rule: str = "scaled", window: tuple[float, float] = (0.2, 0.6), handover: float = 0.1,
-                 total_steps: int | None = None) -> None:
+                 floor: float = 0.0, total_steps: int | None = None) -> None:
         super().__init__()
         self.mode, self.fraction = parse_phase(phase)
         self.phase = phase
@@ -94,7 +96,9 @@ class Accelerator(nn.Module):
             raise RelaError(f"switch window needs 0 <= min <= max <= 1, got {window[0]}:{window[1]}")
         if not 0 <= handover <= 1:
             raise RelaError(f"handover is a fraction of the run's steps in [0, 1], got {handover}")
-        self.rule, self.window, self.handover = rule, tuple(window), handover
+        if not 0 <= floor < 1:
+            raise RelaError(f"the RELA weight's floor after the hand-over must be in [0, 1), got {floor}")
+        self.rule, self.window, self.handover, self.floor = rule, tuple(window), handover, floor
         self.transfer = nn.Linear(feature_dim, target_dim)
         self.transfer.requires_grad_(not freeze_transfer)
         self.loader, self.ssl_views = loader, ssl_views
@@ -157,10 +161,13 @@ class Accelerator(nn.Module):
         falls linearly from its value before the switch (1; blend's 1 − ρ), by 1 − k/W at the k-th
         step from the switch on (k = 1 at the switch step, so the method trains from there; W = 1
         is the hard switch)."""
-        if not self.switched or self.handover <= 0 or self.total_steps is None:
+        if not self.switched:
             return self._weight
+        end = min(self.floor, self._switch_weight)  # a residual RELA term stays at `floor`
+        if self.handover <= 0 or self.total_steps is None:
+            return end
         window = max(1, round(self.handover * self.total_steps))
-        return self._switch_weight * max(0.0, 1.0 - (step - self._switch_step + 1) / window)
+        return end + (self._switch_weight - end) * max(0.0, 1.0 - (step - self._switch_step + 1) / window)
 
     @property
     def handed_over(self) -> bool:

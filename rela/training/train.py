@@ -211,7 +211,7 @@ class Trainer:
             self.acc = Accelerator(self.backbone.feature_dim, store.dim, cfg.phase,
                                    freeze_transfer=cfg.freeze_transfer, loader=self.loader,
                                    ssl_views=ssl_views, threshold=cfg.switch_threshold, rule=cfg.switch_rule,
-                                   window=cfg.window(), handover=cfg.handover).to(device)
+                                   window=cfg.window(), handover=cfg.handover, floor=cfg.handover_floor).to(device)
         self.student = _Student(self.backbone, self.method, self.acc, cfg.warm_heads)
         if self.memory_format is torch.channels_last:
             self.student.to(memory_format=torch.channels_last)
