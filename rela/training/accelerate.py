@@ -86,7 +86,7 @@ class Accelerator(nn.Module):
                  fast_momentum: float = 0.999, slow_momentum: float = 0.99,
                  fast_init: float = 1.0, slow_init: float = 2.0, threshold: float = 0.995,
                  rule: str = "scaled", window: tuple[float, float] = (0.2, 0.6), handover: float = 0.1,
-                 floor: float = 0.0, total_steps: int | None = None) -> None:
+                 floor: float = 0.5, total_steps: int | None = None) -> None:
         super().__init__()
         self.mode, self.fraction = parse_phase(phase)
         self.phase = phase

@@ -97,8 +97,8 @@ class TrainConfig:
                                 "(never switch before MIN; switch at MAX at the latest)")
     handover: float = option(0.1, "after the switch the RELA weight falls linearly from 1 to 0 over this share of "
                              "the run's steps (0: a hard switch)")  # the best hand-over candidate (README)
-    handover_floor: float = option(0.0, "the RELA weight falls to this instead of 0 and stays there: a residual RELA "
-                                   "term beside the method for the rest of the run")
+    handover_floor: float = option(0.5, "the RELA weight falls to this instead of 0 and stays there: a residual RELA "
+                                   "term beside the method for the rest of the run (0: the method alone)")  # README
     handover_lr: float = option(1.0, "learning-rate factor at the switch, back to 1 over the hand-over window "
                                 "(1: no re-warm-up)")
     method_clock: str = option("switch", "the method's schedules (DINO's teacher temperature and frozen prototypes, "
