@@ -167,7 +167,8 @@ class Accelerator(nn.Module):
         if self.handover <= 0 or self.total_steps is None:
             return end
         window = max(1, round(self.handover * self.total_steps))
-        return end + (self._switch_weight - end) * max(0.0, 1.0 - (step - self._switch_step + 1) / window)
+        left = 1.0 - (step - self._switch_step + 1) / window  # the window's share still to go
+        return end + (self._switch_weight - end) * min(1.0, max(0.0, left))
 
     @property
     def handed_over(self) -> bool:

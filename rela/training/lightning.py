@@ -115,6 +115,7 @@ class RelaCallback(LoaderState):
         self.feature_dim, self.probe_size, self.options = feature_dim, probe_size, accelerator_options
         self.acc: Accelerator | None = None
         self._losses: list[torch.Tensor] = []
+        self._lam: float | None = None  # λ of the last step
 
     # --- set-up: the accelerator joins the module before the optimizers are made ------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -162,6 +163,7 @@ class RelaCallback(LoaderState):
     # --- the step -----------------------------------------------------------------------------------
     def _step(self, pl_module, user_step, batch, batch_idx, *args, **kwargs):
         lam = self.acc.lam_at(pl_module.trainer.global_step)  # falls over the hand-over window
+        self._lam = lam  # what this step used, for the log
         ssl = user_step(batch, batch_idx, *args, **kwargs) if lam < 1 else None
         if lam == 0:
             return ssl
@@ -195,7 +197,8 @@ class RelaCallback(LoaderState):
         self._log(pl_module, sum(values) / len(values))
 
     def _log(self, pl_module, loss: float | None = None) -> None:
-        logs = {"rela/lambda": self.acc.lam, "rela/rho": self.acc.rho, "rela/phase": float(self.acc.lam > 0)}
+        lam = self._lam if self._lam is not None else self.acc.lam
+        logs = {"rela/lambda": lam, "rela/rho": self.acc.rho, "rela/phase": float(lam > 0)}
         if loss is not None:
             logs["rela/loss"] = loss
         pl_module.log_dict(logs, on_step=True, on_epoch=False)

@@ -48,7 +48,7 @@ def test_window_bounds_the_switch():
 
 @pytest.mark.parametrize("handover", [0.0, 0.1])
 def test_blend_holds_lambda_at_one_until_the_window_and_hands_over_at_its_end(handover):
-    acc = Accelerator(8, 4, "blend", total_steps=100, window=(0.2, 0.6), handover=handover)
+    acc = Accelerator(8, 4, "blend", total_steps=100, window=(0.2, 0.6), handover=handover, floor=0.0)
     lams = []
     for v in _curve(100, tau=10, start=0.8, floor=0.7):
         acc.observe([v])
@@ -61,15 +61,23 @@ def test_blend_holds_lambda_at_one_until_the_window_and_hands_over_at_its_end(ha
 
 
 def test_handover_lambda_falls_linearly_and_survives_a_resume():
-    acc = Accelerator(8, 4, "fixed:0.5", total_steps=100, handover=0.2)
+    acc = Accelerator(8, 4, "fixed:0.5", total_steps=100, handover=0.2, floor=0.0)
     acc.observe([0.5] * 50)
     assert acc.begin_epoch(5, 10, step=50)
     # W = 20 steps from the switch step on: 1 − k/20 at the k-th (k = 1 at step 50)
     lams = [acc.lam_at(s) for s in (50, 55, 60, 68, 69, 90)]
     assert lams == pytest.approx([0.95, 0.7, 0.45, 0.05, 0.0, 0.0])
-    again = Accelerator(8, 4, "fixed:0.5", total_steps=100, handover=0.2)
+    again = Accelerator(8, 4, "fixed:0.5", total_steps=100, handover=0.2, floor=0.0)
     again.load_state_dict(acc.state_dict())
     assert again.switched_at == 50 and again.lam_at(60) == pytest.approx(0.45)
+
+
+def test_the_default_keeps_a_residual_rela_term():
+    acc = Accelerator(8, 4, "fixed:0.5", total_steps=100)  # hand-over 0.1, floor 0.5
+    acc.observe([0.5] * 50)
+    acc.begin_epoch(5, 10, step=50)
+    assert [acc.lam_at(s) for s in (49, 50, 54, 59, 60, 99)] == pytest.approx([1.0, 0.95, 0.75, 0.5, 0.5, 0.5])
+    assert acc.lam_at(10) == 1.0  # never above the weight it falls from
 
 
 def test_old_checkpoints_without_the_start_load():

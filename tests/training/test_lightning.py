@@ -169,10 +169,12 @@ def test_lightlys_byol_benchmark_with_rela_under_ddp(tmp_path):
         return _metrics(out)
 
     rows = example(tmp_path / "straight", "--checkpoint-every-n-steps", "3")
-    rela_rows = [r for r in rows if r["rela/loss"]]
+    rela_rows = [r for r in rows if r["rela/loss"] and float(r["rela/lambda"]) == 1]  # the RELA phase
     byol_rows = [r for r in rows if r["train_loss"]]
     assert [int(r["step"]) for r in rela_rows] == list(range(12))  # sharded: 6 steps an epoch per rank
     assert {r["epoch"] for r in rela_rows} == {"0", "1"} and {r["epoch"] for r in byol_rows} == {"2", "3"}
+    # the default hand-over: λ falls over round(0.1 x 24) = 2 steps to the residual 0.5, beside BYOL
+    assert [float(r["rela/lambda"]) for r in rows if int(r["step"]) >= 12 and r["rela/loss"]] == [0.75] + [0.5] * 11
     losses = [float(r["rela/loss"]) for r in rela_rows]
     assert sum(losses[-4:]) < sum(losses[:4]) - 0.2, losses  # the RELA phase trains the head and backbone
     ckpt = tmp_path / "straight" / "checkpoints"

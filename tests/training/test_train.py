@@ -32,7 +32,7 @@ def _steps(run) -> list[dict]:
 
 
 def test_fixed_phase_switches_at_the_epoch_and_logs(tiny, tmp_path):
-    s = train(_cfg(tiny, tmp_path), progress=False)
+    s = train(_cfg(tiny, tmp_path, handover_floor=0.0), progress=False)  # then the method alone
     rows = _steps(tmp_path / "run")
     assert s["steps"] == len(rows) == 2 * (80 // 16)
     assert {r["phase"] for r in rows if r["epoch"] == "0"} == {"rela"}
@@ -64,7 +64,7 @@ def test_adaptive_switch_changes_the_loader_views_at_the_next_batch():
     ds = ArrayDataset(np.stack([smooth_image(rng, 20, 20) for _ in range(64)]), np.zeros(64, int), name="a")
     loader = Loader(ds, 8, views="rela", image_size=16, num_workers=0)
     acc = Accelerator(32, 8, "adaptive", loader=loader, ssl_views=[eval_view(12)],
-                      fast_momentum=0.5, slow_momentum=0.5, threshold=0.9)
+                      fast_momentum=0.5, slow_momentum=0.5, threshold=0.9, floor=0.0)
     it = iter(loader)
     switched_at = None
     for step in range(8):
@@ -77,7 +77,7 @@ def test_adaptive_switch_changes_the_loader_views_at_the_next_batch():
             switched_at = step
     assert switched_at is not None and acc.lam == 0 and acc.switched and int(acc.switch_step) == switched_at + 1
     state = acc.state_dict()
-    again = Accelerator(32, 8, "adaptive")
+    again = Accelerator(32, 8, "adaptive", floor=0.0)
     again.load_state_dict(state)
     assert again.switched and again.lam == 0 and again.rho == acc.rho
 
@@ -320,14 +320,16 @@ def test_training_on_a_torchvision_dataset_object(tmp_path):
 
 def test_default_adaptive_hands_over_within_its_window_and_says_why(tiny, tmp_path):
     # The scaled rule with the default window 0.2:0.6: the run of 10 steps switches by step 6
-    # at the latest, hands over in 0.1 x 10 = 1 step (a hard switch at this length), the method
-    # then trains, and switch.json says when and why.
+    # at the latest, hands over in 0.1 x 10 = 1 step to the default residual (λ = 0.5: the
+    # method beside RELA), and switch.json says when and why.
     train(_cfg(tiny, tmp_path, phase="adaptive", log_every=1), progress=False)
     rows = _steps(tmp_path / "run")
     sw = json.loads((tmp_path / "run" / "switch.json").read_text())
     assert 2 <= sw["step"] <= 6 and sw["share"] == sw["step"] / 10 and sw["rule"] == "scaled"
     assert sw["why"] and sw["window"] == [0.2, 0.6] and sw["handover_steps"] == 1
-    assert [r["phase"] for r in rows] == ["rela"] * sw["step"] + ["ssl"] * (10 - sw["step"])
+    assert [r["phase"] for r in rows] == ["rela"] * sw["step"] + ["blend"] * (10 - sw["step"])
+    assert {float(r["lam"]) for r in rows[sw["step"]:]} == {0.5}
+    assert all(math.isfinite(float(r["ssl_loss"])) and math.isfinite(float(r["rela_loss"])) for r in rows[sw["step"]:])
 
 
 def test_handover_window_moves_the_loss_over_and_the_method_clock_starts_at_the_switch(tiny, tmp_path):
@@ -337,7 +339,8 @@ def test_handover_window_moves_the_loss_over_and_the_method_clock_starts_at_the_
     real = DINO.teacher_temperature
     DINO.teacher_temperature = lambda self, step, total: temps.append((step, total)) or real(self, step, total)
     try:
-        train(_cfg(tiny, tmp_path, method="dino", phase="fixed:0.5", handover=0.4, log_every=1), progress=False)
+        train(_cfg(tiny, tmp_path, method="dino", phase="fixed:0.5", handover=0.4, handover_floor=0.0, log_every=1),
+              progress=False)
     finally:
         DINO.teacher_temperature = real
     rows = _steps(tmp_path / "run")
