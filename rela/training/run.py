@@ -150,10 +150,19 @@ class TrainConfig:
         return self.prior is not None and not self.phase.startswith("off")
 
 
+# Fields added after runs were already saved, whose default changes what a run does: a saved run
+# without them ran with these values (the phase rule and hard switch from before the hand-over).
+# A resumed old run keeps them, and an old run never passes for one made with today's defaults.
+AS_BEFORE = {"switch_rule": "reference", "switch_window": "0:1", "handover": 0.0, "handover_floor": 0.0,
+             "method_clock": "run"}
+
+
 def _with_defaults(raw: dict) -> dict:
-    """A saved configuration with the fields added since it was written at their defaults."""
+    """A saved configuration with the fields added since it was written: at the values the run
+    ran with (AS_BEFORE), else at their defaults."""
     known = {f.name for f in fields(TrainConfig)}
-    return asdict(TrainConfig(**{k: v for k, v in raw.items() if k in known}))
+    given = {k: v for k, v in raw.items() if k in known}
+    return asdict(TrainConfig(**{**{k: v for k, v in AS_BEFORE.items() if k not in given}, **given}))
 
 
 def config_from_run(run: str | Path) -> TrainConfig:

@@ -359,3 +359,18 @@ def test_switch_window_and_handover_are_checked():
         TrainConfig(out="x", switch_window="half")
     with pytest.raises(RelaError, match="handover"):
         TrainConfig(out="x", handover=1.5)
+
+
+def test_a_run_saved_before_the_hand_over_keeps_its_hard_switch(tmp_path):
+    # config.json written before the phase-rule fields existed: the run ran with the reference rule
+    # and a hard switch; reading it back must say so (a resume continues it, a cache never mistakes
+    # it for a run made with today's defaults).
+    from rela.training.run import config_from_run
+
+    old = {k: v for k, v in TrainConfig(out=str(tmp_path)).__dict__.items()
+           if k not in ("switch_rule", "switch_window", "handover", "handover_floor", "method_clock")}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    cfg = config_from_run(tmp_path)
+    assert (cfg.switch_rule, cfg.switch_window, cfg.handover, cfg.handover_floor, cfg.method_clock) == \
+        ("reference", "0:1", 0.0, 0.0, "run")
+    assert cfg != TrainConfig(out=str(tmp_path))
