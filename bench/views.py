@@ -15,8 +15,8 @@ number of workers (threads or processes) for every loader, one run, same machine
 
 Every pipeline draws per-sample parameters from the view specs' distributions (crop scale 0.08–1,
 flip 0.5, ColorJitter with its probability, grayscale, blur σ 0.1–2 with kernel ≤ 13, solarise).
-Reported: median img/s over epochs and CPU ms per image (this process + workers), and ratios to
-the baseline. torch's intra-op threads are set to `--torch-threads` in the loop's process (what
+Reported: median img/s over epochs (the rows' epochs interleaved, as in bench/loader.py) and CPU
+ms per image (this process + workers), and ratios to the baseline. torch's intra-op threads are set to `--torch-threads` in the loop's process (what
 `rela train` leaves them at matters: see issue 15).
 
     python bench/views.py [--images 1000] [--epochs 2] [--workers 2] [--views rela byol]
@@ -192,21 +192,23 @@ def ffcv_epoch(folder: Path, specs, workers: int):
 def rows_for(name: str, folder: Path, args, n: int) -> list[dict]:
     specs = SPECS[name]()
     w = args.workers
-    rows = [measure("torch DataLoader + v2 on PIL", torch_epoch(folder, specs, w, "pil"), n, args.epochs),
-            measure("torch DataLoader + v2 on tensors", torch_epoch(folder, specs, w, "tensor"), n, args.epochs)]
-    for label, make in (("SPDL, FFmpeg crop per view + v2 colour", lambda: spdl_epoch(folder, specs, w)),
+    ready = []
+    for label, make in (("torch DataLoader + v2 on PIL", lambda: torch_epoch(folder, specs, w, "pil")),
+                        ("torch DataLoader + v2 on tensors", lambda: torch_epoch(folder, specs, w, "tensor")),("SPDL, FFmpeg crop per view + v2 colour", lambda: spdl_epoch(folder, specs, w)),
                         ("SPDL, FFmpeg decode once + v2 views", lambda: spdl_epoch(folder, specs, w, True)),
                         ("rela.Loader, thread workers", lambda: rela_epoch(folder, specs, w, "thread")),
                         ("rela.Loader, worker processes", lambda: rela_epoch(folder, specs, w, "process")),
                         ("rela.Loader, threads, torchvision colour", lambda: _without_kernel(folder, specs, w)),
                         ("FFCV (b/c/s jitter only: lighter)", lambda: ffcv_epoch(folder, specs, w))):
-        if args.rows and not any(r in label for r in args.rows):
+        if args.rows and not label.startswith("torch") and not any(r in label for r in args.rows):
             continue
         try:
-            rows.append(measure(label, make(), n, args.epochs))
+            epoch = make()
+            epoch()  # warm-up; a peer that fails here is skipped before the timed rounds
+            ready.append((label, epoch))
         except Exception as e:  # a peer missing here must not hide the other rows
             print(f"  {label:44s} skipped: {type(e).__name__}: {str(e)[:120]}")
-    return rows
+    return measure(ready, n, args.epochs)  # epochs interleaved across the rows (bench/loader.py)
 
 
 def _without_kernel(folder: Path, specs, workers: int):
