@@ -2,16 +2,20 @@
 
 Usable from any training loop in a few lines:
 
-    acc = Accelerator(backbone.feature_dim, store.dim, phase="fixed:0.5", loader=loader, ssl_views="byol")
+    acc = Accelerator(backbone.feature_dim, store.dim, phase="fixed:0.5", loader=loader, ssl_views="byol",
+                      total_steps=epochs * len(loader))
+    step = 0
     for epoch in range(epochs):
-        acc.begin_epoch(epoch, epochs)                 # fixed:c switches here
+        acc.begin_epoch(epoch, epochs, step)           # fixed:c switches here
         for batch in loader:
+            lam = acc.lam_at(step)                     # 1, then falling over the hand-over, then the floor
             feats = backbone(torch.cat(batch["views"])).view(len(batch["views"]), B, -1)
-            loss = acc.lam * acc.loss(feats, batch["target"], batch["index"])
-            if acc.lam < 1:
-                loss = loss + (1 - acc.lam) * ssl_loss(...)
+            loss = lam * acc.loss(feats, batch["target"], batch["index"]) if lam > 0 else 0
+            if lam < 1:
+                loss = loss + (1 - lam) * ssl_loss(...)
             ...
             acc.step()                                 # adaptive / blend update ρ and λ here
+            step += 1
 
 Phases (`phase=`):
 - `fixed:c` — RELA for the first ⌊c·epochs⌋ epochs, then the SSL method (`fixed:1` = RELA only).
@@ -27,14 +31,15 @@ Phases (`phase=`):
   step 528, and on a flat loss of 0.1–0.4 needs 2,600–3,000 steps.
 - `blend` — λ = 1 − ρ weights the RELA loss and 1 − λ = ρ the SSL loss, continuously, on the
   SSL method's views (the accelerator sets them on the loader when it is created); λ = 1 before
-  `window[0]`, and the SSL method alone from `window[1]` on.
+  `window[0]`, and from `window[1]` on the hand-over below, from blend's last λ.
 - `off` — no RELA at all (the plain SSL baseline).
 
-The hand-over (`handover=h`, a fraction of the run's steps): from the switch on λ falls linearly
-from 1 to 0 over W = round(h·total) steps instead of at once, so the loss moves from RELA's to the
-method's while the method's heads catch up (`lam_at(step)`); h = 0 (or W = 1) is the hard switch.
-`floor=f` keeps a residual RELA term: λ falls to f instead of 0 and stays there (the method then
-trains beside RELA, L = f·L_rela + (1 − f)·L_ssl).
+The hand-over (`handover=h`, a fraction of the run's steps; default 0.1): from the switch on λ
+falls linearly over W = round(h·total) steps instead of at once, so the loss moves towards the
+method's while the method's heads catch up (`lam_at(step)`); h = 0 (or W = 1) is a hard switch.
+`floor=f` (default 0.5) is where it falls to and stays: a residual RELA term, the method then
+training beside RELA, L = f·L_rela + (1 − f)·L_ssl; `floor=0` hands over to the method alone.
+The defaults are the best of the candidates measured in bench/table1.py --parts handover (README).
 
 `acc.step()` advances the rule by one step from the last RELA loss (reading it on the host and,
 under torch.distributed, averaging it over ranks: a sync and a collective per step). A loop that
@@ -44,7 +49,7 @@ and blend then decide at those points (the switch lands on the first decision po
 the step where ρ crossed). `rela train` does this every `--log-every` steps.
 
 λ (`acc.lam_at(step)`; `acc.lam` at the last observed step) is the RELA loss weight: 1 in the RELA
-phase, 0 once handed over. At the switch the accelerator calls `loader.set_views(ssl_views)`,
+phase, the floor once handed over. At the switch the accelerator calls `loader.set_views(ssl_views)`,
 which takes effect from the very next batch. The window and the scaled rule need the run's
 length: `total_steps=` or `acc.plan(total_steps)` (without it: no window, the given momenta).
 Unlike the reference code, the transfer head is trained (`freeze_transfer=True` reproduces the
@@ -169,11 +174,6 @@ class Accelerator(nn.Module):
         window = max(1, round(self.handover * self.total_steps))
         left = 1.0 - (step - self._switch_step + 1) / window  # the window's share still to go
         return end + (self._switch_weight - end) * min(1.0, max(0.0, left))
-
-    @property
-    def handed_over(self) -> bool:
-        """True once the RELA loss no longer weighs in (after the hand-over window)."""
-        return self.mode == "off" or (self.switched and self.lam_at(self._steps) == 0.0)
 
     @property
     def switched(self) -> bool:
