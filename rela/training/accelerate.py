@@ -171,9 +171,13 @@ class Accelerator(nn.Module):
         end = min(self.floor, self._switch_weight)  # a residual RELA term stays at `floor`
         if self.handover <= 0 or self.total_steps is None:
             return end
-        window = max(1, round(self.handover * self.total_steps))
-        left = 1.0 - (step - self._switch_step + 1) / window  # the window's share still to go
+        left = 1.0 - (step - self._switch_step + 1) / self.handover_steps  # the window's share still to go
         return end + (self._switch_weight - end) * min(1.0, max(0.0, left))
+
+    @property
+    def handover_steps(self) -> int:
+        """W, the hand-over window in steps (1: a hard switch; needs the run's length)."""
+        return max(1, round(self.handover * (self.total_steps or 0)))
 
     @property
     def switched(self) -> bool:

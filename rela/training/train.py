@@ -338,8 +338,7 @@ class Trainer:
         f = self.cfg.handover_lr
         if f >= 1 or self.acc is None or not self.acc.switched:
             return
-        window = max(1, round(self.cfg.handover * self.total_steps))  # the hand-over's W steps (accelerate.py)
-        progress = (step - self.acc.switched_at + 1) / window
+        progress = (step - self.acc.switched_at + 1) / self.acc.handover_steps
         if progress < 1:
             for group in self.opt.param_groups:
                 group["lr"] *= f + (1 - f) * max(0.0, progress)
@@ -400,7 +399,7 @@ class Trainer:
         acc = self.acc
         info = {"step": acc.switched_at, "epoch": epoch, "share": acc.switched_at / self.total_steps, "rho": acc.rho,
                 "rela_loss": float(acc.last_loss), "why": acc.why(), "rule": acc.rule, "window": list(acc.window),
-                "handover_steps": round(acc.handover * self.total_steps)}
+                "handover_steps": acc.handover_steps if acc.handover > 0 else 0}
         if not self.main:
             return info
         if self.cfg.probe_at_switch and self.test_name:

@@ -28,11 +28,16 @@ def apply_view(spec: ViewSpec, image: torch.Tensor, g: torch.Generator) -> torch
     return normalize_batch(spec, augment(spec, image, g)[None])[0]
 
 
+def normalisation(spec: ViewSpec) -> tuple[list[float], list[float]]:
+    """(x / 255 − mean) / std as x · scale + bias: the per-channel (scale, bias) that
+    `normalize_batch` and the C++ resampler's fused output both apply (the same float32 numbers)."""
+    return [1.0 / (255.0 * s) for s in spec.std], [-m / s for m, s in zip(spec.mean, spec.std, strict=True)]
+
+
 def normalize_batch(spec: ViewSpec, batch: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 [B, 3, S, S] → float32 (x/255 − mean)/std in two passes over the batch (into `out`),
     on the batch's device (the loader's uint8 hand-off normalises on the GPU)."""
-    scale = torch.tensor([1.0 / (255.0 * s) for s in spec.std]).view(1, 3, 1, 1).to(batch.device)
-    bias = torch.tensor([-m / s for m, s in zip(spec.mean, spec.std, strict=True)]).view(1, 3, 1, 1).to(batch.device)
+    scale, bias = (torch.tensor(t).view(1, 3, 1, 1).to(batch.device) for t in normalisation(spec))
     if out is None:
         out = torch.empty(batch.shape, dtype=torch.float32, device=batch.device)
     return out.copy_(batch).mul_(scale).add_(bias)  # in place: ~6x faster than a promoting mul

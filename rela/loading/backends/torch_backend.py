@@ -25,6 +25,7 @@ from rela.loading.backends.augment import (
     colour_rows,
     crop,
     crop_batch,
+    normalisation,
     normalize_batch,
 )
 from rela.loading.backends.threads import ThreadedBatches
@@ -170,8 +171,7 @@ def _batch_tensor(shape, dtype: torch.dtype, shared: bool) -> torch.Tensor:
 def _normalisation(specs: tuple[ViewSpec, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Each view's (x / 255 − mean) / std as x · scale + bias, [views, 3] float32: the numbers
     `normalize_batch` multiplies and adds, so the fused path rounds exactly as it does."""
-    scale = [[1.0 / (255.0 * s) for s in v.std] for v in specs]
-    bias = [[-m / s for m, s in zip(v.mean, v.std, strict=True)] for v in specs]
+    scale, bias = zip(*(normalisation(v) for v in specs), strict=True)
     return np.asarray(scale, np.float32), np.asarray(bias, np.float32)
 
 
