@@ -143,6 +143,31 @@ def test_corrupt_images_raise_or_are_skipped(tmp_path, backend):
     assert len(idx) == 12 and 5 not in idx and 8 not in idx
 
 
+def test_ffcv_batches_held_by_the_loop_are_never_overwritten(tmp_path):
+    """FFCV rotates batches_ahead + 2 output buffers; rela's batches are the user's: a loop that
+    keeps every batch of a pass (more batches than FFCV has buffers) sees each one as it came,
+    in either memory format (FFCV's HWC normalise for channels_last, the planar one otherwise:
+    the same lookup table, so the same values)."""
+    _need("ffcv")
+    data = ImageFolder(make_folder(tmp_path / "imgs", classes=2, per_class=48))
+    kw = dict(views="eval", image_size=16, shuffle=False, drop_last=False, num_workers=1)
+    ref = _epoch(Loader(data, 4, **kw))
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        got = _epoch(Loader(data, 4, backend="ffcv", memory_format=fmt, **kw))
+        assert len(got) == len(ref) == 24
+        for a, b in zip(ref, got, strict=True):
+            assert torch.equal(a["index"], b["index"])
+            assert b["views"][0].is_contiguous(memory_format=fmt)
+            assert (a["views"][0] - b["views"][0]).abs().mean() < 0.1  # as test_eval_view_pixels_…
+        if fmt is torch.contiguous_format:
+            planar = got
+    for a, b in zip(planar, got, strict=True):
+        assert torch.equal(a["views"][0], b["views"][0])
+    coloured = _epoch(Loader(_ramps(96), 4, views="rela", image_size=16, num_workers=1, backend="ffcv"))
+    ptrs = {v.data_ptr() for b in coloured for v in b["views"]}
+    assert len(ptrs) == 2 * len(coloured)  # every view of every batch in memory of its own
+
+
 def test_ffcv_iterators_do_not_leak_threads():
     _need("ffcv")
     loader = Loader(_ramps(64), 8, views="eval", image_size=16, num_workers=1, backend="ffcv")

@@ -6,7 +6,9 @@ subset and sharding chose (a fixed traversal order per pass). FFCV runs the geom
 (RandomResizedCrop or centre crop while decoding, flip); FFCV 1.0.2 has no hue, grayscale, blur or
 solarise operators, so for views with colour operations those run afterwards in rela
 (torchvision on the uint8 batch, per-sample seeded) and normalisation is rela's; plain views
-(crop, flip) are normalised by FFCV's `NormalizeImage` on its threads.
+(crop, flip) are normalised on FFCV's threads by its `NormalizeImage` lookup table, written in the
+loader's memory format. Each batch is handed over in a buffer of its own (FFCV reuses a few
+buffers in turn; rela's batches are the user's to keep), without a copy.
 
 Honest limits, all from FFCV 1.0.2 itself: its crop/flip RNG is not seedable, so a resumed or
 repeated run sees the same samples in the same order but not the same crops; a pipeline reads one
@@ -18,6 +20,7 @@ Images that fail to decode when the `.beton` is written are stored as placeholde
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Iterator
@@ -75,10 +78,13 @@ def write_beton(dataset: RelaDataset, threads: int = 1) -> Path:
     return path
 
 
-def _pipeline(spec: ViewSpec) -> list:
-    """FFCV's ops for one view. A view without colour ops is normalised inside FFCV (its compiled
-    lookup table, on its threads) and comes out float32 N×C×H×W in NHWC order, as FFCV's own
-    pipelines hand it over; a view with colour ops comes out uint8 C×H×W for rela's colour step."""
+def _pipeline(spec: ViewSpec, memory_format: torch.memory_format) -> tuple[list, object]:
+    """FFCV's ops for one view, and the op whose output buffer is handed over. A view without
+    colour ops is normalised inside FFCV (a compiled lookup table, on its threads) and comes out
+    float32 N×C×H×W in the loader's memory format:
+    channels_last from FFCV's own `NormalizeImage`, contiguous from `_planar_normalise` (the
+    same table writing C×H×W planes: no transposing copy afterwards). A view with colour ops comes
+    out uint8 C×H×W for rela's colour step."""
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
     from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToTensor, ToTorchImage
 
@@ -88,9 +94,98 @@ def _pipeline(spec: ViewSpec) -> list:
     if spec.flip:
         ops.append(RandomHorizontalFlip(flip_prob=spec.flip))
     if spec.has_colour:
-        return ops + [ToTensor(), ToTorchImage(channels_last=False)]
+        planar = ToTorchImage(channels_last=False)  # copies into a buffer of its own
+        return ops + [ToTensor(), planar], planar
     mean, std = np.asarray(spec.mean) * 255, np.asarray(spec.std) * 255
-    return ops + [NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage(channels_last=True)]
+    if memory_format is torch.channels_last:
+        norm = NormalizeImage(mean, std, np.float32)
+        return ops + [norm, ToTensor(), ToTorchImage(channels_last=True)], norm  # the last two are views
+    norm = _planar_normalise(mean, std)
+    return ops + [norm, ToTensor()], norm
+
+
+def _planar_normalise(mean: np.ndarray, std: np.ndarray):
+    """FFCV's `NormalizeImage` (CPU) writing C×H×W: the same lookup table (bit-equal values), the
+    planes written in order. FFCV's op writes H×W×C, so a contiguous batch cost a transposing
+    copy of every batch on the loop's thread (38 MB per 64 images of 224 px)."""
+    from dataclasses import replace
+
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.pipeline.operation import Operation
+
+    class PlanarNormalize(Operation):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = ((np.arange(256)[:, None] - mean[None, :]) / std[None, :]).astype(np.float32)
+
+        def generate_code(self):
+            table, my_range = self.table, Compiler.get_iterator()
+
+            def normalise(images, result, indices):
+                h, w = images.shape[1], images.shape[2]
+                for i in my_range(len(indices)):
+                    for c in range(3):
+                        for y in range(h):
+                            for x in range(w):
+                                result[i, c, y, x] = table[images[i, y, x, c], c]
+                return result
+
+            normalise.is_parallel = True
+            normalise.with_indices = True
+            return normalise
+
+        def declare_state_and_memory(self, previous_state):
+            h, w, c = previous_state.shape
+            return (replace(previous_state, shape=(c, h, w), dtype=np.dtype(np.float32), jit_mode=True),
+                    AllocationQuery((c, h, w), np.dtype(np.float32)))
+
+    return PlanarNormalize()
+
+
+@functools.cache
+def _fresh_output_loader():
+    """FFCV's Loader, except that the operations named by `fresh=` write every batch into a new
+    buffer.
+
+    FFCV rotates `batches_ahead + 2` preallocated buffers per operation, so a batch is overwritten
+    a few batches later while a training loop (or a user's list of batches) may still hold it.
+    Copying each batch out of FFCV's buffer cost rela's loop ~8 ms per 64 float32 224-px images
+    on the consuming thread (`bench/loader.py`: the ffcv backend at ×0.80–0.90 of FFCV's Loader);
+    a new buffer per batch for the op whose output is handed over costs an allocation from the
+    heap (reused, see `rela._alloc`: ~50 page faults per batch) and no copy. The rest is FFCV's
+    code: `__iter__` is FFCV 1.0.2's, returning the iterator below."""
+    from ffcv.loader import Loader
+    from ffcv.loader.epoch_iterator import EpochIterator
+    from ffcv.pipeline.compiler import Compiler
+
+    class FreshIterator(EpochIterator):
+        def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
+            banks = self.memory_allocations["operation"]
+            for node in self.loader.fresh_nodes:
+                bank = banks[node]
+                if not isinstance(bank, list):  # FFCV's (slots, batch, ...) array → one array per slot
+                    bank = banks[node] = list(bank)
+                old = bank[batch_slot]  # a numpy array, or a torch tensor for ops past ToTensor
+                bank[batch_slot] = torch.empty_like(old) if isinstance(old, torch.Tensor) else np.empty_like(old)
+            return super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
+
+    class FreshLoader(Loader):
+        def __init__(self, path: str, fresh: tuple = (), **kwargs) -> None:
+            super().__init__(path, **kwargs)
+            nodes = [*self.graph.root_nodes, *(n for ns in self.graph.adjacency_list.values() for n in ns)]
+            self.fresh_nodes = sorted({n.id for n in nodes if getattr(n, "operation", None) in fresh})
+
+        def __iter__(self):
+            Compiler.set_num_threads(self.num_workers)
+            order = self.next_traversal_order()
+            selected_order = order[:len(self) * self.batch_size]
+            self.next_epoch += 1
+            if self.code is None or self.recompile:
+                self.generate_code()
+            return FreshIterator(self, selected_order)
+
+    return FreshLoader
 
 
 class _Fixed:
@@ -147,12 +242,13 @@ class FfcvBackend:
     def _loader(self, spec: ViewSpec, threads: int):
         if (spec, threads) not in self.loaders:
             from ffcv.fields.decoders import IntDecoder
-            from ffcv.loader import Loader
             from ffcv.transforms import ToTensor
 
-            loader = Loader(str(self.beton), batch_size=self.batch_size, num_workers=threads,
-                            pipelines={"image": _pipeline(spec), "index": [IntDecoder(), ToTensor()], "ok": None},
-                            drop_last=self.options.drop_last, os_cache=True, batches_ahead=2)
+            image, handed = _pipeline(spec, self.options.memory_format)
+            loader = _fresh_output_loader()(
+                str(self.beton), fresh=(handed,), batch_size=self.batch_size, num_workers=threads,
+                pipelines={"image": image, "index": [IntDecoder(), ToTensor()], "ok": None},
+                drop_last=self.options.drop_last, os_cache=True, batches_ahead=2)
             loader.traversal_order = _Fixed()
             self.loaders[spec, threads] = loader
         return self.loaders[spec, threads]
@@ -194,10 +290,10 @@ class FfcvBackend:
         index = outs[0][1].reshape(-1).to(torch.int64).clone()
         views = []
         for k, (spec, (images, _)) in enumerate(zip(task.views, outs, strict=True)):
-            if not spec.has_colour:  # normalised in FFCV's pipeline, into a buffer FFCV reuses: one
-                views.append(images.clone(memory_format=self.options.memory_format))  # copy, in the loader's format
+            if not spec.has_colour:  # normalised in FFCV's pipeline, in the loader's memory format, into
+                views.append(images)  # a buffer of this batch's own: no copy
                 continue
-            x = images.clone()
+            x = images  # this batch's own buffer too: coloured in place
             for row, i in enumerate(task.indices):
                 x[row] = colour(spec, x[row], self.rules.generator(task, i, k))
             views.append(normalize_batch(spec, x))
