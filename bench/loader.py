@@ -412,7 +412,8 @@ def profile_stages(folder: Path, views: int) -> dict:
     rules = loader._rules
     for owner, attr, stage in ((rules, "jpeg_file", "file read + JPEG header (Python)"),
                                (rules, "generator", "per-sample random streams (Python)"),
-                               (tb, "geometry", "crop box + flip draw (Python)"),
+                               (tb, "geometry", "crop box + flip draw (Python; views with colour ops)"),
+                               (tb, "geometry_batch", "crop box + flip draw (one C++ call per view)"),
                                (tb, "colour_params", "colour draw (Python; no ops on plain crops)"),
                                (_ext, "decode_resized_crops", "Huffman + IDCT + resample + flip + normalise (C++)"),
                                (tb, "normalize_batch", "normalise to float32 (rows off the C++ path)"),

@@ -14,6 +14,7 @@
 #ifdef RELA_WITH_JPEG
 #include "jpeg.h"
 #endif
+#include "geometry.h"
 #include "sampling.h"
 #include "scan.h"
 #include "views.h"
@@ -78,6 +79,52 @@ static py::array_t<int64_t> weighted_subset(
   if (!ok)
     throw std::invalid_argument("weighted_subset: fewer than k weights are positive and finite");
   return out;
+}
+
+// A Python int >= 0 as numpy's SeedSequence reads it: little-endian 32-bit words, 0 as [0].
+static void append_words(uint64_t v, std::vector<uint32_t>& out) {
+  if (v == 0) out.push_back(0);
+  for (; v > 0; v >>= 32) out.push_back(static_cast<uint32_t>(v & 0xFFFFFFFFu));
+}
+
+// One view's boxes and flips for a batch: sample i's stream is seeded by
+// SeedSequence([*prefix, indices[i], *suffix]) (views.sample_generator), sized heights[i] x widths[i].
+static py::tuple draw_geometry(const std::vector<uint64_t>& prefix,
+                               py::array_t<int64_t, py::array::c_style | py::array::forcecast> indices,
+                               const std::vector<uint64_t>& suffix,
+                               py::array_t<int32_t, py::array::c_style | py::array::forcecast> heights,
+                               py::array_t<int32_t, py::array::c_style | py::array::forcecast> widths, bool random,
+                               std::pair<double, double> scale, std::pair<double, double> ratio, double flip) {
+  const int64_t n = indices.size();
+  if (indices.ndim() != 1 || heights.size() != n || widths.size() != n)
+    throw std::invalid_argument("draw_geometry: indices, heights and widths must be 1-d, of one length");
+  rela::CropRule rule;
+  rule.random = random;
+  rule.scale[0] = scale.first, rule.scale[1] = scale.second;
+  rule.ratio[0] = ratio.first, rule.ratio[1] = ratio.second;
+  rule.flip = flip;
+  py::array_t<int32_t> boxes({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(4)});
+  py::array_t<uint8_t> flips(n);
+  const int64_t* idx = indices.data();
+  const int32_t *hs = heights.data(), *ws = widths.data();
+  int32_t* b = boxes.mutable_data();
+  uint8_t* f = flips.mutable_data();
+  for (int64_t i = 0; i < n; ++i)
+    if (idx[i] < 0 || hs[i] < 1 || ws[i] < 1)
+      throw std::invalid_argument("draw_geometry: indices must be >= 0 and sizes >= 1");
+  {
+    py::gil_scoped_release release;
+    std::vector<uint32_t> words;
+    for (int64_t i = 0; i < n; ++i) {
+      words.clear();
+      for (uint64_t v : prefix) append_words(v, words);
+      append_words(static_cast<uint64_t>(idx[i]), words);
+      for (uint64_t v : suffix) append_words(v, words);
+      const uint32_t seed = rela::seed_sequence_word(words.data(), static_cast<int>(words.size()));
+      rela::draw_geometry(seed, hs[i], ws[i], rule, b + 4 * i, f + i);
+    }
+  }
+  return py::make_tuple(boxes, flips);
 }
 
 #ifdef RELA_WITH_JPEG
@@ -258,6 +305,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("colour_batch", &colour_batch, py::arg("images"), py::arg("params"), py::arg("threads") = 1,
         "A view's colour operations (ColorJitter in the drawn order, grayscale, Gaussian blur, solarise; "
         "torchvision v2 semantics on uint8) on each row of a uint8 [N, 3, H, W] batch, in place.");
+  m.def("draw_geometry", &draw_geometry, py::arg("prefix"), py::arg("indices"), py::arg("suffix"),
+        py::arg("heights"), py::arg("widths"), py::arg("random"), py::arg("scale"), py::arg("ratio"),
+        py::arg("flip"),
+        "One view's crop boxes [N, 4] (top, left, h, w) and flips [N] for a batch, drawn as "
+        "rela.loading.views.geometry draws them from sample i's stream SeedSequence([*prefix, "
+        "indices[i], *suffix]) seeding a torch CPU generator (MT19937).");
 #ifdef RELA_WITH_JPEG
   m.def("decode_resized_crops", &decode_resized_crops, py::arg("jpegs"), py::arg("boxes"), py::arg("flips"),
         py::arg("out_size"), py::arg("threads") = 1, py::arg("outs") = py::none(), py::arg("rows") = py::none(),

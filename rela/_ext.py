@@ -32,6 +32,14 @@ def has_jpeg_decoder() -> bool:
     return _C is not None and hasattr(_C, "decode_resized_crops")
 
 
+def draw_geometry(prefix, indices, suffix, heights, widths, random: bool, scale, ratio, flip: float):
+    """One view's crop boxes [N, 4] and flips [N] for a batch (see csrc/geometry.h); only with
+    has_extension(). Sample i's stream is SeedSequence([*prefix, indices[i], *suffix])."""
+    return _C.draw_geometry([int(v) for v in prefix], np.asarray(indices, np.int64), [int(v) for v in suffix],
+                            np.asarray(heights, np.int32), np.asarray(widths, np.int32), bool(random),
+                            tuple(map(float, scale)), tuple(map(float, ratio)), float(flip))
+
+
 def decode_resized_crops(jpegs, boxes, flips, out_size, threads: int = 1, outs=None, rows=None, scale=None,
                          bias=None):
     """See csrc/jpeg.h; only with has_jpeg_decoder(). `threads` images are decoded at a time. With

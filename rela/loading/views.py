@@ -30,6 +30,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
+import numpy as np
 import torch
 
 from rela.data.priors import IMAGENET_MEAN, IMAGENET_STD
@@ -262,9 +263,28 @@ def colour_params(spec: ViewSpec, g: torch.Generator) -> ColourParams:
     return ColourParams(**factors, order=tuple(order), gray=gray, sigma=sigma, solarize=solarize)
 
 
+_VIEW_STREAM = 0x7E1A  # the views' key among rela's random streams (subset.stream_seed)
+
+
 def sample_generator(seed: int, epoch: int, index: int, view: int = 0) -> torch.Generator:
     """The generator for one view of one sample in one epoch (one per view, so a backend may draw
     every view's crop box before decoding and its colours after, on the same streams)."""
     from rela.loading.subset import stream_seed
 
-    return torch.Generator().manual_seed(stream_seed(seed, epoch, index, view, 0x7E1A) & (2**63 - 1))
+    return torch.Generator().manual_seed(stream_seed(seed, epoch, index, view, _VIEW_STREAM) & (2**63 - 1))
+
+
+def geometry_batch(spec: ViewSpec, seed: int, epoch: int, indices: Sequence[int], view: int,
+                   heights: Sequence[int], widths: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """`geometry` of view `view` for many samples: boxes [N, 4] (top, left, h, w) and flips [N],
+    the same numbers from the same streams. In C++ when rela._C is built (a torch.Generator and
+    ~10 torch calls per sample and view cost ~40 µs, 5–8% of a plain crop's CPU time)."""
+    from rela import _ext
+
+    if _ext.has_extension():
+        return _ext.draw_geometry([seed & (2**64 - 1), epoch], indices, [view, _VIEW_STREAM], heights, widths,
+                                  spec.crop != "center", spec.scale, spec.ratio, spec.flip)
+    drawn = [geometry(spec, h, w, sample_generator(seed, epoch, i, view))
+             for i, h, w in zip(indices, heights, widths, strict=True)]
+    return (np.asarray([d[:4] for d in drawn], np.int32).reshape(-1, 4),
+            np.asarray([d[4] for d in drawn], np.uint8))

@@ -12,8 +12,11 @@ from rela.loading.views import (
     byol_views,
     crop_params,
     eval_view,
+    geometry,
+    geometry_batch,
     rela_view,
     resolve_views,
+    sample_generator,
 )
 from tests.conftest import smooth_image
 
@@ -125,3 +128,27 @@ def test_preset_overrides_set_every_knob():
                      ("byol,flip=often", "needs a number"), ("byol,scale=0:1", "crop scale"), ("byol,flip", "key=value")):
         with pytest.raises(RelaError, match=msg):
             resolve_views(bad, 32)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_batched_geometry_draws_what_geometry_draws(compiled, monkeypatch):
+    """The fast path's boxes and flips (C++, or the Python fallback without rela._C) are the
+    general path's, sample for sample: odd seeds (negative, above 2^32 or 2^64's mask), epochs,
+    indices, tiny and lopsided images (the central-crop fallback), centre crops, no flip."""
+    from rela import _ext
+
+    if compiled and not _ext.has_extension():
+        pytest.skip("rela._C not built")
+    monkeypatch.setattr(_ext, "has_extension", lambda: compiled)
+    rng = np.random.default_rng(1)
+    specs = [ViewSpec(32), ViewSpec(32, crop="center"), ViewSpec(32, scale=(0.01, 0.1), ratio=(0.2, 5.0), flip=0.0),
+             ViewSpec(32, scale=(0.9, 1.0), ratio=(2.0, 3.0), flip=1.0)]
+    for seed, epoch in [(0, 0), (-3, 1), (2**32 + 7, 2**32), (2**64 + 5, 9), (12345, 3)]:
+        for view, spec in enumerate(specs):
+            idx = rng.integers(0, 2**40, 40)
+            hs = np.concatenate([[1, 2, 5, 600, 3], rng.integers(1, 700, 35)])
+            ws = np.concatenate([[1, 900, 2, 4, 3], rng.integers(1, 700, 35)])
+            boxes, flips = geometry_batch(spec, seed, epoch, idx.tolist(), view, hs.tolist(), ws.tolist())
+            for j in range(len(idx)):
+                want = geometry(spec, int(hs[j]), int(ws[j]), sample_generator(seed, epoch, int(idx[j]), view))
+                assert (*boxes[j].tolist(), bool(flips[j])) == tuple(want), (seed, epoch, view, j)

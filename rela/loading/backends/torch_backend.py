@@ -29,7 +29,7 @@ from rela.loading.backends.augment import (
     normalize_batch,
 )
 from rela.loading.backends.threads import ThreadedBatches
-from rela.loading.views import ViewSpec, colour_params, geometry
+from rela.loading.views import ColourParams, ViewSpec, colour_params, geometry, geometry_batch
 
 
 class TorchBuilder(torch.utils.data.Dataset):
@@ -86,26 +86,39 @@ class TorchBuilder(torch.utils.data.Dataset):
                  for v in task.views]
         if not (_ext.has_jpeg_decoder() and len({v.size for v in task.views}) == 1):
             return task, [], batch, []
-        data, boxes, flips, gens, ok = [], [], [], [], []
+        data, sizes, ok = [], [], []
         for row, i in enumerate(task.indices):
             raw, size = self.rules.jpeg_file(i)
-            if raw is None:
-                continue
-            gs = [self.rules.generator(task, i, k) for k in range(len(task.views))]
-            geo = [geometry(spec, size[1], size[0], g) for spec, g in zip(task.views, gs, strict=True)]
-            data.append(raw)
-            boxes.append([b[:4] for b in geo])
-            flips.append([b[4] for b in geo])
-            gens.append(gs)
-            ok.append(row)
+            if raw is not None:
+                data.append(raw), sizes.append(size), ok.append(row)
         if not ok:
             return task, [], batch, []
+        boxes, flips, gens = self._geometry(task, [task.indices[r] for r in ok], sizes)
         scale, bias = _normalisation(task.views) if fused else (None, None)
-        _, errors = _ext.decode_resized_crops(data, np.asarray(boxes, np.int32), np.asarray(flips, np.uint8),
-                                              task.views[0].size, self.decode_threads, outs=[b.numpy() for b in batch],
-                                              rows=np.asarray(ok, np.int64), scale=scale, bias=bias)
+        _, errors = _ext.decode_resized_crops(data, boxes, flips, task.views[0].size, self.decode_threads,
+                                              outs=[b.numpy() for b in batch], rows=np.asarray(ok, np.int64),
+                                              scale=scale, bias=bias)
         keep = [j for j in range(len(ok)) if not errors[j]]  # failures: the general path decides
         return task, [ok[j] for j in keep], batch, [gens[j] for j in keep]
+
+    def _geometry(self, task: Task, indices: list[int], sizes: list[tuple[int, int]]) -> tuple:
+        """Every view's boxes [N, views, 4] and flips [N, views] for these samples ((width, height)
+        each), and per sample the views' generators where colours are still to be drawn from them
+        (after the box, on the same stream); views without colour ops are drawn in one C++ call."""
+        n, views = len(indices), len(task.views)
+        boxes, flips = np.empty((n, views, 4), np.int32), np.empty((n, views), np.uint8)
+        gens: list[list] = [[None] * views for _ in range(n)]
+        heights, widths = [s[1] for s in sizes], [s[0] for s in sizes]
+        for k, spec in enumerate(task.views):
+            if not spec.has_colour:
+                boxes[:, k], flips[:, k] = geometry_batch(spec, self.rules.seed, task.epoch, indices, k, heights,
+                                                          widths)
+                continue
+            for j, (i, h, w) in enumerate(zip(indices, heights, widths, strict=True)):
+                gens[j][k] = self.rules.generator(task, i, k)
+                top, left, bh, bw, flip = geometry(spec, h, w, gens[j][k])
+                boxes[j, k], flips[j, k] = (top, left, bh, bw), flip
+        return boxes, flips, gens
 
     def finish(self, decoded: tuple) -> Built:
         """Stage 2: the rows the fast path didn't do, colour operations, normalisation."""
@@ -115,8 +128,8 @@ class TorchBuilder(torch.utils.data.Dataset):
         index = torch.tensor(task.indices, dtype=torch.int64)
         params: list[list[dict | None]] = [[None] * n for _ in task.views]  # each row's colour choices
         for row, gs in zip(rows, gens, strict=True):
-            for k, spec in enumerate(task.views):
-                params[k][row] = colour_params(spec, gs[k])  # after geometry, on the same stream
+            for k, spec in enumerate(task.views):  # after geometry, on the same stream (no draws: no ops)
+                params[k][row] = colour_params(spec, gs[k]) if gs[k] is not None else ColourParams()
         done = set(rows)
         rest, images = [r for r in range(n) if r not in done], []
         for row in rest:
