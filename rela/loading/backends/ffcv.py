@@ -248,7 +248,7 @@ class FfcvBackend:
             loader = _fresh_output_loader()(
                 str(self.beton), fresh=(handed,), batch_size=self.batch_size, num_workers=threads,
                 pipelines={"image": image, "index": [IntDecoder(), ToTensor()], "ok": None},
-                drop_last=self.options.drop_last, os_cache=True, batches_ahead=2)
+                drop_last=self.options.drop_last, os_cache=True)  # batches_ahead: FFCV's default (3)
             loader.traversal_order = _Fixed()
             self.loaders[spec, threads] = loader
         return self.loaders[spec, threads]
