@@ -115,6 +115,7 @@ class Built:
     drawn: tuple[int, ...] = ()  # the indices drawn, before undecodable ones were replaced
     skipped: list = field(default_factory=list)  # (index, source, reason) of each replaced sample
     colour: list | None = None  # handoff "device-colour": each view's rows' colour choices
+    leases: list = field(default_factory=list)  # worker processes: shared segments to free (shm_ring)
     # rela's errors travel as values, from worker processes and threads alike: raised in a worker,
     # torch would wrap them in its worker-traceback text; returned, the loader raises rela's own
     # one-line error. (Anything else — a bug — is raised where it happens, with its traceback.)

@@ -19,7 +19,7 @@ import torch
 from rela import _ext, _workers
 from rela._alloc import keep_freed_memory
 from rela.errors import RelaError
-from rela.loading.backends import Built, Options, SampleRules, Task, Tasks
+from rela.loading.backends import Built, Options, SampleRules, Task, Tasks, shm_ring
 from rela.loading.backends.augment import (
     colour_batch_tensor,
     colour_rows,
@@ -35,9 +35,11 @@ from rela.loading.views import ColourParams, ViewSpec, colour_params, geometry, 
 class TorchBuilder(torch.utils.data.Dataset):
     """Builds one task's batch; a Dataset of tasks, so DataLoader workers can run it."""
 
-    def __init__(self, rules: SampleRules, decode_threads: int = 1, handoff: str = "float32") -> None:
+    def __init__(self, rules: SampleRules, decode_threads: int = 1, handoff: str = "float32",
+                 ring_slots: int = 3) -> None:
         self.rules = rules
         self.decode_threads = decode_threads  # C++ JPEG (and colour) threads per batch (thread workers)
+        self.ring_slots = ring_slots  # worker processes: shared batch buffers kept per shape (shm_ring)
         # "float32": finished views; "uint8": coloured crops, normalised by the loader on the device;
         # "device-colour": plain crops + each row's colour choices, coloured there too.
         self.handoff = handoff
@@ -51,10 +53,12 @@ class TorchBuilder(torch.utils.data.Dataset):
     def build(self, task: Task) -> Built:
         try:
             if getattr(self.rules.dataset, "as_is", False):
-                return self.stack_items(task)
-            return self.finish(self.decode(task))
+                built = self.stack_items(task)
+            else:
+                built = self.finish(self.decode(task))
         except RelaError as e:  # a value, not raised: see Built.error
-            return Built.failed(e, task.version)
+            built = Built.failed(e, task.version)
+        return shm_ring.attach(built)  # in a worker process: the shared buffers it leased
 
     def stack_items(self, task: Task) -> Built:
         """A dataset used as-is (`views="as-is"`): its items' own views, stacked per view."""
@@ -81,8 +85,7 @@ class TorchBuilder(torch.utils.data.Dataset):
         decoded, the batch per view, per-view generators per row); rows it could not do (CMYK,
         corrupt, not a JPEG file) are left to `finish`, which takes the general path."""
         n, fused = len(task.indices), self.fused(task)
-        in_worker = torch.utils.data.get_worker_info() is not None
-        batch = [_batch_tensor((n, 3, v.size, v.size), torch.float32 if fused else torch.uint8, in_worker)
+        batch = [self._batch_tensor((n, 3, v.size, v.size), torch.float32 if fused else torch.uint8)
                  for v in task.views]
         if not (_ext.has_jpeg_decoder() and len({v.size for v in task.views}) == 1):
             return task, [], batch, []
@@ -152,10 +155,16 @@ class TorchBuilder(torch.utils.data.Dataset):
             return self.rules.assemble(task, batch, index, skipped)
         # In a worker, write the float batches straight into shared memory: handing them to the
         # main process is then a handle, not a 4-byte-per-pixel copy.
-        in_worker = torch.utils.data.get_worker_info() is not None
-        views = [normalize_batch(spec, x, _batch_tensor(x.shape, torch.float32, in_worker))
+        views = [normalize_batch(spec, x, self._batch_tensor(x.shape, torch.float32))
                  for spec, x in zip(task.views, batch, strict=True)]
         return self.rules.assemble(task, views, index, skipped)
+
+    def _batch_tensor(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """An empty batch; in a worker process, in shared memory that the worker reuses (shm_ring),
+        so handing it over is a handle, not a copy through a pipe."""
+        if torch.utils.data.get_worker_info() is None:
+            return torch.empty(shape, dtype=dtype)
+        return shm_ring.take(shape, dtype, self.ring_slots)
 
     def _crop_rest(self, task: Task, rest: list[int], images: list[torch.Tensor], u8: list[torch.Tensor],
                    params: list[list[dict | None]]) -> None:
@@ -173,12 +182,6 @@ class TorchBuilder(torch.utils.data.Dataset):
                     u8[k][row] = crop(spec, img, g)
             for row, g in zip(rest, gens, strict=True):
                 params[k][row] = colour_params(spec, g)
-
-
-def _batch_tensor(shape, dtype: torch.dtype, shared: bool) -> torch.Tensor:
-    """An empty batch; in a worker process, in shared memory, so handing it over is a handle."""
-    x = torch.empty(shape, dtype=dtype)
-    return x.share_memory_() if shared else x
 
 
 def _normalisation(specs: tuple[ViewSpec, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -213,13 +216,15 @@ class TorchBackend:
     def __init__(self, rules: SampleRules, options: Options) -> None:
         self.options = options
         # Thread workers each build whole batches (see threads.py), so each batch's C++ runs on one thread.
-        self.builder = TorchBuilder(rules, 1, options.handoff)
+        # Worker processes lease a batch's buffers until the user drops the batch: one per batch
+        # queued (prefetch_factor), one being built, and two the loop holds (this one, the last).
+        self.builder = TorchBuilder(rules, 1, options.handoff, ring_slots=options.depth + 3)
 
     def build(self, task: Task) -> Built:
         return self.builder.build(task)
 
     def batches(self, tasks: Tasks) -> Iterator[Built]:
-        o = self.options
+        o, claim = self.options, None
         if o.num_workers == 0:
             source = map(self.builder.build, tasks)
         elif o.worker_type == "thread":
@@ -231,8 +236,9 @@ class TorchBackend:
                 worker_init_fn=_worker_init, prefetch_factor=o.prefetch_factor, persistent_workers=False,
                 pin_memory=o.pin_memory, timeout=o.timeout,
             ))
+            claim = shm_ring.claim  # a batch's buffers go back to its worker when the user drops it
         try:
-            yield from source
+            yield from (map(claim, source) if claim else source)
         finally:
             if hasattr(source, "close"):
                 source.close()  # the threads stop, even on break or error
