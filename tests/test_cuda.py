@@ -1,7 +1,8 @@
 """The GPU paths, run where a CUDA device exists (bench/gpu_check.sh; skipped elsewhere): the Triton
 kernels compiled for the device against the float64 reference, the score table on the device,
 a bf16 + channels_last training step with no host sync between log points, DALI's mixed
-decode against the torch backend, and a 2-rank NCCL group when two GPUs exist."""
+decode against the torch backend, pinned batches from worker processes, and a 2-rank NCCL group
+when two GPUs exist."""
 
 import os
 
@@ -129,6 +130,23 @@ def _nccl_worker(rank: int, init: str) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="one GPU here: the 2-rank NCCL group needs two")
+def test_pinned_batches_from_worker_processes_free_their_buffers_and_stay_intact(tmp_path):
+    """pin_memory=True: torch's pin thread copies each batch out of the worker's reused shared
+    buffer (shm_ring frees it at once); 30 batches kept on the GPU equal the in-process pass."""
+    from rela import Loader
+    from rela.data.datasets import ImageFolder
+    from tests.conftest import make_folder
+
+    folder = ImageFolder(make_folder(tmp_path / "imgs", classes=2, per_class=30))
+    kw = dict(image_size=16, views="eval", seed=4, drop_last=False)
+    ref = list(Loader(folder, 2, num_workers=0, **kw))
+    got = list(Loader(folder, 2, num_workers=2, device="cuda", pin_memory=True, backend="torch", **kw))
+    assert len(got) == len(ref) == 30
+    for a, b in zip(ref, got, strict=True):
+        assert b["views"][0].device.type == "cuda"
+        assert torch.equal(a["index"], b["index"].cpu()) and torch.equal(a["views"][0], b["views"][0].cpu())
+
+
 def test_two_rank_nccl_group_keeps_the_scores_identical(tmp_path):
     import torch.multiprocessing as mp
 
