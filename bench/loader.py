@@ -498,8 +498,9 @@ def summarise(rows: list[dict], busy: bool = False) -> float:
     """Each row's ratio to the torch baseline; the best rela row against the decode limit and
     FFCV. Returns the decode-only limit (img/s): the decode row's rate x cores (under --busy the
     one decode thread shares the cores with the trainer: a reference, not the goal's limit)."""
-    limit = next(r for r in rows if r["name"] == DECODE_ROW)["img_s"] * (os.cpu_count() or 1)
-    print(f"  decode-only limit: {limit:.0f} img/s (1-thread PIL decode x {os.cpu_count() or 1} cores, "
+    cores = os.cpu_count() or 1
+    limit = next(r for r in rows if r["name"] == DECODE_ROW)["img_s"] * cores
+    print(f"  decode-only limit: {limit:.0f} img/s (1-thread PIL decode x {cores} cores, "
           "measured in the same rounds)")
     base = next((r for r in rows if r["name"].startswith("torch")), None)
     for r in rows:

@@ -115,9 +115,10 @@ static py::tuple draw_geometry(const std::vector<uint64_t>& prefix,
   {
     py::gil_scoped_release release;
     std::vector<uint32_t> words;
+    for (uint64_t v : prefix) append_words(v, words);
+    const size_t common = words.size();  // the prefix's words, the same for every sample
     for (int64_t i = 0; i < n; ++i) {
-      words.clear();
-      for (uint64_t v : prefix) append_words(v, words);
+      words.resize(common);
       append_words(static_cast<uint64_t>(idx[i]), words);
       for (uint64_t v : suffix) append_words(v, words);
       const uint32_t seed = rela::seed_sequence_word(words.data(), static_cast<int>(words.size()));

@@ -5,7 +5,7 @@ cost ~30 ms per 64 float32 224-px images here (creating it, then a page fault pe
 the first write): 36% of a worker-process pass's CPU was the workers' kernel time (`perf`,
 bench/loader.py's plain crops). Instead each worker keeps `slots` segments per batch shape
 (`Ring`) and leases one per batch tensor. The batch goes to the user as it is (no copy); the
-loop frees the lease when the last tensor using that memory is gone (`Claims`: a finaliser on
+loop frees the lease when the last tensor using that memory is gone (`claim`: a finaliser on
 the tensor's storage), in a flag array both processes map. Batches stay valid as long as the
 user holds them; a worker that finds every slot leased (the loop fell behind, or the user keeps
 batches) takes a new segment, as before: it never waits.
