@@ -1,7 +1,7 @@
 PYTHON ?= python3
 export PYTHON
 
-.PHONY: setup demo test wheel lint bench gpu-wheels
+.PHONY: setup demo test test-latest constraints wheel lint bench gpu-wheels asan
 
 setup:
 	@bash scripts/setup.sh
@@ -17,6 +17,15 @@ demo: setup
 
 test: setup
 	$(PYTHON) -m pytest -q
+
+# The suite against the newest releases (resolved fresh in .venv-latest; `make test` stays on
+# constraints.txt). When it is green, `make constraints` moves the pins to what it just passed with.
+test-latest:
+	bash scripts/test_latest.sh
+
+constraints:
+	{ sed -n '1,3p' constraints.txt; .venv-latest/bin/python -m pip freeze --exclude-editable 2>/dev/null \
+	  | grep -v '^rela-accel'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 # The wheel alone: built from a clean copy, installed into a fresh venv, used from outside the
 # checkout (also part of `make test`).

@@ -1,8 +1,11 @@
 """The packages, and `rela._C` built through CMake.
 
 Packages are discovered, never listed by hand (a hand-written list once left `rela.backends` out of
-the wheel): every package under rela/, plus the top-level kernels/ folder shipped as rela.kernels
-(no top-level `kernels` module is installed: that name is taken on PyPI).
+the wheel): every package under rela/, plus rela.kernels. The Triton ops live in the top-level
+kernels/ folder, which is deliberately *not* a Python package (no __init__.py): a checkout on
+sys.path (pytest, `python -m`) must not shadow Hugging Face's `kernels`, which transformers imports.
+`rela/kernels` is a link to that folder, so `rela.kernels` (a namespace package) is the only name
+its modules have, in a checkout, an editable install and the wheel alike.
 
 Never import torch here: an isolated build environment would pull a multi-GB torch wheel.
 Set RELA_SKIP_EXT=1 to install without the extension (rela then falls back to numpy/Python).
@@ -45,7 +48,6 @@ class CMakeBuild(build_ext):
 ext_modules = [] if os.environ.get("RELA_SKIP_EXT") else [CMakeExtension("rela._C")]
 setup(
     packages=[*find_packages(include=["rela", "rela.*"]), "rela.kernels"],
-    package_dir={"rela.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
 )

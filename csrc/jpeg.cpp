@@ -28,6 +28,8 @@ void on_warning(j_common_ptr cinfo, int level) {
   if (level < 0) on_error(cinfo);
 }
 
+void ignore_warning(j_common_ptr, int) {}  // the header read: junk bytes libjpeg skips are not its business
+
 // Antialiased bilinear (triangle filter widened by the downscale factor), as PIL and
 // torchvision's antialias=True compute it: for each output pixel, the first source index and
 // the normalised weights over the source span [in0, in1) of a source of `insize` pixels.
@@ -149,12 +151,16 @@ CLONES void horizontal_pass(const float* t, const Coeffs& h, int out_size, bool 
 // Resample the box [x0, x1) × [y0, y1) (fractional, in `src` pixels) of an RGB image to
 // out_size × out_size, clamping the filter at the box's enclosing whole pixels (as cropping
 // first and resizing the crop does), mirrored if `flip`. Separable: vertical, then horizontal.
-void resample(const uint8_t* src, int src_w, int stride, double x0, double y0, double x1, double y1,
+// Returns false, touching nothing, when the box's whole pixels are not inside the src_w × src_h
+// buffer: every row and column the filter reads lies in [cx0, cx1) × [cy0, cy1).
+bool resample(const uint8_t* src, int src_w, int src_h, int stride, double x0, double y0, double x1, double y1,
               int out_size, bool flip, const Output& out, int view) {
+  if (!(std::isfinite(x0) && std::isfinite(y0) && std::isfinite(x1) && std::isfinite(y1))) return false;
   const int cx0 = static_cast<int>(std::floor(x0 + 1e-9)), cy0 = static_cast<int>(std::floor(y0 + 1e-9));
   const int cx1 = std::min(src_w, static_cast<int>(std::ceil(x1 - 1e-9)));
-  const int cy1 = static_cast<int>(std::ceil(y1 - 1e-9));
-  const int in_w = std::max(1, cx1 - cx0), in_h = std::max(1, cy1 - cy0);
+  const int cy1 = std::min(src_h, static_cast<int>(std::ceil(y1 - 1e-9)));
+  if (cx0 < 0 || cy0 < 0 || cx1 <= cx0 || cy1 <= cy0) return false;
+  const int in_w = cx1 - cx0, in_h = cy1 - cy0;
   const Coeffs h = make_coeffs(x0 - cx0, x1 - cx0, in_w, out_size);
   const Coeffs v = make_coeffs(y0 - cy0, y1 - cy0, in_h, out_size);
   const int n3 = in_w * 3;
@@ -163,9 +169,37 @@ void resample(const uint8_t* src, int src_w, int stride, double x0, double y0, d
   vertical_pass(src, static_cast<size_t>(stride), cx0, cy0, n3, v, out_size, rows.data(), t.data());
   horizontal_pass(t.data(), h, out_size, flip, cols.data(), out.u8 ? out.u8[view] : nullptr,
                   out.f32 ? out.f32[view] : nullptr, out.scale + 3 * view, out.bias + 3 * view);
+  return true;
+}
+
+// The box (top, left, height, width) lies inside a width × height image, without int overflow.
+bool box_inside(const int32_t* b, int64_t width, int64_t height) {
+  return b[0] >= 0 && b[1] >= 0 && b[2] > 0 && b[3] > 0 && int64_t{b[0]} + b[2] <= height &&
+         int64_t{b[1]} + b[3] <= width;
 }
 
 }  // namespace
+
+std::string read_header(const uint8_t* data, size_t size, Header* header) {
+  jpeg_decompress_struct cinfo;
+  ErrorManager err;
+  cinfo.err = jpeg_std_error(&err.mgr);
+  err.mgr.error_exit = on_error;
+  err.mgr.emit_message = ignore_warning;
+  if (setjmp(err.jump)) {
+    jpeg_destroy_decompress(&cinfo);
+    return std::string(err.message);
+  }
+  jpeg_create_decompress(&cinfo);
+  jpeg_mem_src(&cinfo, data, static_cast<unsigned long>(size));
+  jpeg_read_header(&cinfo, TRUE);  // errors on a zero width, height or component count (JERR_EMPTY_IMAGE)
+  header->width = static_cast<int64_t>(cinfo.image_width);
+  header->height = static_cast<int64_t>(cinfo.image_height);
+  header->components = cinfo.num_components;
+  header->cmyk = cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK;
+  jpeg_destroy_decompress(&cinfo);
+  return "";
+}
 
 std::string decode_resized_crops(const uint8_t* data, size_t size, const int32_t* boxes, const uint8_t* flips,
                                  int views, int out_size, const Output& outs) {
@@ -187,6 +221,15 @@ std::string decode_resized_crops(const uint8_t* data, size_t size, const int32_t
     return "unsupported: CMYK";
   }
   cinfo.out_color_space = JCS_RGB;
+  // The boxes were drawn for the size the caller read (read_header); a file whose frame says
+  // otherwise, or a box outside it, is refused before anything is decoded.
+  for (int k = 0; k < views; ++k) {
+    if (!box_inside(boxes + 4 * k, cinfo.image_width, cinfo.image_height)) {
+      jpeg_destroy_decompress(&cinfo);
+      return "crop box outside the " + std::to_string(cinfo.image_width) + "x" + std::to_string(cinfo.image_height) +
+             " frame the decoder read (a header that disagrees with the image data)";
+    }
+  }
   // The union of the views' boxes is decoded once; every view is resampled from it.
   int top = 1 << 30, left = 1 << 30, bottom = 0, right = 0, min_side = 1 << 30;
   for (int k = 0; k < views; ++k) {
@@ -229,8 +272,9 @@ std::string decode_resized_crops(const uint8_t* data, size_t size, const int32_t
     const int32_t* b = boxes + 4 * k;
     const double x0 = b[1] * s - xoff, y0 = b[0] * s - sy;
     const double x1 = (b[1] + b[3]) * s - xoff, y1 = (b[0] + b[2]) * s - sy;
-    resample(buf.data(), static_cast<int>(cw), static_cast<int>(stride), x0, y0, x1, std::min(y1, double(rows)),
-             out_size, flips[k] != 0, outs, k);
+    if (!resample(buf.data(), static_cast<int>(cw), rows, static_cast<int>(stride), x0, y0, x1, y1, out_size,
+                  flips[k] != 0, outs, k))
+      return "crop box outside the decoded region";
   }
   return "";
 }

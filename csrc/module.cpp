@@ -215,6 +215,20 @@ static py::tuple decode_resized_crops(const py::list& jpegs,
   for (auto& e : errors) errs.append(e);
   return py::make_tuple(outs, errs);
 }
+
+// (width, height, components, cmyk) of a JPEG from libjpeg's own header read; ValueError with
+// libjpeg's message when it has none (not a JPEG, truncated header, zero width or height).
+static py::tuple jpeg_header(const py::buffer& data) {
+  const py::buffer_info info = data.request();
+  rela::Header h;
+  std::string error;
+  {
+    py::gil_scoped_release release;
+    error = rela::read_header(static_cast<const uint8_t*>(info.ptr), static_cast<size_t>(info.size * info.itemsize), &h);
+  }
+  if (!error.empty()) throw py::value_error(error);
+  return py::make_tuple(h.width, h.height, h.components, h.cmyk);
+}
 #endif
 
 // Colour operations of one view on rows of a uint8 [N, 3, H, W] batch, in place; params [N, 12].
@@ -313,6 +327,9 @@ PYBIND11_MODULE(_C, m) {
         "rela.loading.views.geometry draws them from sample i's stream SeedSequence([*prefix, "
         "indices[i], *suffix]) seeding a torch CPU generator (MT19937).");
 #ifdef RELA_WITH_JPEG
+  m.def("jpeg_header", &jpeg_header, py::arg("data"),
+        "(width, height, components, cmyk) from libjpeg's jpeg_read_header: the size rela draws crop "
+        "boxes in and checks the pixel limit against; ValueError with libjpeg's message otherwise.");
   m.def("decode_resized_crops", &decode_resized_crops, py::arg("jpegs"), py::arg("boxes"), py::arg("flips"),
         py::arg("out_size"), py::arg("threads") = 1, py::arg("outs") = py::none(), py::arg("rows") = py::none(),
         py::arg("scale") = py::none(), py::arg("bias") = py::none(),

@@ -40,6 +40,12 @@ def draw_geometry(prefix, indices, suffix, heights, widths, random: bool, scale,
                             tuple(map(float, scale)), tuple(map(float, ratio)), float(flip))
 
 
+def jpeg_header(data) -> tuple[int, int, int, bool]:
+    """(width, height, components, cmyk) from libjpeg's header read; ValueError otherwise. Only
+    with has_jpeg_decoder()."""
+    return _C.jpeg_header(data)
+
+
 def decode_resized_crops(jpegs, boxes, flips, out_size, threads: int = 1, outs=None, rows=None, scale=None,
                          bias=None):
     """See csrc/jpeg.h; only with has_jpeg_decoder(). `threads` images are decoded at a time. With

@@ -26,6 +26,13 @@ if [ -n "$missing" ]; then
   fi
 fi
 
+# Every pip install below goes through constraints.txt: the versions the suite last passed with, so
+# a new day's releases can't break a fresh clone (`make test-latest` tries them on purpose).
+# RELA_CONSTRAINTS=none resolves fresh (what scripts/test_latest.sh does in its own venv).
+CONSTRAINTS=${RELA_CONSTRAINTS:-constraints.txt}
+PIP_C="--upgrade --upgrade-strategy eager"  # fresh: the newest releases the ranges admit
+[ "$CONSTRAINTS" != none ] && PIP_C="-c $CONSTRAINTS"
+
 # 2. PyTorch first, pinned, so pip keeps it when resolving the project's ranges.
 TORCH_SPEC=${RELA_TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 if ! $PY -c "import torch, torchvision" >/dev/null 2>&1; then
@@ -35,22 +42,23 @@ fi
 
 # 3. The project itself (editable, with its C++ extension and dev tools). Redone only when
 #    the build inputs changed since the last install.
-STAMP=.make/installed
+STAMP=.make/installed$([ "$CONSTRAINTS" = none ] && echo -latest)
 mkdir -p .make
-inputs=$(cat pyproject.toml setup.py CMakeLists.txt csrc/* | sha256sum | cut -c1-16)
+inputs=$(cat pyproject.toml setup.py CMakeLists.txt csrc/* "$([ "$CONSTRAINTS" != none ] && echo "$CONSTRAINTS" || echo /dev/null)" \
+  | sha256sum | cut -c1-16)
 # Which checkout the installed `rela` points at (asked from outside this folder, so the
 # working directory can't shadow it): another clone's editable install doesn't count.
 installed=$(cd / && $PY -c "import rela, os; print(os.path.dirname(os.path.dirname(rela.__file__)))" 2>/dev/null || true)
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$inputs" ] || [ "$installed" != "$(pwd -P)" ] \
    || ! $PY -c "import rela._C, efficientnet_lite_pytorch, pytest" >/dev/null 2>&1; then
-  echo "setup: pip install -e .[dev]"
-  $PY -m pip install -q -e ".[dev]"
+  echo "setup: pip install -e .[dev] $PIP_C"
+  $PY -m pip install -q $PIP_C -e ".[dev]"
   echo "$inputs" > "$STAMP"
 fi
 
 # 4. The FFCV and DALI backends (DALI's CPU pipelines work without a GPU), and SPDL (a benchmark peer).
 if [ $BACKENDS = 1 ]; then
-  $PY -c "import ffcv" >/dev/null 2>&1 || { echo "setup: pip install ffcv"; $PY -m pip install -q "ffcv==1.0.2" numba opencv-python-headless; }
-  $PY -c "import nvidia.dali" >/dev/null 2>&1 || { echo "setup: pip install nvidia-dali-cuda130"; $PY -m pip install -q nvidia-dali-cuda130; }
-  $PY -c "import spdl.pipeline" >/dev/null 2>&1 || { echo "setup: pip install spdl"; $PY -m pip install -q spdl; }
+  $PY -c "import ffcv" >/dev/null 2>&1 || { echo "setup: pip install ffcv"; $PY -m pip install -q $PIP_C "ffcv==1.0.2" numba opencv-python-headless; }
+  $PY -c "import nvidia.dali" >/dev/null 2>&1 || { echo "setup: pip install nvidia-dali-cuda130"; $PY -m pip install -q $PIP_C nvidia-dali-cuda130; }
+  $PY -c "import spdl.pipeline" >/dev/null 2>&1 || { echo "setup: pip install spdl"; $PY -m pip install -q $PIP_C spdl; }
 fi

@@ -48,6 +48,50 @@ def make_folder(root: Path, classes: int = 2, per_class: int = 3, seed: int = 0,
     return root
 
 
+def jpeg_bytes(h: int, w: int, seed: int = 0, quality: int = 90) -> bytes:
+    """A real baseline JPEG of a smooth h×w colour image."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(smooth_image(np.random.default_rng(seed), h, w)).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _sof_at(data: bytes) -> int:
+    """Offset of the (first real) SOF0/SOF2 marker of a JPEG PIL wrote."""
+    return next(k for k in range(2, len(data) - 1) if data[k] == 0xFF and data[k + 1] in (0xC0, 0xC2))
+
+
+def with_frame_size(data: bytes, w: int, h: int) -> bytes:
+    """The JPEG with its frame header claiming w×h (0 for an empty image, huge for a bomb)."""
+    d = bytearray(data)
+    i = _sof_at(d)
+    d[i + 5:i + 9] = h.to_bytes(2, "big") + w.to_bytes(2, "big")
+    return bytes(d)
+
+
+def tem_fake_sof(data: bytes, fake_w: int, fake_h: int) -> bytes:
+    """A parser-disagreement file: after SOI a TEM marker (FF01, which has no length) and an APP1
+    segment whose payload holds a fake SOF at the offset a parser lands on when it reads TEM's
+    "length" (the APP1 marker's FF E1) — libjpeg skips the segment and decodes the real frame."""
+    i = _sof_at(data)
+    fake = b"\xff\xc0\x00\x11\x08" + fake_h.to_bytes(2, "big") + fake_w.to_bytes(2, "big") + data[i + 9:i + 19]
+    land = 2 + 2 + 0xFFE1  # TEM at offset 2; a naive parser skips 2 + its "length" FF E1
+    payload = bytearray(0xFFF0)
+    at = land - 8  # the payload starts after SOI, TEM, FF E1 and the 2-byte length
+    payload[at:at + len(fake)] = fake
+    assert len(payload) == 0xFFF0
+    return data[:2] + b"\xff\x01\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + bytes(payload) + data[2:]
+
+
+def junk_before_sof(data: bytes) -> bytes:
+    """One junk byte before the frame header (libjpeg skips it with a warning; a strict parser gives up)."""
+    i = _sof_at(data)
+    return data[:i] + b"\x00" + data[i:]
+
+
 def write_shard(path: Path, items: list[tuple[str, bytes]]) -> None:
     """A WebDataset-style tar shard holding `items` (member name, bytes) in order."""
     import io

@@ -257,7 +257,6 @@ def _read_idx(path: Path) -> np.ndarray:
 # TorchCodec once its image decoding is available to us.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:
@@ -267,36 +266,52 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image)
 
 
-def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's frame header, without decoding; None if there is none."""
-    i = 2
-    while i + 9 < len(data):
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in _SOF:
-            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    return None
+def jpeg_header(data) -> tuple[int, int]:
+    """(width, height) of a JPEG as its decoder reads them: libjpeg's own `jpeg_read_header` in
+    rela._C (PIL's header parse without the extension). The only size rela uses for a JPEG — crop
+    boxes, the pixel limit — so no second parser can disagree with the decoder. ValueError with the
+    reason when there is none (not a JPEG, a cut header, a zero width or height)."""
+    from rela import _ext
+
+    if _ext.has_jpeg_decoder():
+        w, h = _ext.jpeg_header(data)[:2]
+    else:
+        import io
+
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+        except (OSError, UnidentifiedImageError, SyntaxError) as e:
+            raise ValueError(str(e) or type(e).__name__) from None
+    check_size(w, h)
+    return w, h
+
+
+def check_size(width: int, height: int) -> None:
+    """Refuse an image size before anything is allocated for it: empty, or over MAX_PIXELS."""
+    if width < 1 or height < 1:
+        raise ValueError(f"its header says {width}x{height} pixels (an empty image)")
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"declared size {width}x{height} exceeds the {MAX_PIXELS:,}-pixel limit")
 
 
 def _decode_jpeg(data: bytes) -> np.ndarray | None:
-    """libjpeg-turbo through torchvision (faster than PIL); None for what it doesn't handle (CMYK)."""
+    """libjpeg-turbo through torchvision (faster than PIL); None for what it doesn't handle (CMYK).
+    The size is read (and refused) before torchvision allocates anything."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    size = jpeg_size(data)
-    if size and size[0] * size[1] > MAX_PIXELS:
-        raise ValueError(f"declared size {size[0]}x{size[1]} exceeds the {MAX_PIXELS:,}-pixel limit")
+    w, h = jpeg_header(data)
     try:
         t = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
     except RuntimeError as e:
         raise ValueError(str(e).strip().splitlines()[-1]) from None
     if t.shape[0] not in (1, 3):
         return None
+    if tuple(t.shape[1:]) != (h, w):  # two libjpeg copies that disagree: trust neither
+        raise ValueError(f"decoded {t.shape[2]}x{t.shape[1]} pixels where its header says {w}x{h}")
     return t.permute(1, 2, 0).numpy()  # H×W×C view of the C×H×W buffer: no copy
 
 
@@ -329,9 +344,7 @@ def _decode_pil(source) -> np.ndarray:
 
     try:
         with Image.open(source) as im:
-            w, h = im.size
-            if w * h > MAX_PIXELS:
-                raise ValueError(f"declared size {w}x{h} exceeds the {MAX_PIXELS:,}-pixel limit")
+            check_size(*im.size)
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 a = np.asarray(im, dtype=np.float64)

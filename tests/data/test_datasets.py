@@ -14,7 +14,15 @@ from rela.data.datasets import (
     open_dataset,
 )
 from rela.errors import CorruptImageError, DatasetError
-from tests.conftest import make_folder, smooth_image, write_shard
+from tests.conftest import (
+    jpeg_bytes,
+    junk_before_sof,
+    make_folder,
+    smooth_image,
+    tem_fake_sof,
+    with_frame_size,
+    write_shard,
+)
 
 
 def test_image_folder_order_and_labels(image_folder):
@@ -163,19 +171,38 @@ def test_huge_declared_dimensions_are_refused(tmp_path):
 
 
 def test_jpeg_header_size_and_bomb(tmp_path):
-    import io
+    from rela.data.datasets import jpeg_header
 
-    from rela.data.datasets import jpeg_size
-
-    buf = io.BytesIO()
-    Image.fromarray(smooth_image(np.random.default_rng(0), 30, 50)).save(buf, "JPEG", quality=90)
-    data = bytearray(buf.getvalue())
-    assert jpeg_size(bytes(data)) == (50, 30)
-    i = next(k for k in range(2, len(data) - 1) if data[k] == 0xFF and data[k + 1] == 0xC0)
-    data[i + 5:i + 9] = (60000).to_bytes(2, "big") + (60000).to_bytes(2, "big")
-    ds = _folder_with(tmp_path, "b_bomb.jpg", lambda p: p.write_bytes(bytes(data)))
+    data = with_frame_size(jpeg_bytes(30, 50), 50, 30)
+    assert jpeg_header(data) == (50, 30)
+    ds = _folder_with(tmp_path, "b_bomb.jpg", lambda p: p.write_bytes(with_frame_size(data, 60000, 60000)))
     with pytest.raises(CorruptImageError, match="exceeds"):
         ds.load(1)
+
+
+@pytest.mark.parametrize("make,reason", [
+    (lambda d: junk_before_sof(with_frame_size(d, 10016, 10016)), "exceeds the 100,000,000-pixel limit"),
+    (lambda d: with_frame_size(d, 40, 0), "Empty JPEG image"),
+    (lambda d: d[:300], "."),  # a header cut short
+])
+def test_the_size_comes_from_the_decoders_header_read_and_is_refused_before_decoding(tmp_path, make, reason):
+    """A junk byte before the frame header once hid its size from rela's own parser, so the pixel
+    limit was skipped (torchvision then asked for 10.8 GB): libjpeg's header read is the only one."""
+    from rela.data.datasets import jpeg_header
+
+    data = make(jpeg_bytes(30, 40))
+    with pytest.raises(ValueError, match=reason):
+        jpeg_header(data)
+    ds = _folder_with(tmp_path, "b_bad.jpg", lambda p: p.write_bytes(data))
+    with pytest.raises(CorruptImageError, match=reason):
+        ds.load(1)
+
+
+def test_a_fake_frame_header_in_a_segment_is_not_the_size(tmp_path):
+    from rela.data.datasets import jpeg_header
+
+    data = tem_fake_sof(jpeg_bytes(96, 64), 9000, 9000)
+    assert jpeg_header(data) == (64, 96)
 
 
 def test_a_dangling_symlink_is_a_one_line_error(tmp_path):

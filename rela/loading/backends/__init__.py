@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from rela import choices
-from rela.data.datasets import MAX_PIXELS, RelaDataset, jpeg_size
+from rela.data.datasets import RelaDataset, jpeg_header
 from rela.data.store import TargetStore
 from rela.errors import CorruptImageError, RelaError
 from rela.loading.views import ViewSpec, sample_generator
@@ -220,10 +220,12 @@ class SampleRules:
         if enc is None:
             return None, None
         raw = enc[0]
-        size = jpeg_size(raw) if raw[:2] == b"\xff\xd8" else None
-        if size is None or size[0] * size[1] > MAX_PIXELS:
+        if raw[:2] != b"\xff\xd8":
             return None, None
-        return raw, size
+        try:  # the decoder's own header read: the boxes are drawn in the size it will decode
+            return raw, jpeg_header(raw)
+        except ValueError:  # empty, over the limit, unreadable: the general path says why
+            return None, None
 
     def assemble(self, task: Task, views: list[torch.Tensor], index: torch.Tensor, skipped: list,
                  labels: list[int] | None = None, colour: list | None = None) -> Built:
