@@ -32,6 +32,10 @@ constraints:
 wheel: setup
 	$(PYTHON) -m pytest -q tests/test_wheel.py
 
+# rela._C under AddressSanitizer + UBSan, running the JPEG fuzz corpus (once per change to csrc/).
+asan: setup
+	bash scripts/asan.sh
+
 lint: setup
 	$(PYTHON) -m ruff check .
 

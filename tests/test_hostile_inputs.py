@@ -314,3 +314,104 @@ def test_rela_train_skips_corrupt_images_when_asked(tmp_path):
     assert json.loads((tmp_path / "run" / "store" / "manifest.json").read_text())["skipped"] == [17]
     r = run_cli("eval", str(tmp_path / "run"), "--json", "--quiet")  # eval follows the run's setting
     assert r.returncode == 0 and json.loads(r.stdout)["train_samples"] == 23, r.stderr[-2000:]
+
+
+# --- crafted JPEGs through every path (item: memory-safe decoding) ----------------------------
+
+def test_the_jpeg_fuzz_corpus_gives_rows_or_refusals_and_the_same_pixels_twice():
+    """3,000 mutated JPEGs (parser disagreements, empty and huge frames, cut, spliced) through the
+    header read, the box drawing and the C++ decoder as the Loader calls them (tests/fuzz_jpeg.py;
+    `make asan` runs the same corpus under AddressSanitizer). In its own process: a crash fails here."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    r = subprocess.run([sys.executable, "-m", "tests.fuzz_jpeg", "--count", "3000"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    counts = json.loads(r.stdout.strip().splitlines()[-1])
+    if "skipped" in counts:
+        pytest.skip(counts["skipped"])
+    assert counts["files"] == 3000 and counts["nondeterministic"] == 0
+    assert counts["refused_by_header"] + counts["rows"] + counts["decoder_errors"] == 3000
+    assert min(counts["refused_by_header"], counts["rows"], counts["decoder_errors"], counts["wrong_size_rows"],
+               counts["wrong_size_refused"]) > 50  # every outcome is exercised
+
+
+def _hostile_folder(root):
+    """12 good JPEGs and 5 crafted ones: a fake frame header (TEM + a fake SOF), an empty frame, a
+    bomb behind a junk byte, a dangling link and a two-link cycle."""
+    from tests.conftest import jpeg_bytes, junk_before_sof, tem_fake_sof, with_frame_size
+
+    make_folder(root, classes=2, per_class=6)
+    d = root / "class_0"
+    (d / "z_tem.jpg").write_bytes(tem_fake_sof(jpeg_bytes(96, 64, seed=3), 9000, 9000))  # decodes: a real image
+    (d / "z_zero.jpg").write_bytes(with_frame_size(jpeg_bytes(40, 40), 40, 0))
+    (d / "z_bomb.jpg").write_bytes(junk_before_sof(with_frame_size(jpeg_bytes(40, 40), 10016, 10016)))
+    (d / "z_gone.jpg").symlink_to(root / "nowhere.jpg")
+    (root / "class_1" / "z_loop.jpg").symlink_to(root / "class_1" / "z_loop2.jpg")
+    (root / "class_1" / "z_loop2.jpg").symlink_to(root / "class_1" / "z_loop.jpg")
+    return root
+
+
+_HOSTILE = {"z_zero.jpg", "z_bomb.jpg", "z_gone.jpg", "z_loop.jpg", "z_loop2.jpg"}
+
+
+@pytest.mark.parametrize("backend,kind", [("torch", "thread"), ("torch", "process"), ("ffcv", "thread"),
+                                          ("dali", "thread")])
+def test_crafted_images_are_skipped_or_one_clean_error_in_every_backend(tmp_path, monkeypatch, backend, kind):
+    from rela.data.datasets import ImageFolder
+    from rela.loading.backends import available
+
+    if not available()[backend]:
+        if os.environ.get("CI"):
+            pytest.fail(f"backend {backend} is not installed on CI")
+        pytest.skip(f"{backend} not installed")
+    monkeypatch.setenv("RELA_CACHE", str(tmp_path / "cache"))
+    ds = ImageFolder(_hostile_folder(tmp_path / "f"))
+    bad = {i for i in range(len(ds)) if ds.path(i).name in _HOSTILE}
+    kw = dict(image_size=16, shuffle=False, num_workers=2, worker_type=kind, backend=backend, seed=0)
+    if backend == "ffcv":  # FFCV draws its random crops from its own unseeded stream: compare centre crops
+        from rela.loading.views import eval_view
+
+        kw["views"] = [eval_view(16)]
+    assert len(ds) == 18  # three batches of 6: every sample is visited
+    with pytest.raises(CorruptImageError) as e:
+        list(Loader(ds, 6, **kw))
+    assert "\n" not in str(e.value) and "on_error='skip'" in str(e.value)
+    loader = Loader(ds, 6, on_error="skip", **kw)
+    runs = []
+    for _ in range(2):
+        with pytest.warns(RuntimeWarning, match="undecodable samples were replaced"):
+            runs.append(list(loader))
+        loader.set_epoch(0)
+    assert {r[0] for r in loader.skipped} == bad
+    index = torch.cat([b["index"] for b in runs[0]]).tolist()
+    assert len(index) == len(ds) and not set(index) & bad
+    for a, b in zip(*runs, strict=True):  # the same pixels on a second pass: no heap bytes in a batch
+        assert all(torch.equal(x, y) for x, y in zip(a["views"], b["views"], strict=True))
+
+
+def test_crafted_images_are_skipped_by_convert_train_and_eval(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("RELA_CACHE", str(tmp_path / "cache"))
+    root = _hostile_folder(tmp_path / "f")
+    store = tmp_path / "store"
+    common = ("--prior", "random:resnet18", "--dim", "4", "--input-size", "32", "--workers", "0")
+    line = _one_line_error(run_cli("convert", "--data", str(root), "--out", str(store), *common, "--quiet"), "z_",
+                           "--skip-corrupt")
+    assert "Traceback" not in line
+    r = run_cli("convert", "--data", str(root), "--out", str(store), *common, "--skip-corrupt", "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(json.loads((store / "manifest.json").read_text())["skipped"]) == len(_HOSTILE)
+    args = ("train", "--data", str(root), "--no-rela", "--epochs", "1", "--batch-size", "8", "--image-size", "16",
+            "--width", "0.125", "--workers", "0", "--test-data", str(root), "--quiet", "--out", str(tmp_path / "run"))
+    _one_line_error(run_cli(*args), "z_", "--skip-corrupt")
+    r = run_cli(*args, "--skip-corrupt")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    r = run_cli("eval", str(tmp_path / "run"), "--json", "--quiet", "--skip-corrupt")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["train_samples"] == 13  # the fake-header file is a real image

@@ -398,7 +398,8 @@ class ImageFolder(RelaDataset):
         try:
             return decode_image(self.path(index))
         except ValueError as e:
-            raise CorruptImageError(index, str(self.path(index)), str(e)) from None
+            reason = folder_scan.broken_link_reason(str(self.path(index))) or str(e)
+            raise CorruptImageError(index, str(self.path(index)), reason) from None
 
     def label(self, index: int) -> int:
         return int(self._labels[index])

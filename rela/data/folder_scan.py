@@ -21,6 +21,7 @@ not cached at all: a change in the same clock tick would not move their mtime (g
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -153,11 +154,14 @@ def list_dirs(top: str, rels: list[str]) -> list[Listing]:
         return [_list_dir_py(top, rel) for rel in rels]
     enc = [ext.encode() for ext in IMG_EXTENSIONS]
     out = []
-    for images, sizes, others, subdirs, links, error, stamp in _c_list_dirs(
-            os.fsencode(top), [os.fsencode(r) for r in rels], enc, THREADS):
+    for rel, (images, sizes, others, subdirs, links, error, stamp) in zip(rels, _c_list_dirs(
+            os.fsencode(top), [os.fsencode(r) for r in rels], enc, THREADS), strict=True):
         if error:
             path, _, code = error.partition(b"\t")
-            _raise_unreadable(os.fsdecode(path), int(code))
+            if not _broken_link(os.fsdecode(path), int(code)):
+                _raise_unreadable(os.fsdecode(path), int(code))
+            out.append(_list_dir_py(top, rel))  # keeps its broken links as samples that fail to load
+            continue
         names = _split(images)
         if not images.isascii():  # bytes order == str order for UTF-8, not for surrogate-escaped names
             order = sorted(range(len(names)), key=names.__getitem__)
@@ -182,7 +186,11 @@ def _list_dir_py(top: str, rel: str) -> Listing:
             for e in entries:
                 if e.name.startswith("."):
                     continue
-                if e.is_dir():  # follows links, as os.walk(followlinks=True)
+                try:
+                    is_dir = e.is_dir()  # follows links, as os.walk(followlinks=True)
+                except OSError:  # a link cycle (ELOOP): not a folder; listed below if it is an image
+                    is_dir = False
+                if is_dir:
                     subdirs.append(prefix + e.name)
                     links.append(e.is_symlink())
                 elif not e.name.lower().endswith(IMG_EXTENSIONS):
@@ -191,7 +199,9 @@ def _list_dir_py(top: str, rel: str) -> Listing:
                     try:
                         sizes.append(e.stat().st_size)
                     except OSError as err:
-                        _raise_unreadable(e.path, err.errno)
+                        if not _broken_link(e.path, err.errno):
+                            _raise_unreadable(e.path, err.errno)
+                        sizes.append(-1)  # listed; loading it raises a CorruptImageError that names why
                     images.append(prefix + e.name)
     except OSError as err:
         _raise_unreadable(path, err.errno)
@@ -200,8 +210,27 @@ def _list_dir_py(top: str, rel: str) -> Listing:
                    (st.st_mtime_ns, st.st_ino, st.st_dev))
 
 
+def _broken_link(path: str, code: int) -> bool:
+    """An image entry that is a dangling symlink or part of a symlink cycle: one bad sample (a
+    counted skip under on_error='skip' / --skip-corrupt), not a broken dataset."""
+    return code in (errno.ENOENT, errno.ELOOP) and os.path.islink(path)
+
+
+def broken_link_reason(path: str) -> str | None:
+    """Why a listed image can't be opened, when the reason is its link: a cycle or a dangling one."""
+    if not os.path.islink(path):
+        return None
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symlink cycle (its links lead back to themselves); remove the link"
+        return f"a dangling symlink (its target {os.readlink(path)} does not exist)"
+    return None
+
+
 def _raise_unreadable(path: str, code: int):
-    hint = " (a dangling symlink?)" if os.path.islink(path) else ""
+    hint = " (a symlink cycle)" if code == errno.ELOOP else " (a dangling symlink?)" if os.path.islink(path) else ""
     raise DatasetError(f"{path}: cannot read it{hint}: {os.strerror(code)}; fix or remove it") from None
 
 

@@ -205,11 +205,25 @@ def test_a_fake_frame_header_in_a_segment_is_not_the_size(tmp_path):
     assert jpeg_header(data) == (64, 96)
 
 
-def test_a_dangling_symlink_is_a_one_line_error(tmp_path):
-    root = make_folder(tmp_path / "f", classes=1, per_class=2)
+@pytest.mark.parametrize("cache", [True, False])
+def test_dangling_links_and_link_cycles_are_bad_samples_named_as_such(tmp_path, cache):
+    """A broken link is one bad sample (skippable), not a broken dataset; a cycle is called a cycle."""
+    root = make_folder(tmp_path / "f", classes=2, per_class=2)
     (root / "class_0" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
-    with pytest.raises(DatasetError, match="gone.jpg.*dangling symlink"):
-        ImageFolder(root)
+    (root / "class_0" / "x.jpg").symlink_to(root / "class_1" / "y.jpg")
+    (root / "class_1" / "y.jpg").symlink_to(root / "class_0" / "x.jpg")
+    ds = ImageFolder(root, cache=cache)
+    assert len(ds) == 7
+    reasons = {}
+    for i in range(len(ds)):
+        try:
+            ds.load(i)
+        except CorruptImageError as e:
+            reasons[ds.path(i).name] = str(e)
+    assert sorted(reasons) == ["gone.jpg", "x.jpg", "y.jpg"]
+    assert "dangling symlink" in reasons["gone.jpg"] and "nowhere.jpg" in reasons["gone.jpg"]
+    assert "symlink cycle" in reasons["x.jpg"] and "symlink cycle" in reasons["y.jpg"]
+    assert all("\n" not in r for r in reasons.values())
 
 
 def test_any_map_style_dataset_is_accepted(tmp_path):
