@@ -20,6 +20,8 @@ SCHEDULES = ("constant", "cosine")
 LR_SCALES = ("none", "linear")
 PRECISIONS = ("fp32", "bf16", "fp16")
 PROBES = ("lbfgs", "adam")
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?|mps"  # --device; torch.device() would take more, none of it useful here
+DEVICE_FORMS = "auto | cpu | cuda[:N] | mps"
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 PRIOR_KINDS = ("efficientnet-lite0", "random", "torchvision", "torchscript", "state_dict", "student", "timm",
                "open_clip", "hf")

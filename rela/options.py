@@ -7,12 +7,19 @@
 `add_arguments(parser, TrainConfig)` then adds `--epochs` with that help, type and default;
 `from_args(TrainConfig, namespace)` builds the config back. A field's flag is `--field-name`
 unless `flag=` says otherwise; `cli=False` keeps a field off the command line.
+
+A number's allowed range is declared on its field too (`low=`, `high=`, `low_open=`, `high_open=`;
+NaN and ±inf are never allowed) and `check_options(config)` — called by each config's
+`__post_init__`, so the CLI and Python get the same one-line refusal — enforces it with
+`choices=`. Upper bounds stand where a typo would exhaust the machine (an input size, a worker count).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import re
 import types
 import typing
 from typing import Any
@@ -69,19 +76,54 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
             for key in ("required", "metavar", "choices"):
                 if key in meta:
                     kw[key] = meta[key]
+            if "low" in meta or "high" in meta:
+                kw["help"] += f"; in {allowed_range(meta)}"
             if f.default is not None and not meta.get("required") and "(default" not in kw["help"]:
                 kw["help"] += f" (default {f.default})"
         parser.add_argument(flag, **kw)
 
 
-def check_choices(config: Any) -> None:
-    """A config built in Python (not through argparse) meets the same `choices=` as its flags."""
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+def allowed_range(meta: dict) -> str:
+    """A field's declared range in interval notation, e.g. "(0, inf)" or "[0, 1]"."""
+    low, high = meta.get("low"), meta.get("high")
+    return (("(" if meta.get("low_open") else "[") + ("-inf" if low is None else f"{low:g}") + ", "
+            + ("inf)" if high is None else f"{high:g}" + (")" if meta.get("high_open") else "]")))
+
+
+def check_value(name: str, value: Any, meta: dict) -> None:
+    """`value` meets the `choices=` and range that `meta` (a field's metadata) declares, or a
+    RelaError names `name` and what is allowed. None passes (an unset optional)."""
+    if value is None:
+        return
+    allowed = meta.get("choices")
+    if allowed is not None and value not in allowed:
+        raise RelaError(f"unknown {name.lstrip('-').replace('-', ' ')} {value!r}: {name} must be one of "
+                        f"{', '.join(map(str, allowed))}")
+    pattern = meta.get("pattern")
+    if pattern is not None and not re.fullmatch(pattern, str(value)):
+        raise RelaError(f"{name} {value!r} is not one of {meta.get('pattern_help', pattern)}")
+    if "low" not in meta and "high" not in meta:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RelaError(f"{name} must be a number in {allowed_range(meta)}, got {value!r}")
+    low, high = meta.get("low"), meta.get("high")
+    bad = not math.isfinite(value)
+    bad |= low is not None and (value <= low if meta.get("low_open") else value < low)
+    bad |= high is not None and (value >= high if meta.get("high_open") else value > high)
+    if bad:
+        raise RelaError(f"{name} must be in {allowed_range(meta)}, got {value!r}")
+
+
+def check_options(config: Any) -> None:
+    """A config, built by argparse or in Python, meets its fields' `choices=` and ranges."""
     for f in dataclasses.fields(config):
-        allowed, value = f.metadata.get("choices"), getattr(config, f.name)
-        if allowed is not None and value is not None and value not in allowed:
-            flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-            raise RelaError(f"unknown {f.name.replace('_', ' ')} {value!r}: {flag} must be one of "
-                            f"{', '.join(map(str, allowed))}")
+        check_value(_flag(f), getattr(config, f.name), f.metadata)
+
+
 
 
 def from_args(cls: type, args: argparse.Namespace, **overrides: Any):

@@ -8,11 +8,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BASE=${PYTHON:-python3}
 VENV=.venv-latest
-if [ ! -x "$VENV/bin/python" ]; then
+if [ ! -f "$VENV/.ready" ]; then
+  rm -rf "$VENV"
   $BASE -m venv "$VENV"
   torch_site=$($BASE -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))")
   site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
   echo "$torch_site" > "$site/base-site-packages.pth"
+  touch "$VENV/.ready"
 fi
 PYTHON="$VENV/bin/python" RELA_CONSTRAINTS=none bash scripts/setup.sh
 "$VENV/bin/python" -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|transformers|timm|lightly|lightning|numpy|open.clip.torch|datasets|kernels|ffcv|nvidia-dali-cuda130)==' \

@@ -415,3 +415,96 @@ def test_crafted_images_are_skipped_by_convert_train_and_eval(tmp_path, monkeypa
     r = run_cli("eval", str(tmp_path / "run"), "--json", "--quiet", "--skip-corrupt")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["train_samples"] == 13  # the fake-header file is a real image
+
+
+# --- every argument checked once, where it is declared ------------------------------------------
+
+_CLI_BAD = [
+    (("convert", "--workers", "-1"), "--workers must be in [0, 256]"),
+    (("convert", "--input-size", "100000"), "--input-size must be in [8, 2048]"),
+    (("convert", "--device", "bogus"), "--device 'bogus' is not one of auto | cpu | cuda[:N] | mps"),
+    (("train", "--workers", "-1"), "--workers must be in [0, 256]"),
+    (("train", "--lr", "nan"), "--lr must be in (0, 10000], got nan"),
+    (("train", "--lr", "-1"), "--lr must be in (0, 10000]"),
+    (("train", "--weight-decay", "nan"), "--weight-decay must be in [0, 10]"),
+    (("train", "--warmup-epochs", "nan"), "--warmup-epochs must be in [0, inf)"),
+    (("train", "--momentum", "2"), "--momentum must be in [0, 1]"),
+    (("train", "--device", "bogus"), "--device 'bogus'"),
+    (("train", "--prior-input-size", "100000"), "--prior-input-size must be in [8, 2048]"),
+]
+
+
+@pytest.mark.parametrize("args,needle", _CLI_BAD, ids=[" ".join(a) for a, _ in _CLI_BAD])
+def test_out_of_range_flags_are_one_line_errors(tmp_path, args, needle):
+    common = {"convert": ("--data", "fashion-mnist", "--limit", "10", "--prior", "random:resnet18", "--out",
+                          str(tmp_path / "s"), "--quiet"),
+              "train": ("--out", str(tmp_path / "r"), "--quiet")}[args[0]]
+    _one_line_error(run_cli(args[0], *common, *args[1:]), needle)
+
+
+def test_a_garbage_timm_weights_file_is_a_one_line_error(tmp_path):
+    pytest.importorskip("timm")
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"garbage, not a weights file")
+    _one_line_error(run_cli("convert", "--data", "fashion-mnist", "--limit", "10", "--prior", "timm:resnet18",
+                            "--weights", str(weights), "--out", str(tmp_path / "s"), "--quiet"),
+                    str(weights), "not a weights file")
+
+
+_NAN = float("nan")
+_PY_BAD = [
+    ({"prefetch_factor": 0, "num_workers": 1}, "prefetch_factor must be an integer >= 1"),
+    ({"timeout": -1}, "timeout must be a number of seconds >= 0"),
+    ({"world_size": 0}, "world_size must be an integer >= 1"),
+    ({"rank": 2, "world_size": 2}, "rank must be an integer in [0, 1]"),
+    ({"batch_size": 2.5}, "batch_size must be an integer >= 1"),
+    ({"num_workers": -1, "worker_type": "thread"}, "num_workers must be an integer in [0, 256]"),  # hung forever
+    ({"std": (0, 0, 0)}, "std must be three finite numbers > 0"),
+    ({"mean": (0.5, 0.5)}, "mean must be 3 finite numbers"),
+    ({"mean": (_NAN, 0.5, 0.5)}, "mean must be 3 finite numbers"),
+    ({"views": "rela,ratio=0:1"}, "crop ratio must satisfy 0 < lo"),
+    ({"views": "rela,flip=5"}, "flip must be a number in [0, 1]"),
+    ({"views": "byol,jitter_p=-0.5"}, "jitter_p must be a number in [0, 1]"),
+    ({"views": "byol,blur_sigma=-1:2"}, "blur_sigma must satisfy 0 < lo"),
+]
+
+
+@pytest.mark.parametrize("kw,needle", _PY_BAD, ids=[str(k) for k, _ in _PY_BAD])
+def test_out_of_range_loader_arguments_are_refused_in_one_line(kw, needle):
+    from rela.data.datasets import ArrayDataset
+
+    ds = ArrayDataset(np.zeros((8, 8, 8, 3), np.uint8), np.zeros(8, np.int64))
+    kw = dict(kw)
+    batch_size = kw.pop("batch_size", 2)
+    with pytest.raises(RelaError) as e:
+        Loader(ds, batch_size, image_size=8, **kw)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_set_epoch_and_convert_refuse_out_of_range_values(tmp_path):
+    from rela import convert
+    from rela.data.datasets import ArrayDataset
+
+    ds = ArrayDataset(np.zeros((8, 8, 8, 3), np.uint8), np.zeros(8, np.int64))
+    with pytest.raises(RelaError, match="epoch must be an integer >= 0"):
+        Loader(ds, 2, image_size=8).set_epoch(-1)
+    with pytest.raises(RelaError, match="--workers must be in"):
+        convert(ds, "random:resnet18", tmp_path / "s", dim=4, num_workers=-1, progress=False)
+
+
+@pytest.mark.parametrize("skipped,needle", [([-1], r"lists \[-1\]"), ([1000], r"lists \[1000\]"), (["x"], "sample indices")])
+def test_a_manifest_skipped_list_is_checked_when_the_store_opens(tmp_path, skipped, needle):
+    import json
+
+    from rela import convert
+    from rela.data.datasets import ArrayDataset
+    from rela.data.store import TargetStore
+    from rela.errors import StoreError
+
+    rng = np.random.default_rng(0)
+    ds = ArrayDataset(rng.integers(0, 255, (24, 16, 16, 3), dtype=np.uint8), np.zeros(24, np.int64))
+    store = convert(ds, "random:resnet18", tmp_path / "s", dim=4, input_size=32, progress=False)
+    m = json.loads((store.path / "manifest.json").read_text())
+    (store.path / "manifest.json").write_text(json.dumps({**m, "skipped": skipped}))
+    with pytest.raises(StoreError, match=needle):
+        TargetStore.open(store.path)

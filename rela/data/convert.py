@@ -202,6 +202,8 @@ def convert(
     a single-process conversion on the CPU (same batches, same chunk-ordered reduction).
     device: "auto" is the rank's GPU when there is one, else the CPU.
     """
+    ConvertOptions(data=str(data), prior=str(prior), out=str(out), dim=dim, limit=limit, batch_size=batch_size,
+                   chunk_rows=chunk_rows, num_workers=num_workers, device=str(device))  # the flags' checks, once
     out = Path(out)
     rank, world = dist_util.rank_world()
     dataset = open_dataset(data, limit)

@@ -100,6 +100,11 @@ def timm_prior(rest: str, opts: PriorOptions) -> Prior:
     except (OSError, ValueError) as e:
         raise PriorError(f"timm could not load {rest!r} ({str(e).splitlines()[0][:200]}); "
                          "pass --weights FILE (or timm:local-dir:DIR) when there is no network") from None
+    except Exception as e:  # a garbage weights file: safetensors' and pickle's own errors  # noqa: BLE001
+        if not opts.weights:
+            raise
+        raise PriorError(f"{opts.weights} is not a weights file timm can read ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:200]})") from None
     if log.keys:  # timm loads non-strictly when it drops the classifier, and only logs what did not fit
         raise PriorError(f"weights in {opts.weights or rest} do not match timm model {rest!r}: "
                          + "; ".join(f"{len(keys)} {what} keys (e.g. {keys[0]})" for what, keys in log.keys.items()))

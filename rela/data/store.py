@@ -147,6 +147,19 @@ class TargetWriter:
         self.f.close()
 
 
+def _skipped_indices(path: Path, listed, n: int) -> np.ndarray:
+    """The manifest's `skipped` list as sample indices, refused unless each is an integer in
+    [0, n): a -1 would silently drop the last sample, a 1000 in a 100-sample store fail later."""
+    if not isinstance(listed, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in listed):
+        raise StoreError(f"{path}: manifest 'skipped' must be a list of sample indices; the store is corrupt, "
+                         "convert again with --overwrite")
+    bad = [i for i in listed if not 0 <= i < n]
+    if bad:
+        raise StoreError(f"{path}: manifest 'skipped' lists {bad[:3]}, outside the store's {n} samples [0, {n}); "
+                         "the store is corrupt, convert again with --overwrite")
+    return np.asarray(listed, dtype=np.int64)
+
+
 class TargetStore:
     """A finished store, opened read-only. `store[idx]` gives float32 rows."""
 
@@ -154,8 +167,7 @@ class TargetStore:
         self.path = path
         self.manifest = manifest
         self.targets = targets  # read-only float16 memmap [N, d]
-        skipped = np.asarray(manifest.get("skipped", []), dtype=np.int64)
-        self.skipped = skipped
+        self.skipped = _skipped_indices(path, manifest.get("skipped", []), len(targets))
         self._pca: dict | None = None
 
     @classmethod

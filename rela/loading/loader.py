@@ -28,6 +28,7 @@ the number of workers, a resumed run replays the same remaining batches, and eve
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -78,8 +79,7 @@ def _check_arguments(dataloader_kwargs: dict, batch_size: int, on_error: str, wo
         why = _UNSUPPORTED.get(key)
         raise TypeError(f"rela.Loader does not take {key}=: {why}" if why
                         else f"rela.Loader got an unexpected argument {key!r}")
-    if batch_size < 1:
-        raise RelaError(f"batch_size must be positive, got {batch_size}")
+    _count("batch_size", batch_size, 1)
     for name, value, allowed in (("on_error", on_error, ("raise", "skip")),
                                  ("worker_type", worker_type, ("process", "thread")),
                                  ("batch_format", batch_format, BATCH_FORMATS), ("handoff", handoff, HANDOFFS)):
@@ -89,6 +89,33 @@ def _check_arguments(dataloader_kwargs: dict, batch_size: int, on_error: str, wo
     if handoff != "float32" and (backend not in ("auto", "torch") or as_is):
         raise RelaError(f"handoff={handoff!r} is the torch backend's (with rela's views): DALI and FFCV "
                         "normalise in their own pipelines")
+
+
+def _count(name: str, value, low: int, high: int | None = None, optional: bool = False) -> None:
+    """An integer argument (not a bool, not a float) in [low, high]; None passes when optional."""
+    if value is None and optional:
+        return
+    ok = isinstance(value, int | np.integer) and not isinstance(value, bool)
+    if not ok or value < low or (high is not None and value > high):
+        allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise RelaError(f"{name} must be an integer {allowed}{' or None' if optional else ''}, got {value!r}")
+
+
+_MAX_WORKERS = 256  # as rela train's and rela convert's --workers
+
+
+def _check_numbers(num_workers, prefetch_factor, timeout, rank, world_size) -> None:
+    """The counts and times DataLoader would take: refused in one line here, never a hang or a
+    traceback from deep inside (a negative thread count once waited forever)."""
+    _count("num_workers", num_workers, 0, _MAX_WORKERS, optional=True)
+    if num_workers and num_workers > 4 * (os.cpu_count() or 1):
+        warnings.warn(f"rela.Loader: num_workers={num_workers} on {os.cpu_count()} cores: each worker holds batches "
+                      "in memory, and more than a few per core only adds switching", RelaWarning, stacklevel=3)
+    _count("prefetch_factor", prefetch_factor, 1, optional=True)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not (0 <= timeout < math.inf):
+        raise RelaError(f"timeout must be a number of seconds >= 0 (0: wait forever), got {timeout!r}")
+    _count("world_size", world_size, 1, optional=True)
+    _count("rank", rank, 0, None if world_size is None else world_size - 1, optional=True)
 
 
 class Loader:
@@ -126,6 +153,7 @@ class Loader:
         **dataloader_kwargs,
     ) -> None:
         _check_arguments(dataloader_kwargs, batch_size, on_error, worker_type, batch_format, handoff, backend, views)
+        _check_numbers(num_workers, prefetch_factor, timeout, rank, world_size)
         # seed=None follows the user's seed (seed_everything / torch.manual_seed); see _agree_on_seed
         self._seed_given = self._seed_agreed = seed is not None
         seed = int(seed) if seed is not None else torch.initial_seed() % 2**63
@@ -264,6 +292,7 @@ class Loader:
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch (and so the subset and order). Called each epoch, as with DistributedSampler."""
+        _count("epoch", epoch, 0)
         if epoch != self.epoch:
             self._resume_batch = 0
         self.epoch = int(epoch)

@@ -59,12 +59,47 @@ class ViewSpec:
         return bool(self.jitter_p or self.gray_p or self.blur_p or self.solarize_p)
 
     def __post_init__(self) -> None:
+        """Every field checked once, here: a view that passes draws finite, in-range numbers."""
         if self.crop not in ("random", "center"):
             raise RelaError(f"crop must be 'random' or 'center', not {self.crop!r}")
-        if self.size < 1:
-            raise RelaError(f"view size must be positive, got {self.size}")
-        if not 0 < self.scale[0] <= self.scale[1] <= 1:
-            raise RelaError(f"crop scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
+        _number("size", self.size, 1, 4096, integer=True)
+        for name in ("flip", "jitter_p", "gray_p", "blur_p", "solarize_p"):
+            _number(name, getattr(self, name), 0, 1)
+        _pair("crop scale", self.scale, 0, 1)
+        _pair("crop ratio", self.ratio, 0, 100)
+        _pair("blur_sigma", self.blur_sigma, 0, 100)
+        jitter = _triple("jitter", self.jitter, 4)
+        if any(v < 0 for v in jitter) or jitter[3] > 0.5:
+            raise RelaError(f"jitter (brightness, contrast, saturation, hue) must be >= 0 with hue <= 0.5, "
+                            f"got {self.jitter}")
+        if any(not math.isfinite(v) for v in _triple("mean", self.mean, 3)):
+            raise RelaError(f"mean must be three finite numbers, got {self.mean}")
+        if any(not (math.isfinite(v) and v > 0) for v in _triple("std", self.std, 3)):
+            raise RelaError(f"std must be three finite numbers > 0 (it divides every pixel), got {self.std}")
+
+
+def _number(name: str, value, low: float, high: float, integer: bool = False) -> None:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not (low <= value <= high):
+        raise RelaError(f"{name} must be {'an integer' if integer else 'a number'} in [{low}, {high}], got {value!r}")
+
+
+def _pair(name: str, value, low: float, high: float) -> None:
+    """(lo, hi) with low < lo <= hi <= high, both finite."""
+    lo, hi = _triple(name, value, 2)
+    if not (low < lo <= hi <= high):
+        raise RelaError(f"{name} must satisfy {low} < lo <= hi <= {high}, got {value}")
+
+
+def _triple(name: str, value, n: int) -> tuple[float, ...]:
+    """`value` as n finite floats, or a RelaError naming `name`."""
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise RelaError(f"{name} must be {n} numbers, got {value!r}") from None
+    if len(out) != n or not all(math.isfinite(v) for v in out):
+        raise RelaError(f"{name} must be {n} finite numbers, got {value!r}")
+    return out
 
 
 def rela_view(size: int, **kw) -> ViewSpec:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rela import choices
 from rela.errors import RelaError
-from rela.options import check_choices, option, positive_int
+from rela.options import check_options, option, positive_int
 
 # torch is imported where it is used: `rela train --help` builds its flags from TrainConfig.
 
@@ -36,16 +36,16 @@ class TrainConfig:
     budget: float = option(1.0, "fraction of the data visited per epoch (0, 1]")
     method: str = option("byol", "what the RELA phase hands over to (rela.training.methods)", choices=choices.METHODS)
     arch: str = option("resnet18-cifar", "resnet18|34|50[-cifar]")
-    width: float = option(0.125, "width multiplier of the student")
-    epochs: int = option(20, "passes over the (budgeted) data", type=positive_int)
+    width: float = option(0.125, "width multiplier of the student", low=0, low_open=True, high=16)
+    epochs: int = option(20, "passes over the (budgeted) data", type=positive_int, low=1)
     batch_size: int = option(128, "global batch; under torchrun each rank takes an equal share",
-                             type=positive_int)
-    lr: float = option(1e-3, "base learning rate (see --lr-scale)")
-    weight_decay: float = option(0.01, "weight decay (sgd/lars: not on biases and norm weights)")
+                             type=positive_int, low=1)
+    lr: float = option(1e-3, "base learning rate (see --lr-scale)", low=0, low_open=True, high=1e4)
+    weight_decay: float = option(0.01, "weight decay (sgd/lars: not on biases and norm weights)", low=0, high=10)
     optimizer: str = option("adamw", "lars is lightly's (momentum 0.9, for large batches)", choices=choices.OPTIMIZERS)
     lr_schedule: str = option("constant", "cosine goes to 0 at the last step; per optimizer step",
                               choices=choices.SCHEDULES)
-    warmup_epochs: float = option(0.0, "linear learning-rate warm-up over this many epochs")
+    warmup_epochs: float = option(0.0, "linear learning-rate warm-up over this many epochs", low=0)
     lr_scale: str = option("none", "linear: lr x global batch / 256", choices=choices.LR_SCALES)
     precision: str = option("fp32", "autocast; fp16 with a gradient scaler; losses in fp32", choices=choices.PRECISIONS)
     handoff: str = option("float32", "uint8: views cross to the device as uint8, normalised there (4x less "
@@ -55,24 +55,24 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the student (the first steps pay the compilation: "
                            "tens of seconds to minutes)")
     log_every: int = option(10, "read losses on the host, check for NaN, log and take the adaptive decision "
-                            "every N steps (1: every step; larger: fewer device syncs)", type=positive_int)
+                            "every N steps (1: every step; larger: fewer device syncs)", type=positive_int, low=1)
     phase: str = option("adaptive", "adaptive | fixed:<fraction> | blend (see README)")  # the best arm at 50%
-    image_size: int = option(32, "training view size in pixels", type=positive_int)
+    image_size: int = option(32, "training view size in pixels", type=positive_int, low=1, high=4096)
     rela_views: str = option("rela", "the RELA phase's views: a preset (rela, byol, eval) with optional overrides, "
                              "e.g. 'rela,scale=0.3:1' or 'byol,1.solarize_p=0' (see rela.loading.views)")
     ssl_views: str | None = option(None, "the SSL method's views, same form (default: the method's own preset "
                                    "at --image-size; byol has no blur at <= 64 px)")
     dim: int | None = option(None, "target dim when converting (default: min(student feature dim, prior dim))",
-                             type=positive_int)
+                             type=positive_int, low=1)
     prior_input_size: int | None = option(None, "prior resolution when converting (default: twice the data's "
                                           "median shorter side, rounded up to a multiple of 32, at most the "
-                                          "prior's own: 64 for 28-px images)", type=positive_int)
+                                          "prior's own: 64 for 28-px images)", type=positive_int, low=8, high=2048)
     limit: int | None = option(None, "use only the first N training samples", type=positive_int)
     test_data: str | None = option(None, "test split for the switch probe and eval (default: fashion-mnist:test "
                                    "for fashion-mnist)")
-    seed: int = option(0, "seed of the student's initial weights, the subsets and every view")
+    seed: int = option(0, "seed of the student's initial weights, the subsets and every view", low=0, high=2**63 - 1)
     num_workers: int | None = option(None, "loader workers per rank (default: 0 for in-memory data, else 2, fewer "
-                                     "if the node has fewer cores per rank)", flag="--workers", metavar="N")
+                                     "if the node has fewer cores per rank)", flag="--workers", metavar="N", low=0, high=256)
     skip_corrupt: bool = option(False, "an undecodable image is replaced by the next decodable sample (each "
                                 "reported once an epoch; conversion records it as skipped) instead of stopping the run")
     backend: str = option("auto", "loader backend", choices=("auto", *choices.BACKENDS))
@@ -84,10 +84,11 @@ class TrainConfig:
     method_options: str | None = option(None, "the method's own settings, k=v,... e.g. 'temperature=0.2' for "
                                         "simclr or 'batch_norm=false' for dino (names: the method's constructor "
                                         "in rela.training.methods; an unknown name lists them)")
-    momentum: float = option(0.99, "EMA momentum of the momentum teachers (BYOL, MoCo, DINO)")
+    momentum: float = option(0.99, "EMA momentum of the momentum teachers (BYOL, MoCo, DINO)", low=0, high=1)
     cosine_momentum: bool = option(False, "cosine momentum schedule up to 1")
     probe_at_switch: bool = option(True, "kNN probe of the student at the switch, written to RUN/switch.json")
-    device: str = option("auto", "auto (cuda when available; under torchrun each rank's own GPU) | cpu | cuda[:N]")
+    device: str = option("auto", "auto (cuda when available; under torchrun each rank's own GPU) | cpu | cuda[:N]",
+                         pattern=choices.DEVICE_PATTERN, pattern_help=choices.DEVICE_FORMS)
     sync_bn: bool = option(False, "SyncBatchNorm across ranks under torchrun (CUDA only, as PyTorch's)")
     switch_threshold: float = option(0.995, "adaptive/blend: switch once rho reaches this (the reference's)")
     switch_rule: str = option("scaled", "adaptive/blend: scaled (starts at the first RELA loss, gap relative to it, "
@@ -114,7 +115,7 @@ class TrainConfig:
         from rela.training.methods import parse_options
 
         parse_phase(self.phase)
-        check_choices(self)
+        check_options(self)
         if self.warmup_epochs < 0:
             raise RelaError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
         if not 0 < self.switch_threshold <= 1:
