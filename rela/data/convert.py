@@ -111,6 +111,17 @@ class _Journal:
         self.path = workdir / ("journal.jsonl" if world == 1 else f"journal-rank{rank}.jsonl")
         self.chunks_dir = workdir / "chunks"
 
+    @staticmethod
+    def repair(workdir: Path) -> None:
+        """Cut a torn last line (a kill mid-append) off every journal, before anything appends:
+        otherwise the next record joins it on one unreadable line and that chunk is done again."""
+        for p in workdir.glob("journal*.jsonl"):
+            data = p.read_bytes()
+            if data and not data.endswith(b"\n"):
+                with open(p, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+                    os.fsync(f.fileno())
+
     def chunk_path(self, k: int) -> Path:
         return self.chunks_dir / f"{k:06d}.npz"
 
@@ -167,8 +178,43 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _job_identity(dataset_fp: dict, prior: Prior) -> dict:
-    return {"dataset": dataset_fp, "prior": prior.identity, "preprocessing": prior.preprocessing()}
+def _job_identity(dataset_fp: dict, prior: Prior, dim: int) -> dict:
+    """Everything that changes the store a job writes: two runs differing in any of it are two jobs."""
+    return {"dataset": dataset_fp, "prior": prior.identity, "preprocessing": prior.preprocessing(), "dim": dim}
+
+
+class OutLock:
+    """An advisory lock (flock) on `--out` for a whole conversion, held by rank 0: a second
+    conversion into the same folder is refused with the holder's pid and host instead of mixing
+    its chunks, temp files and manifest with the first's. The lock file sits beside the folder
+    (`.NAME.rela-lock`), so it outlives --overwrite and the final clean-up. Released when the
+    process ends, however it ends."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.path = out, out.with_name(f".{out.name}.rela-lock")
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RelaError(f"{self.out} is being written by another conversion "
+                            f"({holder}); wait for it to finish, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
 
 
 def convert(
@@ -216,11 +262,23 @@ def convert(
         raise RelaError("--batch-size and --chunk-rows must be positive")
     chunk_rows = max(batch_size, chunk_rows // batch_size * batch_size)  # batches never straddle chunks
     fp = dataset.fingerprint(deep=deep)
-    identity = _job_identity(fp, prior)
+    identity = _job_identity(fp, prior, dim)
     dist_util.check_same("the dataset and prior",  # not the data's path: nodes may mount it elsewhere
                          {**identity, "dataset": {k: fp.get(k) for k in IDENTITY_FIELDS}})
-    workdir = out / WORKDIR
+    lock = OutLock(out)
+    dist_util.main_decides(lock.acquire)
+    try:
+        return _convert_locked(out, dataset, prior, identity, fp, dim, batch_size, chunk_rows, num_workers,
+                               skip_corrupt, resume, overwrite, keep_raw, device, progress)
+    finally:
+        lock.release()
 
+
+def _convert_locked(out, dataset, prior, identity, fp, dim, batch_size, chunk_rows, num_workers, skip_corrupt,
+                    resume, overwrite, keep_raw, device, progress) -> TargetStore:
+    """`convert` once `out` is this job's alone."""
+    rank, world = dist_util.rank_world()
+    workdir = out / WORKDIR
     plan = dist_util.main_decides(_plan, out, identity, dim, overwrite, resume,
                                   {"batch_size": batch_size, "chunk_rows": chunk_rows})
     if plan is None:
@@ -257,6 +315,7 @@ def _plan(out: Path, identity: dict, dim: int, overwrite: bool, resume: bool | N
     job_path = workdir / "job.json"
     if job_path.exists():
         job = json.loads(job_path.read_text())
+        _Journal.repair(workdir)
     else:
         (workdir / "chunks").mkdir(parents=True, exist_ok=True)
         job = {**identity, **sizes, "library_version": __version__}

@@ -348,8 +348,7 @@ def _decode_pil(source) -> np.ndarray:
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 a = np.asarray(im, dtype=np.float64)
-                hi = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
-                return np.clip(np.rint(a * (255.0 / hi)), 0, 255).astype(np.uint8)[..., None]
+                return np.clip(np.rint(a * (255.0 / _full_scale(im.mode, a))), 0, 255).astype(np.uint8)[..., None]
             if im.mode == "L":
                 return np.asarray(im, dtype=np.uint8)[..., None]
             if im.mode != "RGB":
@@ -357,6 +356,18 @@ def _decode_pil(source) -> np.ndarray:
             return np.asarray(im, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError) as e:
         raise ValueError(str(e) or type(e).__name__) from e
+
+
+def _full_scale(mode: str, a: np.ndarray) -> float:
+    """The white of a high-bit-depth greyscale image: its bit depth, never its own brightest pixel
+    (a dark 16-bit image must stay dark). PIL opens 16-bit PNG/PGM/TIFF as I;16* or I (32-bit
+    container of 16-bit data); an I image with values past 16 bits is taken as 32-bit; F as 0–1
+    floats when it stays in [0, 1], else as 8-bit values."""
+    if mode.startswith("I;16"):
+        return 65535.0
+    if mode == "I":
+        return 65535.0 if a.size == 0 or a.max() <= 65535 else 4294967295.0
+    return 1.0 if a.size and a.max() <= 1.0 else 255.0
 
 
 class ImageFolder(RelaDataset):

@@ -193,6 +193,10 @@ def _state_dict(rest: str, opts: PriorOptions) -> Prior:
 def _torchscript(rest: str, opts: PriorOptions) -> Prior:
     if not Path(rest).exists():
         raise PriorError(f"TorchScript file {rest} does not exist")
+    if not opts.trust_pickle:  # a TorchScript archive is a program (and carries pickled data): as pickles
+        raise PriorError(f"{rest} is a TorchScript program: loading it runs its code, so rela refused. Pass "
+                         "--trust-pickle (trust_pickle=True) if you trust this file, or use its weights as "
+                         ".safetensors with state_dict:<path> --arch ARCH")
     try:
         model = torch.jit.load(rest, map_location="cpu")
     except Exception as e:

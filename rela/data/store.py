@@ -16,8 +16,9 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -38,10 +39,19 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     The temp name is per process, so processes writing the same file (ranks filling one cache)
     never write into each other's. `durable=False` skips the fsyncs: for caches, which are
     checked when read and rebuilt when lost."""
+    atomic_write(path, lambda f: f.write(data), durable)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object], durable: bool = True) -> None:
+    """`write(file)` into a per-process temp file beside `path` (created exclusively, never
+    through a planted link), fsynced and renamed over `path`, then the folder fsynced: what the
+    store, checkpoints and exports are written with."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        tmp.unlink(missing_ok=True)  # a temp file this pid left behind when it was killed
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             if durable:
                 os.fsync(f.fileno())

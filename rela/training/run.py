@@ -10,6 +10,7 @@ kNN probe at the switch), `summary.json` and, after `rela eval`, `eval.json`.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -40,7 +41,7 @@ class TrainConfig:
     epochs: int = option(20, "passes over the (budgeted) data", type=positive_int, low=1)
     batch_size: int = option(128, "global batch; under torchrun each rank takes an equal share",
                              type=positive_int, low=1)
-    lr: float = option(1e-3, "base learning rate (see --lr-scale)", low=0, low_open=True, high=1e4)
+    lr: float = option(1e-3, "base learning rate (see --lr-scale)", low=0, low_open=True)
     weight_decay: float = option(0.01, "weight decay (sgd/lars: not on biases and norm weights)", low=0, high=10)
     optimizer: str = option("adamw", "lars is lightly's (momentum 0.9, for large batches)", choices=choices.OPTIMIZERS)
     lr_schedule: str = option("constant", "cosine goes to 0 at the last step; per optimizer step",
@@ -242,14 +243,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
     """Write-to-temp then rename: a run killed while saving keeps its previous checkpoint."""
     import torch
 
-    tmp = path.with_suffix(".tmp")
-    try:
-        torch.save(state, tmp)
-    except OSError as e:  # a full disk: the previous checkpoint stays; no torn temp file stays
-        tmp.unlink(missing_ok=True)
-        e.filename = e.filename or str(path)
-        raise
-    os.replace(tmp, path)
+    from rela.data.store import atomic_write
+
+    atomic_write(path, lambda f: torch.save(state, f))  # fsynced, renamed, folder fsynced; a full disk leaves
+    # the previous checkpoint and no temp file
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -266,8 +263,6 @@ def export_student(run: str | Path, out: str | Path) -> Path:
     """A run's final backbone as a prior for `rela convert` (`student:OUT`): its weights in a
     safetensors file whose metadata holds the architecture, width and the preprocessing the
     student was trained with (view size, mean, std), so the prior sees images as it did."""
-    from safetensors.torch import save_file
-
     run, out = Path(run), Path(out)
     if not (run / CHECKPOINT).exists():
         raise RelaError(f"{run} has no {CHECKPOINT}: train it first (rela train --out {run})")
@@ -278,10 +273,13 @@ def export_student(run: str | Path, out: str | Path) -> Path:
     meta = {"format": "rela-student", "arch": cfg.arch, "width": repr(cfg.width), "input_size": str(cfg.image_size),
             "mean": json.dumps(list(view["mean"])), "std": json.dumps(list(view["std"])), "run": str(run.resolve()),
             "method": cfg.method, "epochs_trained": str(state["epoch"] + 1)}
+    from safetensors.torch import save
+
+    from rela.data.store import atomic_write
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in state["backbone"].items()}, str(tmp), metadata=meta)
-    os.replace(tmp, out)
+    blob = save({k: v.contiguous() for k, v in state["backbone"].items()}, metadata=meta)
+    atomic_write(out, lambda f: f.write(blob))
     return out
 
 
@@ -293,14 +291,21 @@ class StepLog:
     COLUMNS = ("step", "epoch", "phase", "lam", "rho", "loss", "rela_loss", "ssl_loss", "seconds")
 
     def __init__(self, path: Path, keep_steps: int) -> None:
+        from rela.data.store import atomic_write_bytes
+
         rows = []
         if keep_steps and path.exists():
             with path.open() as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) < keep_steps]
-        self.file = path.open("w", newline="")
+                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) < keep_steps]
+        # The kept rows replace the file in one rename before anything is appended: a resumed run
+        # killed before its first checkpoint still has every row up to the checkpoint it resumed.
+        head = io.StringIO()
+        writer = csv.DictWriter(head, self.COLUMNS, lineterminator="\r\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_bytes(path, head.getvalue().encode())
+        self.file = path.open("a", newline="")
         self.writer = csv.DictWriter(self.file, self.COLUMNS)
-        self.writer.writeheader()
-        self.writer.writerows(rows)
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter

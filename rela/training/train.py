@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from rela import distributed as dist_util
+from rela import faults
 from rela.distributed import resolve_device
 from rela.errors import RelaError
 from rela.training.memory_format import compile_options, student_memory_format
@@ -371,6 +372,7 @@ class Trainer:
                                 "phase": phase_name(lam), "loss": row[0], "rela_loss": row[1],
                                 "ssl_loss": row[2], "seconds": round(dt, 5)})
             self.step_times.append(dt)
+        faults.crashpoint("steps-logged")  # a kill between checkpoints (tests: steps.csv keeps its rows)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{rows[-1][0]:.4f}", lam=f"{pending[-1][1]:.2f}")
         if not switched:

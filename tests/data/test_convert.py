@@ -243,3 +243,46 @@ def test_malloc_tuning_is_applied_and_can_be_turned_off():
     off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "RELA_TUNE_MALLOC": "0"})
     assert on.stdout.strip() == "True" and off.stdout.strip() == "False"
+
+
+# --- one writer at a time, nothing torn ---------------------------------------------------------
+
+def test_a_second_conversion_into_the_same_out_is_refused_while_the_first_holds_it(reference):
+    """Two runs into one --out (another --dim) once left a manifest of dim 4 over targets of dim 8."""
+    out = reference / "locked"
+    args = ["convert", "--data", str(reference / "data.npz"), "--out", str(out), *CLI_ARGS]
+    first = subprocess.Popen([sys.executable, "-m", "rela", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**os.environ, "RELA_SLEEP_AT": "chunk-written=1"})
+    lock = reference / ".locked.rela-lock"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (lock.exists() and b"pid" in lock.read_bytes()):
+        time.sleep(0.01)
+    other = [a if a != "16" else "8" for a in args]  # another --dim
+    r = run_cli(*other)
+    first_rc = first.wait()  # it sleeps 1 s per chunk (5 chunks): the second run starts well inside that
+    assert r.returncode == 2 and "is being written by another conversion (pid" in r.stderr, r.stderr
+    assert first_rc == 0
+    _same_store(out, reference / "ref")
+    r = run_cli(*other)  # afterwards: a store of another dim is there, and it says so
+    assert r.returncode == 2 and "already holds a different target store" in r.stderr
+
+
+def test_dim_is_part_of_the_jobs_identity(reference):
+    out = reference / "killed-dim"
+    args = ["convert", "--data", str(reference / "data.npz"), "--out", str(out), *CLI_ARGS]
+    assert run_cli(*args, env={"RELA_CRASH_AT": "chunk-written:1"}).returncode == -signal.SIGKILL
+    r = run_cli(*[a if a != "16" else "8" for a in args])
+    assert r.returncode == 2 and "interrupted conversion with a different dim" in r.stderr
+
+
+def test_a_torn_journal_line_is_cut_before_the_resume_appends(reference):
+    out = reference / "torn"
+    args = ["convert", "--data", str(reference / "data.npz"), "--out", str(out), *CLI_ARGS]
+    assert run_cli(*args, env={"RELA_CRASH_AT": "chunk-written:3"}).returncode == -signal.SIGKILL
+    journal = out / ".convert" / "journal.jsonl"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(b"".join(lines[:-1]) + lines[-1][:20])  # the last record cut mid-write
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming {out}: {len(lines) - 1}/" in r.stderr  # every whole record counted, once
+    _same_store(out, reference / "ref")

@@ -500,3 +500,17 @@ def test_the_plain_tar_reader_indexes_as_tarfile_does(tmp_path, monkeypatch):
     assert [label for *_, label in fast["plain"]] == [-1, 2, -1, -2, -2]
     assert fast["fancy"] is None and len(ref["fancy"][0]) == 7
     assert fast["cut"] is None and ref["cut"][1]
+
+
+def test_sixteen_bit_greyscale_is_scaled_by_its_bit_depth_not_its_brightest_pixel(tmp_path):
+    """A dark 16-bit PGM (PIL mode I) once decoded bright: it was scaled as if 8-bit."""
+    from rela.data.datasets import decode_image
+
+    for value, want in ((200, 1), (60000, 233)):
+        p = tmp_path / f"v{value}.pgm"
+        p.write_bytes(b"P5\n8 8\n65535\n" + np.full((8, 8), value, ">u2").tobytes())
+        assert Image.open(p).mode == "I"
+        assert decode_image(p).max() == want
+        q = tmp_path / f"v{value}.png"
+        Image.fromarray(np.full((8, 8), value, np.uint16)).save(q)  # I;16
+        assert decode_image(q).max() == want

@@ -83,7 +83,9 @@ def test_torchscript_prior(tmp_path):
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
     path = tmp_path / "enc.pt"
     torch.jit.script(net).save(str(path))
-    p = load_prior(f"torchscript:{path}", input_size=16)
+    with pytest.raises(PriorError, match="TorchScript program: loading it runs its code.*--trust-pickle"):
+        load_prior(f"torchscript:{path}", input_size=16)  # the same trust flag as pickled weights
+    p = load_prior(f"torchscript:{path}", input_size=16, trust_pickle=True)
     assert p.dim == 8  # spatial map pooled to a vector
 
 

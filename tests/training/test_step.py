@@ -232,3 +232,23 @@ def test_compiled_student_trains_and_matches_eager_closely(tiny, tmp_path):
     # Later steps start from weights that already differ in the last bits; AdamW's first steps
     # amplify that (seen here: 1.8% apart by step 2 of a 1/16-width student). Still the same run.
     assert np.allclose(a, b, rtol=0.05, atol=2e-3) and np.isfinite(b).all(), (a, b)
+
+
+def test_a_resumed_run_killed_before_its_first_checkpoint_keeps_its_steps_csv(tiny, tmp_path):
+    """steps.csv was reopened for writing at resume: a kill before the next checkpoint lost every row."""
+    import csv
+    import signal
+
+    from tests.conftest import run_cli
+
+    out = tmp_path / "run"
+    args = ("train", "--data", tiny["data"], "--prior", tiny["store"], "--epochs", "3", "--batch-size", "32",
+            "--image-size", "16", "--width", "0.125", "--workers", "0", "--log-every", "1", "--phase", "fixed:0.5",
+            "--no-probe-at-switch", "--quiet", "--out", str(out))
+    assert run_cli(*args, env={"RELA_CRASH_AT": "checkpoint-written:1"}).returncode == -signal.SIGKILL
+    rows = list(csv.DictReader((out / "steps.csv").open()))
+    assert rows
+    r = run_cli(*args, "--resume", env={"RELA_CRASH_AT": "steps-logged:1"})
+    assert r.returncode == -signal.SIGKILL  # killed again, before the resumed run's first checkpoint ...
+    again = list(csv.DictReader((out / "steps.csv").open()))
+    assert again[:len(rows)] == rows  # ... with every row up to the checkpoint it resumed from
