@@ -42,7 +42,7 @@ fi
 
 # 3. The project itself (editable, with its C++ extension and dev tools). Redone only when
 #    the build inputs changed since the last install.
-STAMP=.make/installed$([ "$CONSTRAINTS" = none ] && echo -latest)
+STAMP=.make/installed$([ "$CONSTRAINTS" = none ] && echo -latest || true)
 mkdir -p .make
 inputs=$(cat pyproject.toml setup.py CMakeLists.txt csrc/* "$([ "$CONSTRAINTS" != none ] && echo "$CONSTRAINTS" || echo /dev/null)" \
   | sha256sum | cut -c1-16)
