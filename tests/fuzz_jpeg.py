@@ -109,8 +109,9 @@ def run(count: int, seed: int) -> dict:
         else:
             sizes.append(("wrong", int(rng.integers(1, 3000)), int(rng.integers(1, 3000))))
         for which, sw, sh in sizes:
-            boxes = np.stack([geometry_batch(v, seed, n, [n], k, [sh], [sw])[0][0] for k, v in enumerate(views)])
-            flips = np.array([geometry_batch(v, seed, n, [n], k, [sh], [sw])[1][0] for k, v in enumerate(views)])
+            drawn = [geometry_batch(v, seed, n, [n], k, [sh], [sw]) for k, v in enumerate(views)]
+            boxes = np.stack([b[0] for b, _ in drawn])
+            flips = np.array([f[0] for _, f in drawn], np.uint8)
             first, errors = _ext.decode_resized_crops([data], boxes[None], flips[None], 24)
             again, errors2 = _ext.decode_resized_crops([data], boxes[None], flips[None], 24)
             same = errors == errors2 and (errors[0] or all(np.array_equal(a, b) for a, b in zip(first, again, strict=True)))

@@ -261,8 +261,6 @@ def convert(
     if not 1 <= dim <= prior.dim:
         raise RelaError(f"--dim {dim} is out of range: the prior {prior.identity.get('name')} "
                         f"gives {prior.dim}-d features, so dim must be in [1, {prior.dim}]")
-    if batch_size < 1 or chunk_rows < 1:
-        raise RelaError("--batch-size and --chunk-rows must be positive")
     chunk_rows = max(batch_size, chunk_rows // batch_size * batch_size)  # batches never straddle chunks
     fp = dataset.fingerprint(deep=deep)
     identity = _job_identity(fp, prior, dim)
@@ -282,7 +280,7 @@ def _convert_locked(out, dataset, prior, identity, fp, dim, batch_size, chunk_ro
     """`convert` once `out` is this job's alone."""
     rank, world = dist_util.rank_world()
     workdir = out / WORKDIR
-    plan = dist_util.main_decides(_plan, out, identity, dim, overwrite, resume,
+    plan = dist_util.main_decides(_plan, out, identity, overwrite, resume,
                                   {"batch_size": batch_size, "chunk_rows": chunk_rows})
     if plan is None:
         return TargetStore.open(out)  # already complete for this dataset, prior and dim
@@ -309,10 +307,10 @@ def _convert_locked(out, dataset, prior, identity, fp, dim, batch_size, chunk_ro
     return _finalize(job, done, keep_raw)
 
 
-def _plan(out: Path, identity: dict, dim: int, overwrite: bool, resume: bool | None, sizes: dict):
+def _plan(out: Path, identity: dict, overwrite: bool, resume: bool | None, sizes: dict):
     """Rank 0: settle what is at `out`. None → a finished store to reuse; else (job, committed
     chunks), with the job's batch and chunk sizes taken from an interrupted run when resuming."""
-    if _prepare_out(out, identity, dim, overwrite, resume) is not None:
+    if _prepare_out(out, identity, overwrite, resume) is not None:
         return None
     workdir = out / WORKDIR
     job_path = workdir / "job.json"
@@ -327,7 +325,7 @@ def _plan(out: Path, identity: dict, dim: int, overwrite: bool, resume: bool | N
     return job, _Journal(workdir).committed(), session
 
 
-def _prepare_out(out: Path, identity: dict, dim: int, overwrite: bool, resume: bool | None):
+def _prepare_out(out: Path, identity: dict, overwrite: bool, resume: bool | None):
     """Decide what to do with whatever is already at `out`; returns a finished store to reuse."""
     workdir = out / WORKDIR
     if (out / MANIFEST).exists() and not overwrite:
@@ -336,7 +334,7 @@ def _prepare_out(out: Path, identity: dict, dim: int, overwrite: bool, resume: b
         except StoreError:
             store = None
         m = store.manifest if store else {}
-        same = store is not None and all(m.get(k) == v for k, v in identity.items()) and m.get("dim") == dim
+        same = store is not None and all(m.get(k) == v for k, v in identity.items())  # dim included
         if same:
             if workdir.exists():
                 shutil.rmtree(workdir)  # a run killed during its final clean-up

@@ -361,13 +361,13 @@ def _decode_pil(source) -> np.ndarray:
 def _full_scale(mode: str, a: np.ndarray) -> float:
     """The white of a high-bit-depth greyscale image: its bit depth, never its own brightest pixel
     (a dark 16-bit image must stay dark). PIL opens 16-bit PNG/PGM/TIFF as I;16* or I (32-bit
-    container of 16-bit data); an I image with values past 16 bits is taken as 32-bit; F as 0–1
-    floats when it stays in [0, 1], else as 8-bit values."""
+    container of 16-bit data); an I image with values past 16 bits is taken as 32-bit. F keeps its
+    earlier rule (16-bit values past 255, else 8-bit)."""
     if mode.startswith("I;16"):
         return 65535.0
     if mode == "I":
         return 65535.0 if a.size == 0 or a.max() <= 65535 else 4294967295.0
-    return 1.0 if a.size and a.max() <= 1.0 else 255.0
+    return 65535.0 if a.size and a.max() > 255 else 255.0
 
 
 class ImageFolder(RelaDataset):

@@ -100,7 +100,7 @@ def timm_prior(rest: str, opts: PriorOptions) -> Prior:
     except (OSError, ValueError) as e:
         raise PriorError(f"timm could not load {rest!r} ({str(e).splitlines()[0][:200]}); "
                          "pass --weights FILE (or timm:local-dir:DIR) when there is no network") from None
-    except Exception as e:  # a garbage weights file: safetensors' and pickle's own errors  # noqa: BLE001
+    except Exception as e:  # a garbage weights file: safetensors' and pickle's own errors
         if not opts.weights:
             raise
         raise PriorError(f"{opts.weights} is not a weights file timm can read ({type(e).__name__}: "

@@ -30,7 +30,8 @@ class PriorOptions:
                                                      type=floats3)
     std: tuple[float, float, float] | None = option(None, "override normalisation std", type=floats3)
     seed: int = option(0, "seed for random:<arch> priors")
-    trust_pickle: bool = option(False, "allow weights files that contain pickled Python objects, and torchscript: priors (runs their code!)")
+    trust_pickle: bool = option(False, "allow weights files that contain pickled Python objects, and torchscript: "
+                                "priors (runs their code!)")
 
     def __post_init__(self) -> None:
         check_options(self)
