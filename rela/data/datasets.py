@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from rela.data import folder_scan
-from rela.data.folder_scan import IMG_EXTENSIONS, cache_root
+from rela.data.folder_scan import IMG_EXTENSIONS
 from rela.data.store import atomic_write_bytes
 from rela.errors import CorruptImageError, DatasetError, RelaWarning
 
@@ -399,7 +399,12 @@ class ImageFolder(RelaDataset):
         return len(self._paths)
 
     def path(self, index: int) -> Path:
-        return self.root / self._paths[index]
+        rel, label = self._paths[index], int(self._labels[index])
+        if not folder_scan.safe_relative(rel, self.classes[label] if label >= 0 else None):
+            raise DatasetError(f"sample {index} of {self.root}: its cached listing puts {rel!r} in class "
+                               f"{self.classes[label] if label >= 0 else '(none)'!r}, which no scan of this folder "
+                               f"does. Delete {folder_scan.cache_root() / 'scans'} (or set RELA_SCAN_CACHE=0)")
+        return self.root / rel
 
     def size(self, index: int) -> int:
         """File size in bytes as listed (from the cached listing when the folder is unchanged)."""
@@ -517,17 +522,18 @@ class WebDataset(RelaDataset):
         if deep:
             return super().fingerprint(deep=True)
         key = hashlib.sha256("\n".join(self._cache_keys).encode()).hexdigest()[:24]
-        cached = cache_root() / "wds" / f"digest-{key}.json"
+        folder = folder_scan.cache_dir("wds", "WebDataset shard indexes")
+        cached = None if folder is None else folder / f"digest-{key}.json"
         try:
-            fp = json.loads(cached.read_text())
-            if fp.get("n") == len(self):
+            fp = json.loads(cached.read_text()) if cached is not None else {}
+            if fp.get("n") == len(self) and fp.get("kind") == self.kind and isinstance(fp.get("digest"), str):
                 return {**fp, **self.info()}
         except (OSError, ValueError):
             pass
         fp = super().fingerprint()
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(cached, json.dumps({k: fp[k] for k in ("kind", "n", "deep", "digest")}).encode(),
-                           durable=False)
+        if cached is not None:
+            atomic_write_bytes(cached, json.dumps({k: fp[k] for k in ("kind", "n", "deep", "digest")}).encode(),
+                               durable=False)
         return fp
 
     def info(self) -> dict:
@@ -578,12 +584,15 @@ def _shard_index(shard: Path) -> tuple[_ShardIndex, str | None, str]:
     lost and said so."""
     st = shard.stat()
     key = hashlib.sha256(f"v3\t{shard.resolve()}\t{st.st_size}\t{st.st_mtime_ns}".encode()).hexdigest()[:24]
-    cached = cache_root() / "wds" / f"{key}.npz"
+    folder = folder_scan.cache_dir("wds", "WebDataset shard indexes")
+    cached = None if folder is None else folder / f"{key}.npz"
     try:
-        with np.load(cached, allow_pickle=False) as z:
-            meta = json.loads(z["meta"].tobytes())
-            keys, exts = _unjoin(z["keys"]), _unjoin(z["exts"])
-            return _ShardIndex(keys, exts, z["offsets"], z["sizes"], z["labels"]), meta["truncated"], key
+        if cached is not None:
+            with np.load(cached, allow_pickle=False) as z:
+                meta = json.loads(z["meta"].tobytes())
+                ix = _ShardIndex(_unjoin(z["keys"]), _unjoin(z["exts"]), z["offsets"], z["sizes"], z["labels"])
+            if _index_is_sound(ix, st.st_size):
+                return ix, meta["truncated"], key
     except (OSError, ValueError, KeyError):
         pass  # not indexed yet, or an unreadable cache entry: index the shard
     index, truncated = _index_shard(shard, st.st_size)
@@ -592,9 +601,19 @@ def _shard_index(shard: Path) -> tuple[_ShardIndex, str | None, str]:
     buf = io.BytesIO()
     np.savez(buf, keys=_join(ix.keys), exts=_join(ix.exts), offsets=ix.offsets, sizes=ix.sizes, labels=ix.labels,
              meta=np.frombuffer(json.dumps({"truncated": truncated}).encode(), np.uint8))
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(cached, buf.getvalue(), durable=False)
+    if cached is not None:
+        atomic_write_bytes(cached, buf.getvalue(), durable=False)
     return ix, truncated, key
+
+
+def _index_is_sound(ix: _ShardIndex, shard_size: int) -> bool:
+    """A cached shard index is used only if it could describe this shard: one entry per sample,
+    every member's bytes inside the file, labels a class, -1 or the bad-label mark."""
+    n = len(ix.keys)
+    if not (len(ix.exts) == len(ix.offsets) == len(ix.sizes) == len(ix.labels) == n):
+        return False
+    return bool(n == 0 or ((ix.offsets >= 0).all() and (ix.sizes >= 0).all()
+                           and (ix.offsets + ix.sizes <= shard_size).all() and (ix.labels >= _BAD_LABEL).all()))
 
 
 def _join(names: list[str]) -> np.ndarray:

@@ -250,9 +250,33 @@ def cache_root() -> Path:
     return Path(os.environ.get("RELA_CACHE", Path.home() / ".cache" / "rela"))
 
 
-def cache_file(root: Path) -> Path:
+def cache_dir(name: str, what: str = "rela's caches") -> Path | None:
+    """cache_root()/name for one kind of cache, private to this user: created 0700, and None
+    (caching off, said once) when it or the cache root belongs to another user or others may write
+    to it — a listing planted there could point samples outside the data or swap their labels.
+    `what` names what is not cached, for the warning."""
+    root = cache_root()
+    path = root / name
+    try:
+        for d in (root, path):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = os.stat(d)
+            if st.st_uid != os.getuid() or st.st_mode & 0o022:
+                who = "another user" if st.st_uid != os.getuid() else "you, but others may write to it"
+                _warn_once(f"rela's cache folder {d} belongs to {who}: caching is off. Point RELA_CACHE at a "
+                           "folder of your own (created 0700), or chmod go-w it")
+                return None
+    except OSError as e:
+        _warn_once(f"could not save {what} to {path} ({e.strerror}): caching is off. Point RELA_CACHE at a "
+                   "writable folder")
+        return None
+    return path
+
+
+def cache_file(root: Path) -> Path | None:
+    folder = cache_dir("scans", f"the folder listing of {root}")
     key = hashlib.sha256(os.fsencode(os.path.realpath(root))).hexdigest()[:32]
-    return cache_root() / "scans" / f"{key}.npz"
+    return None if folder is None else folder / f"{key}.npz"
 
 
 def _meta(root: Path, result: FolderScan) -> dict:
@@ -270,13 +294,14 @@ def save_cached(root: Path, result: FolderScan, started_ns: int | None) -> None:
     from rela.data.store import atomic_write_bytes
 
     path = cache_file(root)
+    if path is None:
+        return
     blob = "\0".join(result.paths).encode("utf-8", "surrogateescape")
     meta = json.dumps(_meta(root, result)).encode()
     buf = io.BytesIO()
     np.savez(buf, paths=np.frombuffer(blob, np.uint8), sizes=result.sizes, labels=result.labels,
              meta=np.frombuffer(meta, np.uint8))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, buf.getvalue(), durable=False)
         result.in_cache = True
     except OSError as e:
@@ -287,6 +312,8 @@ def save_cached(root: Path, result: FolderScan, started_ns: int | None) -> None:
 def load_cached(root: Path) -> FolderScan | None:
     """The cached listing if every listed directory still has its recorded stamp, else None."""
     path = cache_file(root)
+    if path is None:
+        return None
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(z["meta"].tobytes())
@@ -297,10 +324,34 @@ def load_cached(root: Path) -> FolderScan | None:
             sizes, labels = z["sizes"], z["labels"]
     except (OSError, ValueError, KeyError, json.JSONDecodeError):
         return None  # no cache, or an unreadable one: scan
-    if not (len(paths) == len(sizes) == len(labels)):
+    if not (len(paths) == len(sizes) == len(labels)) or not _listing_is_sound(meta["classes"], paths, labels):
         return None
     return FolderScan(meta["classes"], paths, sizes, labels, meta["ignored_top"], meta["others"],
                       {k: tuple(v) for k, v in meta["dirs"].items()}, meta["digest"], from_cache=True, in_cache=True)
+
+
+def _listing_is_sound(classes: list[str], paths: list[str], labels: np.ndarray) -> bool:
+    """A cached listing is trusted only when a scan could have made it: labels in class order (a
+    scan lists class by class) and each class's first and last path inside its folder. Each path
+    is checked in full when used (`safe_relative`, from ImageFolder.path): 1.28M per-path checks
+    here cost 0.4 s, twice a warm open."""
+    if not classes:
+        return bool((labels == -1).all())
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes) or (np.diff(labels) < 0).any()):
+        return False
+    starts = np.searchsorted(labels, np.arange(len(classes)), "left").tolist()
+    stops = np.searchsorted(labels, np.arange(len(classes)), "right").tolist()
+    return all(start == stop or (safe_relative(paths[start], classes[k]) and safe_relative(paths[stop - 1], classes[k]))
+               for k, (start, stop) in enumerate(zip(starts, stops, strict=True)))
+
+
+def safe_relative(path: str, class_name: str | None) -> bool:
+    """`path` is what a scan lists: relative, "/"-separated, no empty, `.` or `..` part (nor a
+    hidden one: scans skip those), inside class folder `class_name` (None: a flat folder's file)."""
+    parts = path.split("/")
+    if any(not p or p.startswith(".") or "\0" in p for p in parts):
+        return False
+    return len(parts) == 1 if class_name is None else len(parts) >= 2 and parts[0] == class_name
 
 
 def _unchanged(root: Path, dirs: dict) -> bool:

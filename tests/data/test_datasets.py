@@ -514,3 +514,21 @@ def test_sixteen_bit_greyscale_is_scaled_by_its_bit_depth_not_its_brightest_pixe
         q = tmp_path / f"v{value}.png"
         Image.fromarray(np.full((8, 8), value, np.uint16)).save(q)  # I;16
         assert decode_image(q).max() == want
+
+
+def test_a_planted_shard_index_is_not_used(tmp_path, monkeypatch):
+    """A cached shard index whose members lie outside the shard is indexed again, not trusted."""
+    monkeypatch.setenv("RELA_CACHE", str(tmp_path / "cache"))
+    items = []
+    for i in range(4):
+        items += [(f"s{i}.jpg", jpeg_bytes(20, 20, seed=i)), (f"s{i}.cls", str(i % 2).encode())]
+    write_shard(tmp_path / "000000.tar", items)
+    ds = open_dataset(str(tmp_path / "000000.tar"))
+    want = [ds.load(i) for i in range(4)]
+    (entry,) = [p for p in (tmp_path / "cache" / "wds").iterdir() if p.suffix == ".npz"]
+    with np.load(entry) as z:
+        data = {k: z[k] for k in z.files}
+    data["offsets"] = data["offsets"] + 10**9  # past the end of the shard
+    np.savez(entry, **data)
+    ds = open_dataset(str(tmp_path / "000000.tar"))
+    assert all(np.array_equal(ds.load(i), w) for i, w in enumerate(want))

@@ -10,7 +10,7 @@ import pytest
 
 from rela.data import folder_scan
 from rela.data.datasets import ImageFolder
-from rela.errors import RelaWarning
+from rela.errors import DatasetError, RelaWarning
 from tests.conftest import make_folder
 
 
@@ -147,3 +147,84 @@ def test_a_damaged_or_unwritable_cache_costs_a_scan_not_an_error(folder, cache, 
     monkeypatch.setenv("RELA_CACHE", str(blocker))
     with pytest.warns(RelaWarning, match="could not save the folder listing"):
         assert listing(ImageFolder(folder)) == expected
+
+
+# --- caches that can't be poisoned ------------------------------------------------------------
+
+def test_cache_folders_are_created_private(folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("RELA_CACHE", str(tmp_path / "new" / "cache"))
+    ImageFolder(folder)
+    for d in (tmp_path / "new" / "cache", tmp_path / "new" / "cache" / "scans"):
+        assert d.stat().st_mode & 0o777 == 0o700, oct(d.stat().st_mode)
+
+
+@pytest.mark.parametrize("how", ["world-writable", "group-writable", "another user's"])
+def test_a_cache_folder_others_can_write_turns_caching_off_with_one_warning(folder, tmp_path, monkeypatch, how):
+    root = tmp_path / "shared-cache"
+    root.mkdir()
+    if how == "another user's":
+        if os.getuid() != 0:
+            pytest.skip("chown to another user needs root")
+        os.chown(root, 65534, 65534)
+    else:
+        root.chmod(0o777 if how == "world-writable" else 0o770)
+    monkeypatch.setenv("RELA_CACHE", str(root))
+    monkeypatch.setattr(folder_scan, "_warned", set())
+    with pytest.warns(RelaWarning, match="caching is off") as w:
+        got = listing(ImageFolder(folder))
+    assert len([x for x in w if "caching is off" in str(x.message)]) == 1 and "\n" not in str(w[0].message)
+    assert got == listing(ImageFolder(folder, cache=False))
+    assert not (root / "scans").exists()  # nothing read from it, nothing written to it
+
+
+def _rewrite_cache(entry, **arrays):
+    with np.load(entry, allow_pickle=False) as z:
+        data = {k: z[k] for k in z.files}
+    data.update(arrays)
+    np.savez(entry, **data)
+
+
+def _paths_blob(paths):
+    return np.frombuffer("\0".join(paths).encode(), np.uint8)
+
+
+def test_a_planted_listing_is_never_used(folder, cache):
+    """A planted scan-cache entry once pointed samples outside the data root and swapped labels while
+    keeping the digest: a listing no scan could have made is scanned again, or refused when used."""
+    ds = ImageFolder(folder)
+    fresh = listing(ImageFolder(folder, cache=False))
+    (entry,) = cache.iterdir()
+    paths, labels = list(ds._paths), ds.labels()
+
+    flipped = labels.copy()
+    flipped[5] = 2  # a label in the middle of class 1's block
+    _rewrite_cache(entry, labels=flipped)
+    again = ImageFolder(folder)
+    assert listing(again) == fresh and not again._scan.from_cache
+
+    for bad in ("../../outside.jpg", "/etc/passwd", "class_0/../../outside.jpg", "class_1/img_000.jpg"):
+        ImageFolder(folder, cache=False)  # the good listing again
+        _rewrite_cache(entry, paths=_paths_blob([bad, *paths[1:]]))  # the first path: checked at open
+        again = ImageFolder(folder)
+        assert listing(again) == fresh and not again._scan.from_cache, bad
+    _rewrite_cache(entry, paths=_paths_blob([*paths[:2], "class_2/img_000.jpg", *paths[3:]]))
+    ds = ImageFolder(folder)  # a path in the middle of a block: checked when it is used
+    assert ds._scan.from_cache
+    with pytest.raises(DatasetError, match="no scan of this folder does"):
+        ds.load(2)
+    _rewrite_cache(entry, paths=_paths_blob([*paths[:2], "class_0/../../x.jpg", *paths[3:]]))
+    with pytest.raises(DatasetError, match="no scan of this folder does"):
+        ImageFolder(folder).path(2)
+
+
+def test_a_link_planted_at_a_cache_temp_name_is_not_followed(folder, cache, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("unrelated")
+    ImageFolder(folder)
+    (entry,) = cache.iterdir()
+    entry.unlink()
+    tmp = entry.with_name(f"{entry.name}.{os.getpid()}.tmp")
+    tmp.symlink_to(victim)  # the temp name this process will use
+    age(folder)
+    ImageFolder(folder)
+    assert victim.read_text() == "unrelated" and entry.is_file() and not tmp.is_symlink()

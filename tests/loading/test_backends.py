@@ -257,3 +257,24 @@ def test_dataset_objects_and_shards_through_every_backend(tmp_path, backend, kin
     epoch = [Loader(data, 4, views="rela", image_size=24, num_workers=1, backend=backend, seed=s) for s in (0, 0)]
     a, b = (torch.cat([x["index"] for x in e]) for e in epoch)
     assert torch.equal(a, b) and len(set(a.tolist())) == len(a)
+
+
+def test_a_cached_beton_is_used_only_when_this_data_and_these_options_wrote_it(tmp_path, monkeypatch):
+    """The .beton cache once reused any file at the expected path."""
+    _need("ffcv")
+    from rela.loading.backends import ffcv as ffcv_backend
+
+    monkeypatch.setenv("RELA_CACHE", str(tmp_path / "cache"))
+    a = ImageFolder(make_folder(tmp_path / "a", classes=2, per_class=4, seed=1))
+    b = ImageFolder(make_folder(tmp_path / "b", classes=2, per_class=4, seed=2))
+    path = ffcv_backend.write_beton(a)
+    stamp = path.stat().st_ino, path.stat().st_mtime_ns
+    assert ffcv_backend.write_beton(a) == path and (path.stat().st_ino, path.stat().st_mtime_ns) == stamp  # reused
+    other = ffcv_backend.write_beton(b)
+    path.unlink()
+    os.link(other, path)  # another data set's .beton planted at a's name
+    assert ffcv_backend.write_beton(a) == path and path.stat().st_ino != other.stat().st_ino  # written anew
+    kw = dict(image_size=16, shuffle=False, num_workers=1, backend="ffcv", views=[eval_view(16)])
+    got = torch.cat([x["views"][0] for x in Loader(a, 4, **kw)])
+    want = torch.cat([x["views"][0] for x in Loader(a, 4, **{**kw, "backend": "torch"})])
+    assert (got - want).abs().mean() < 0.1  # a's own pixels (q95 JPEG in the .beton), not b's

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rela.data.datasets import RelaDataset, as_rgb, cache_root
+from rela.data import folder_scan
+from rela.data.datasets import RelaDataset, as_rgb
+from rela.data.store import atomic_write_bytes
 from rela.errors import CorruptImageError
 from rela.loading.backends import Built, Options, SampleRules, Task, Tasks, nothing_left
 from rela.loading.backends.augment import colour, normalize_batch
@@ -38,7 +41,20 @@ from rela.loading.views import ViewSpec
 
 
 def cache_dir() -> Path:
-    return cache_root() / "ffcv"
+    """$RELA_CACHE/ffcv when that is private (folder_scan.cache_dir), else a private folder of
+    this process's own (the .beton is then written again by each process)."""
+    folder = folder_scan.cache_dir("ffcv", "FFCV .beton files")
+    if folder is None:
+        global _PRIVATE
+        if _PRIVATE is None:
+            import tempfile
+
+            _PRIVATE = Path(tempfile.mkdtemp(prefix="rela-ffcv-"))
+        folder = _PRIVATE
+    return folder
+
+
+_PRIVATE: Path | None = None
 
 
 class _Source:
@@ -62,20 +78,49 @@ def write_beton(dataset: RelaDataset, threads: int = 1) -> Path:
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
-    fp = dataset.fingerprint()
-    key = hashlib.sha256(repr(sorted(fp.items())).encode()).hexdigest()[:24]
     # Small in-memory images are stored raw (exact pixels); files as JPEG q95 (FFCV re-encodes).
     raw = dataset.in_memory
+    written_by = {"fingerprint": dataset.fingerprint(), "write_mode": "raw" if raw else "jpg",
+                  "jpeg_quality": None if raw else 95, "fields": ["image", "index", "ok"], "n": len(dataset),
+                  "ffcv": _ffcv_version()}
+    key = hashlib.sha256(json.dumps(written_by, sort_keys=True, default=str).encode()).hexdigest()[:24]
     path = cache_dir() / f"{key}-{'raw' if raw else 'jpg95'}.beton"
-    if path.exists():
+    if _cached_beton_is_ours(path, written_by):
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))  # ours, not a planted link
     image = RGBImageField(write_mode="raw") if raw else RGBImageField(write_mode="jpg", jpeg_quality=95)
     DatasetWriter(str(tmp), {"image": image, "index": IntField(), "ok": IntField()},
                   num_workers=max(1, threads)).from_indexed_dataset(_Source(dataset))
     os.replace(tmp, path)
+    st = path.stat()
+    atomic_write_bytes(_sidecar(path), json.dumps({**written_by, "file": [st.st_size, st.st_mtime_ns, st.st_ino]},
+                                                 sort_keys=True, default=str).encode(), durable=False)
     return path
+
+
+def _ffcv_version() -> str:
+    from importlib.metadata import version
+
+    return version("ffcv")
+
+
+def _sidecar(beton: Path) -> Path:
+    return beton.with_suffix(".json")
+
+
+def _cached_beton_is_ours(path: Path, written_by: dict) -> bool:
+    """A cached .beton is reused only with the record this process's writer left beside it: the same
+    data fingerprint and write options, and the very file (size, mtime, inode) that was written."""
+    try:
+        record = json.loads(_sidecar(path).read_text())
+        st = path.stat()
+    except (OSError, ValueError):
+        return False
+    expected = json.loads(json.dumps({**written_by, "file": [st.st_size, st.st_mtime_ns, st.st_ino]},
+                                     sort_keys=True, default=str))
+    return record == expected
 
 
 def _pipeline(spec: ViewSpec, memory_format: torch.memory_format) -> tuple[list, object]:
