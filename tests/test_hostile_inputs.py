@@ -508,3 +508,63 @@ def test_a_manifest_skipped_list_is_checked_when_the_store_opens(tmp_path, skipp
     (store.path / "manifest.json").write_text(json.dumps({**m, "skipped": skipped}))
     with pytest.raises(StoreError, match=needle):
         TargetStore.open(store.path)
+
+
+# --- EXIF orientation: an explicit choice ---------------------------------------------------
+
+def _phone_photos(root):
+    """JPEGs stored 48 wide × 32 tall, red left and blue right, tagged EXIF orientation 6 (turn 90°
+    clockwise to view): upright they are 32 × 48, red on top."""
+    from PIL import Image
+
+    img = np.zeros((32, 48, 3), np.uint8)
+    img[:, :24, 0] = 255
+    img[:, 24:, 2] = 255
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(4):
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            Image.fromarray(img).save(root / f"c{c}" / f"p{i}.jpg", quality=95, exif=exif)
+    return root
+
+
+@pytest.mark.parametrize("backend,kind", [("torch", "thread"), ("torch", "process"), ("ffcv", "thread"),
+                                          ("dali", "thread")])
+def test_exif_orientation_is_applied_only_when_asked_in_every_backend(tmp_path, monkeypatch, backend, kind):
+    from rela.loading.backends import available
+    from rela.loading.views import eval_view
+
+    if not available()[backend]:
+        if os.environ.get("CI"):
+            pytest.fail(f"backend {backend} is not installed on CI")
+        pytest.skip(f"{backend} not installed")
+    monkeypatch.setenv("RELA_CACHE", str(tmp_path / "cache"))
+    root = _phone_photos(tmp_path / "photos")
+    kw = dict(image_size=16, views=[eval_view(16)], shuffle=False, num_workers=2, worker_type=kind, backend=backend)
+
+    def red_minus_blue(exif_transpose):
+        x = torch.cat([b["views"][0] for b in Loader(str(root), 4, exif_transpose=exif_transpose, **kw)])
+        rb = x[:, 0] - x[:, 2]  # [N, H, W]
+        return rb[:, :8].mean().item(), rb[:, 8:].mean().item(), rb[:, :, :8].mean().item(), rb[:, :, 8:].mean().item()
+
+    top, bottom, left, right = red_minus_blue(True)
+    assert top > 1 and bottom < -1 and abs(left - right) < 0.5  # upright: red on top
+    top, bottom, left, right = red_minus_blue(False)  # the default, as torchvision: as stored
+    assert left > 1 and right < -1 and abs(top - bottom) < 0.5
+
+
+def test_exif_transpose_is_a_flag_of_convert_and_train(tmp_path):
+    import json
+
+    from rela.data.datasets import open_dataset
+
+    root = _phone_photos(tmp_path / "photos")
+    assert open_dataset(str(root), exif_transpose=True).load(0).shape == (48, 32, 3)
+    assert open_dataset(str(root)).load(0).shape == (32, 48, 3)
+    r = run_cli("convert", "--data", str(root), "--prior", "random:resnet18", "--dim", "4", "--input-size", "32",
+                "--workers", "0", "--exif-transpose", "--quiet", "--out", str(tmp_path / "s"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["dataset"]["kind"].endswith("+exif-transpose")
+    for cmd in ("convert", "train"):
+        assert "--exif-transpose" in run_cli(cmd, "--help").stdout

@@ -231,6 +231,7 @@ def convert(
     chunk_rows: int = ConvertOptions.chunk_rows,
     num_workers: int | None = ConvertOptions.num_workers,
     skip_corrupt: bool = ConvertOptions.skip_corrupt,
+    exif_transpose: bool = ConvertOptions.exif_transpose,
     resume: bool | None = None,
     overwrite: bool = ConvertOptions.overwrite,
     keep_raw: bool = ConvertOptions.keep_raw,
@@ -255,7 +256,7 @@ def convert(
                    chunk_rows=chunk_rows, num_workers=num_workers, device=str(device))  # the flags' checks, once
     out = Path(out)
     rank, world = dist_util.rank_world()
-    dataset = open_dataset(data, limit)
+    dataset = open_dataset(data, limit, exif_transpose)
     if isinstance(prior, str):
         prior = load_prior(prior, **prior_kwargs)
     if not 1 <= dim <= prior.dim:

@@ -145,6 +145,7 @@ class Loader:
         prefetch_factor: int | None = 2,
         persistent_workers: bool = False,
         on_error: str = "raise",
+        exif_transpose: bool = False,
         batch_format: str = "dict",
         worker_type: str = "process",
         rank: int | None = None,
@@ -159,7 +160,7 @@ class Loader:
         seed = int(seed) if seed is not None else torch.initial_seed() % 2**63
         self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
         self.batch_format, self.worker_type, self.on_error, self.timeout = batch_format, worker_type, on_error, timeout
-        self._open_data(dataset, targets, views, image_size, mean, std, backend)
+        self._open_data(dataset, targets, views, image_size, mean, std, backend, exif_transpose)
         self._draw_subset(subset, policy, torch.device(device))
         self._start_backend(backend, handoff, num_workers, pin_memory, memory_format, prefetch_factor,
                             persistent_workers)
@@ -170,10 +171,12 @@ class Loader:
         self._skipped_seen: set[int] = set()
 
     # --- construction, in steps ------------------------------------------------------------
-    def _open_data(self, dataset, targets, views, image_size, mean, std, backend: str) -> None:
-        """The dataset, the target store checked against it, and the views."""
+    def _open_data(self, dataset, targets, views, image_size, mean, std, backend: str, exif_transpose: bool) -> None:
+        """The dataset (images upright by their EXIF tag with `exif_transpose`; off, as in
+        torchvision), the target store checked against it, and the views."""
         self.as_is = isinstance(views, str) and views == AS_IS
-        self.dataset = self._as_is_dataset(dataset, backend) if self.as_is else open_dataset(dataset)
+        self.dataset = (self._as_is_dataset(dataset, backend) if self.as_is
+                        else open_dataset(dataset, exif_transpose=exif_transpose))
         if getattr(self.dataset, "as_is", False) and not self.as_is:
             raise RelaError(f"{self.dataset.name} was made with as_is=True: its transform makes the views, "
                             "so pass views='as-is'")

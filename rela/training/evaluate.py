@@ -207,10 +207,10 @@ def evaluate_run(run: str | Path, *, probe: str = EvalOptions.probe, probe_epoch
     if test_name is None:
         raise RelaError(f"no test split known for {cfg.data!r}: pass --test-data")
     t0 = time.perf_counter()
-    train_x, train_y = extract_features(backbone, open_dataset(cfg.data if train_data is None else train_data, cfg.limit),
+    train_x, train_y = extract_features(backbone, open_dataset(cfg.data if train_data is None else train_data, cfg.limit, cfg.exif_transpose),
                                         cfg.image_size, progress=progress, desc="train features", device=device,
                                         on_error=on_error)
-    test_x, test_y = extract_features(backbone, open_dataset(test_name), cfg.image_size,
+    test_x, test_y = extract_features(backbone, open_dataset(test_name, exif_transpose=cfg.exif_transpose), cfg.image_size,
                                       progress=progress, desc="test features", device=device, on_error=on_error)
     options = {"C": C} if probe == "lbfgs" else {"epochs": probe_epochs, "seed": cfg.seed}
     result = linear_probe(train_x, train_y, test_x, test_y, probe=probe, **options)

@@ -76,6 +76,7 @@ class TrainConfig:
                                      "if the node has fewer cores per rank)", flag="--workers", metavar="N", low=0, high=256)
     skip_corrupt: bool = option(False, "an undecodable image is replaced by the next decodable sample (each "
                                 "reported once an epoch; conversion records it as skipped) instead of stopping the run")
+    exif_transpose: bool = option(False, "turn each image upright by its EXIF Orientation tag (phone photos); off, as in torchvision's ImageFolder")
     backend: str = option("auto", "loader backend", choices=("auto", *choices.BACKENDS))
     policy: str = option("uniform", "subset policy", choices=choices.POLICIES)
     freeze_transfer: bool = option(False, "frozen random transfer head (reference code)")

@@ -185,7 +185,7 @@ class Trainer:
 
         cfg = self.cfg
         self.device = device = resolve_device(cfg.device)
-        self.dataset = open_dataset(self.data, cfg.limit)
+        self.dataset = open_dataset(self.data, cfg.limit, cfg.exif_transpose)
         classes = 0
         if METHODS[cfg.method].needs_labels:  # reads every label
             labels = self.dataset.labels()
@@ -412,7 +412,7 @@ class Trainer:
             on_error = self.loader.on_error  # --skip-corrupt covers the probe's reads too
             tr = extract_features(self.backbone, self.dataset.head(min(len(self.dataset), 5000)), size, device=device,
                                   on_error=on_error)
-            te = extract_features(self.backbone, open_dataset(self.test_name, 2000), size, device=device,
+            te = extract_features(self.backbone, open_dataset(self.test_name, 2000, self.cfg.exif_transpose), size, device=device,
                                   on_error=on_error)
             info["knn_top1"] = knn_accuracy(*tr, *te)
         (self.out / "switch.json").write_text(json.dumps(info, indent=1))

@@ -38,8 +38,11 @@ def _pipeline(views: tuple[ViewSpec, ...], kind: str, batch_size: int, threads: 
     with pipe:
         if kind == "jpeg":
             data = fn.external_source(name="data", dtype=types.UINT8, ndim=1)
+            # adjust_orientation=False: the crop boxes are drawn in the frame as stored (libjpeg's
+            # header size), and rela turns images upright itself only when asked (exif_transpose;
+            # rotated files then reach the fallback, not this decoder) — as every other backend
             image = fn.decoders.image(data, device="cpu" if device_id is None else "mixed",
-                                      output_type=types.RGB)
+                                      output_type=types.RGB, adjust_orientation=False)
         else:
             image = fn.external_source(name="data", dtype=types.UINT8, ndim=3, layout="HWC")
             if device_id is not None:
