@@ -252,3 +252,28 @@ def test_a_resumed_run_killed_before_its_first_checkpoint_keeps_its_steps_csv(ti
     assert r.returncode == -signal.SIGKILL  # killed again, before the resumed run's first checkpoint ...
     again = list(csv.DictReader((out / "steps.csv").open()))
     assert again[:len(rows)] == rows  # ... with every row up to the checkpoint it resumed from
+
+
+def test_checkpoints_and_exports_are_written_like_the_store(tiny, tmp_path, monkeypatch):
+    """Temp file opened exclusively (a link planted at its name is not followed), fsynced, renamed,
+    folder fsynced: a checkpoint or export is never torn, and never writes through a planted link."""
+    import os
+
+    from rela.training.run import export_student, save_checkpoint
+    from rela.training.train import train
+
+    run = tmp_path / "run"
+    train(_cfg(tiny, run, epochs=1), progress=False)
+    victim = tmp_path / "victim"
+    victim.write_text("unrelated")
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    for path, write in ((tmp_path / "ck.pt", lambda p: save_checkpoint(p, {"step": 1})),
+                        (tmp_path / "student.safetensors", lambda p: export_student(run, p))):
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.symlink_to(victim)
+        synced.clear()
+        write(path)
+        assert victim.read_text() == "unrelated" and path.is_file() and not tmp.exists()
+        assert str(tmp) in synced and str(path.parent) in synced, synced  # the file, then its folder
