@@ -92,6 +92,19 @@ def junk_before_sof(data: bytes) -> bytes:
     return data[:i] + b"\x00" + data[i:]
 
 
+@pytest.fixture
+def collect_backend_garbage():
+    """Free a test's DALI/FFCV objects when it ends, not at some later allocation. On CPython 3.11.7
+    their finalizers, run by a garbage collection that happens to fall inside a later `ast.parse`
+    (pytest's assertion rewriting, or a test that reads sources), fail it with "SystemError: AST
+    constructor recursion depth mismatch" (CPython gh-106905: an error inside the AST constructor
+    leaks its depth count). Every test that builds an FFCV or DALI loader uses it."""
+    yield
+    import gc
+
+    gc.collect()
+
+
 def write_shard(path: Path, items: list[tuple[str, bytes]]) -> None:
     """A WebDataset-style tar shard holding `items` (member name, bytes) in order."""
     import io

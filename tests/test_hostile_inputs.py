@@ -359,6 +359,7 @@ def _hostile_folder(root):
 _HOSTILE = {"z_zero.jpg", "z_bomb.jpg", "z_gone.jpg", "z_loop.jpg", "z_loop2.jpg"}
 
 
+@pytest.mark.usefixtures("collect_backend_garbage")
 @pytest.mark.parametrize("backend,kind", [("torch", "thread"), ("torch", "process"), ("ffcv", "thread"),
                                           ("dali", "thread")])
 def test_crafted_images_are_skipped_or_one_clean_error_in_every_backend(tmp_path, monkeypatch, backend, kind):
@@ -529,6 +530,7 @@ def _phone_photos(root):
     return root
 
 
+@pytest.mark.usefixtures("collect_backend_garbage")
 @pytest.mark.parametrize("backend,kind", [("torch", "thread"), ("torch", "process"), ("ffcv", "thread"),
                                           ("dali", "thread")])
 def test_exif_orientation_is_applied_only_when_asked_in_every_backend(tmp_path, monkeypatch, backend, kind):

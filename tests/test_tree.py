@@ -1,5 +1,6 @@
 """The tests mirror the package: each floor's tests in its folder, shared fixtures in conftest.py."""
 
+import ast
 import importlib.metadata
 import subprocess
 import sys
@@ -13,23 +14,13 @@ FLOORS = ("data", "loading", "training", "kernels")
 def test_floor_folders_hold_the_floor_tests_and_no_test_imports_another():
     for floor in FLOORS:
         assert list((TESTS / floor).glob("test_*.py")), floor
-    # Parsed in a fresh interpreter: CPython 3.11.7's AST constructor once raised "SystemError: AST
-    # constructor recursion depth mismatch" here, in a test worker that had run hundreds of tests.
-    out = subprocess.run([sys.executable, "-c", _CROSSINGS, str(TESTS)], capture_output=True, text=True, check=True)
-    crossing = out.stdout.split("\n")[:-1]
+    crossing = []
+    for path in TESTS.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tests.") \
+                    and not node.module.endswith("conftest"):
+                crossing.append(f"{path.relative_to(TESTS)}: from {node.module}")
     assert not crossing, f"fixtures and helpers belong in a conftest.py: {crossing}"
-
-
-_CROSSINGS = """
-import ast, sys
-from pathlib import Path
-tests = Path(sys.argv[1])
-for path in sorted(tests.rglob("*.py")):
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tests.") \\
-                and not node.module.endswith("conftest"):
-            print(f"{path.relative_to(tests)}: from {node.module}")
-"""
 
 
 def _importable_top_level(root: Path) -> set[str]:

@@ -1,7 +1,6 @@
 """The dali and ffcv backends against the torch one: same batches, same eval pixels, intended
 random-view statistics, determinism, view switching, bad input, no leaked threads."""
 
-import gc
 import os
 import threading
 
@@ -190,14 +189,7 @@ def test_auto_picks_the_torch_backend_on_the_cpu(folder):
     assert Loader(folder, 4, image_size=16, backend="auto").backend == "torch"
 
 
-@pytest.fixture(autouse=True)
-def _collect_backend_garbage():
-    """Free each test's DALI/FFCV objects here, not at some later allocation. On CPython 3.11.7
-    their finalizers, run by a garbage collection that happens to fall inside a later
-    `ast.parse` (pytest's assertion rewriting of a late-imported plugin), made it fail with
-    "SystemError: AST constructor recursion depth mismatch" in 3 of 5 runs of this module."""
-    yield
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("collect_backend_garbage")
 
 
 def _webdataset(root):
