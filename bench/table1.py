@@ -392,7 +392,8 @@ def handover_part(args, stores: dict, floor: dict) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--short", action="store_true", help="5k images, 8 epochs (default: 10k, 20)")
-    p.add_argument("--seeds", type=positive_int, default=1, help="BYOL arms with seeds 0..N-1")
+    p.add_argument("--seeds", type=positive_int, help="BYOL arms (with --data: every arm) with seeds 0..N-1 "
+                   "(default 1; with --data 2)")
     p.add_argument("--method-seeds", type=positive_int, default=1, help="the other methods' arms with seeds 0..N-1")
     p.add_argument("--methods", nargs="*", default=list(METHODS), help="other methods (none: BYOL only)")
     p.add_argument("--no-sweep", action="store_true", help="use --lr/--min-scale instead of the baseline sweep")
@@ -406,8 +407,22 @@ def main() -> None:
                         "methods (each part on its own needs only the conversions)")
     p.add_argument("--handover-methods", nargs="*", default=list(TUNED), help="--parts handover: which methods")
     p.add_argument("--candidates", action="store_true", help="--parts handover: run the hand-over candidates first")
+    p.add_argument("--data", help="an image folder (or any data spec): run the defaults' table on it instead "
+                   "(bench/table1_data.py); needs --test-data")
+    p.add_argument("--test-data", help="with --data: the held-out split for the probes")
+    p.add_argument("--limit", type=positive_int, help="with --data: only the first N training samples")
+    p.add_argument("--epochs", type=positive_int, default=8, help="with --data: epochs of every arm")
+    p.add_argument("--method", default="byol", help="with --data: the method (its 100%% arm and the hand-over)")
+    p.add_argument("--prior-sizes", type=positive_int, nargs="*", default=[],
+                   help="with --data: also RELA alone at 20%% with the prior converted at these input sizes")
+    p.add_argument("--old-default", action="store_true",
+                   help="with --data: also the phase default before issue 33 (scaled rule, window 0.2:0.6)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
+    if args.data:
+        args.seeds = args.seeds or 2
+        return data_part(args, p)
+    args.seeds = args.seeds or 1
     if "methods" not in args.parts:
         args.methods = []
     args.limit, args.epochs = (5000, 8) if args.short else (10000, 20)
@@ -431,6 +446,21 @@ def main() -> None:
     path.write_text(json.dumps(results, indent=1))
     print(f"\nplots and {path.name} in {args.out}; benchmark wall {time.perf_counter() - t0:.0f}s "
           "(CPU only; no GPU measured)")
+
+
+def data_part(args, parser) -> None:
+    """`--data FOLDER --test-data FOLDER`: the defaults' table on the user's data (bench/table1_data.py)."""
+    from bench import table1_data
+
+    if not args.test_data:
+        parser.error("--data needs --test-data (the split the linear and kNN probes are scored on)")
+    if args.out == parser.get_default("out"):
+        args.out = Path("bench/out/table1-data") / Path(args.data.rstrip("/")).parent.name
+    torch.set_num_threads(args.threads)
+    print(f"device: {device_line()}; torch threads {args.threads}")
+    t0 = time.perf_counter()
+    table1_data.run(args)
+    print(f"\nresults.json in {args.out}; benchmark wall {time.perf_counter() - t0:.0f}s (CPU only; no GPU measured)")
 
 
 def byol_part(args, stores: dict) -> dict:

@@ -19,16 +19,25 @@ Usable from any training loop in a few lines:
 
 Phases (`phase=`):
 - `fixed:c` — RELA for the first ⌊c·epochs⌋ epochs, then the SSL method (`fixed:1` = RELA only).
-- `adaptive` — switch once the RELA loss stops falling: fast = m_f·fast + (1 − m_f)·loss,
-  slow = m_s·slow + (1 − m_s)·fast, ρ = exp(−max(slow − fast, 0) / scale); switch once ρ ≥ 0.995,
-  but never before `window[0]` and at the latest at `window[1]` of the run's steps (1: no forced switch).
-  `rule="scaled"` (the default) starts fast and slow at the first observed loss, measures the gap
-  relative to it (scale = that loss) and gives the EMAs the time constants the reference's
-  0.999 / 0.99 have at its run length (1000 and 100 of 39k steps: 2.6% and 0.26% of the run; at
-  least 10 and 3 steps, fewer cannot tell a plateau from batch noise), so
-  the rule reads the loss's shape whatever its scale and the run's length. `rule="reference"` is
-  the reference code's: starts 1.0 / 2.0, momenta 0.999 / 0.99, scale 1 — it cannot fire before
-  step 528, and on a flat loss of 0.1–0.4 needs 2,600–3,000 steps.
+- `adaptive` — switch once the RELA loss stops paying, by `rule=`:
+  `"evidence"` (the default) fits a least-squares line to the RELA loss of the last W steps
+  (W = `evidence_steps`, 100, or a fifth of the run, whichever is more), projects it over the
+  steps left (at least W) and switches once even the fall's upper bound (slope + 2 standard
+  errors) would take the loss down by less than `min_gain` (5%) of its level. A steady fall,
+  however slow per step, keeps RELA while it would still pay over what is left; batch noise
+  widens the bound and makes the rule wait; a run with fewer than W RELA steps never switches.
+  The window's lower edge still holds (never before `window[0]`); the default window ends at 1:
+  no forced switch. Why not a direct probe (held-out RELA loss or kNN agreement): each costs
+  forward passes the training loss already gives on fresh samples (every epoch draws a new
+  subset), and it answers the same question — is RELA still moving the representation.
+  `"scaled"` (the default before issue 33) fires on ρ: fast = m_f·fast + (1 − m_f)·loss,
+  slow = m_s·slow + (1 − m_s)·fast, ρ = exp(−max(slow − fast, 0) / scale), switch once ρ ≥
+  0.995, EMAs started at the first loss with time constants 2.6% and 0.26% of the run (at least
+  10 and 3 steps). On short runs that read a slow, steady fall (1.0 → 0.95 over 30 steps) as a
+  plateau and fired at the window's edge, 7–16 points under RELA alone on held-out data.
+  `rule="reference"` is the reference code's: starts 1.0 / 2.0, momenta 0.999 / 0.99, scale 1
+  — it cannot fire before step 528, and on a flat loss of 0.1–0.4 needs 2,600–3,000 steps.
+  ρ is computed (and logged) under every rule.
 - `blend` — λ = 1 − ρ weights the RELA loss and 1 − λ = ρ the SSL loss, continuously, on the
   SSL method's views (the accelerator sets them on the loader when it is created); λ = 1 before
   `window[0]`, and from `window[1]` on the hand-over below, from blend's last λ.
@@ -39,19 +48,21 @@ falls linearly over W = round(h·total) steps instead of at once, so the loss mo
 method's while the method's heads catch up (`lam_at(step)`); h = 0 (or W = 1) is a hard switch.
 `floor=f` (default 0.5) is where it falls to and stays: a residual RELA term, the method then
 training beside RELA, L = f·L_rela + (1 − f)·L_ssl; `floor=0` hands over to the method alone.
-The defaults are the best of the candidates measured in bench/table1.py --parts handover (README).
+The hand-over defaults are the best of the candidates measured in bench/table1.py --parts handover;
+the switch rule's were validated on held-out data (docs/defaults.md).
 
 `acc.step()` advances the rule by one step from the last RELA loss (reading it on the host and,
 under torch.distributed, averaging it over ranks: a sync and a collective per step). A loop that
 keeps the device busy instead calls `acc.observe(losses)` every k steps with those steps'
 rank-averaged RELA losses: the same recursion over the same values, so ρ is identical; adaptive
 and blend then decide at those points (the switch lands on the first decision point at or after
-the step where ρ crossed). `rela train` does this every `--log-every` steps.
+the step where the rule fired). `rela train` does this every `--log-every` steps.
 
 λ (`acc.lam_at(step)`; `acc.lam` at the last observed step) is the RELA loss weight: 1 in the RELA
 phase, the floor once handed over. At the switch the accelerator calls `loader.set_views(ssl_views)`,
 which takes effect from the very next batch. The window and the scaled rule need the run's
-length: `total_steps=` or `acc.plan(total_steps)` (without it: no window, the given momenta).
+length: `total_steps=` or `acc.plan(total_steps)` (without it: no window, the given momenta, an
+evidence window of `evidence_steps`).
 Unlike the reference code, the transfer head is trained (`freeze_transfer=True` reproduces the
 reference's frozen random projection), and the whole phase state is in `state_dict()`.
 """
@@ -59,10 +70,13 @@ reference's frozen random projection), and the whole phase state is in `state_di
 from __future__ import annotations
 
 import math
+from collections import deque
 
+import numpy as np
 import torch
 from torch import nn
 
+from rela.choices import SWITCH_RULES
 from rela.errors import RelaError
 from rela.kernels.rela_loss import rela_loss
 
@@ -90,13 +104,17 @@ class Accelerator(nn.Module):
                  freeze_transfer: bool = False, loader=None, ssl_views="byol",
                  fast_momentum: float = 0.999, slow_momentum: float = 0.99,
                  fast_init: float = 1.0, slow_init: float = 2.0, threshold: float = 0.995,
-                 rule: str = "scaled", window: tuple[float, float] = (0.2, 0.6), handover: float = 0.1,
-                 floor: float = 0.5, total_steps: int | None = None) -> None:
+                 rule: str = "evidence", window: tuple[float, float] = (0.2, 1.0), handover: float = 0.1,
+                 floor: float = 0.5, evidence_steps: int = 100, min_gain: float = 0.05,
+                 total_steps: int | None = None) -> None:
         super().__init__()
         self.mode, self.fraction = parse_phase(phase)
         self.phase = phase
-        if rule not in ("scaled", "reference"):
-            raise RelaError(f"switch rule must be 'scaled' or 'reference', not {rule!r}")
+        if rule not in SWITCH_RULES:
+            raise RelaError(f"switch rule must be one of {', '.join(SWITCH_RULES)}, not {rule!r}")
+        if evidence_steps < 2 or not 0 < min_gain < 1:
+            raise RelaError(f"the evidence rule needs evidence_steps >= 2 and 0 < min_gain < 1, got {evidence_steps} "
+                            f"and {min_gain}")
         if not 0 <= window[0] <= window[1] <= 1:
             raise RelaError(f"switch window needs 0 <= min <= max <= 1, got {window[0]}:{window[1]}")
         if not 0 <= handover <= 1:
@@ -104,11 +122,14 @@ class Accelerator(nn.Module):
         if not 0 <= floor < 1:
             raise RelaError(f"the RELA weight's floor after the hand-over must be in [0, 1), got {floor}")
         self.rule, self.window, self.handover, self.floor = rule, tuple(window), handover, floor
+        self.evidence_steps, self.min_gain = int(evidence_steps), min_gain
+        self.evidence: dict = {}  # the evidence rule's last reading (switch.json)
         self.transfer = nn.Linear(feature_dim, target_dim)
         self.transfer.requires_grad_(not freeze_transfer)
         self.loader, self.ssl_views = loader, ssl_views
         self.fast_momentum, self.slow_momentum, self.threshold = fast_momentum, slow_momentum, threshold
         self.total_steps: int | None = None
+        self._recent: deque[float] = deque(maxlen=self.evidence_window)  # the evidence rule's last W RELA losses
         # The phase state: host floats (read every step without touching the device), mirrored
         # into buffers (state_dict, DDP's broadcast) whenever it changes. `start` is the first
         # observed loss (the scaled rule's origin and scale; NaN until then).
@@ -135,9 +156,10 @@ class Accelerator(nn.Module):
         """The run's length in optimizer steps: the switch window's bounds and, under the scaled
         rule, the EMAs' momenta (time constants 2.6% and 0.26% of the run, at least 10 and 3 steps)."""
         self.total_steps = int(total_steps)
-        if self.rule == "scaled":  # at least 10 and 3 steps: fewer cannot tell a plateau from batch noise
+        if self.rule != "reference":  # at least 10 and 3 steps: fewer cannot tell a plateau from batch noise
             self.fast_momentum = 1.0 - 1.0 / max(10.0, 0.026 * total_steps)
             self.slow_momentum = 1.0 - 1.0 / max(3.0, 0.0026 * total_steps)
+        self._recent = deque(self._recent, maxlen=self.evidence_window)
 
     def _write_buffers(self) -> None:
         for name, value in (("fast", self._fast), ("slow", self._slow), ("weight", self._weight),
@@ -153,7 +175,7 @@ class Accelerator(nn.Module):
     # --- the phase --------------------------------------------------------------------------
     @property
     def rho(self) -> float:
-        scale = self._start if self.rule == "scaled" and self._start > 0 else 1.0
+        scale = self._start if self.rule != "reference" and self._start > 0 else 1.0
         return math.exp(-max(self._slow - self._fast, 0.0) / scale)
 
     @property
@@ -233,10 +255,11 @@ class Accelerator(nn.Module):
         for value in losses:
             self._steps += 1
             if not (self.mode == "off" or self.switched or math.isnan(value)):  # ρ: while RELA runs
-                if self.rule == "scaled" and math.isnan(self._start):  # normalised starts: the first loss
+                if self.rule != "reference" and math.isnan(self._start):  # normalised starts: the first loss
                     self._start = self._fast = self._slow = value
                 self._fast = self.fast_momentum * self._fast + (1 - self.fast_momentum) * value
                 self._slow = self.slow_momentum * self._slow + (1 - self.slow_momentum) * self._fast
+                self._recent.append(value)
             rhos.append(self.rho)
         switched = False
         if self.mode in ("adaptive", "blend") and not self.switched:
@@ -245,20 +268,80 @@ class Accelerator(nn.Module):
             due = self.window[1] < 1 and self._steps >= self._window_step(1)
             if self.mode == "blend":
                 self._weight = 1.0 - self.rho if opened else 1.0
-            if due or (self.mode == "adaptive" and opened and self.rho >= self.threshold):
+            if due or (self.mode == "adaptive" and opened and self._plateau()):
                 switched = True  # blend at the window's end: the SSL method alone from here
                 self._switch()
         self._write_buffers()
         return switched, rhos
 
+    # --- the evidence rule -------------------------------------------------------------------
+    @property
+    def evidence_window(self) -> int:
+        """W, the steps the evidence rule measures the trend over, and the shortest horizon it
+        projects it to: `evidence_steps` at least, and a fifth of the run (a trend over fewer steps
+        is batch noise; a share alone is a handful of steps in a short run; a fall that would still
+        be 5% over a fifth of the run is RELA still paying)."""
+        return max(self.evidence_steps, round(0.2 * (self.total_steps or 0)))
+
+    def _plateau(self) -> bool:
+        """Whether the RELA loss has stopped paying: the evidence rule's reading (self.evidence),
+        or ρ ≥ threshold under the scaled and reference rules."""
+        if self.rule != "evidence":
+            return self.rho >= self.threshold
+        if len(self._recent) < self.evidence_window:
+            self.evidence = {"steps": len(self._recent), "needed": self.evidence_window}
+            return False
+        left = (self.total_steps or 0) - self._steps
+        self.evidence = reading = projected_fall(self._recent, max(left, self.evidence_window))
+        return reading["fall_upper"] < self.min_gain
+
     def why(self) -> str:
-        """Why the switch came when it did (for switch.json)."""
+        """Why the switch came when it did (for switch.json and the CLI's summary)."""
         if self.mode == "fixed":
             return f"fixed:{self.fraction:g}: the start of epoch floor({self.fraction:g} x epochs)"
         if self.total_steps is not None and self._switch_step >= self._window_step(1):
-            return (f"the window's end ({self.window[1]:g} of {self.total_steps} steps) came before rho reached "
-                    f"{self.threshold:g} (rho {self.rho:.4f})")
+            return (f"the window's end ({self.window[1]:g} of {self.total_steps} steps) came before the RELA loss "
+                    f"stopped falling ({self.rule} rule)")
+        if self.rule == "evidence":
+            e = self.evidence
+            return (f"the RELA loss stopped paying: at the rate of its last {e['steps']} steps it would fall at most "
+                    f"{100 * e['fall_upper']:.1f}% more over {e['horizon']} steps (under {100 * self.min_gain:g}%)")
         return f"rho {self.rho:.4f} >= {self.threshold:g}: the RELA loss stopped falling ({self.rule} rule)"
+
+    def why_not(self) -> str:
+        """Why there was no switch (the summary of a run that kept RELA to its end)."""
+        if self.mode != "adaptive" or self.switched:
+            return ""
+        e = self.evidence
+        if self.rule != "evidence":
+            return f"rho stayed below {self.threshold:g} ({self.rule} rule)"
+        if "fall_upper" not in e:
+            return (f"the run had {e.get('steps', 0)} RELA steps, fewer than the {self.evidence_window} the rule needs "
+                    "to measure the loss's trend")
+        return (f"the RELA loss was still falling: at the rate of its last {e['steps']} steps it would fall "
+                f"{100 * e['fall']:.1f}% (up to {100 * e['fall_upper']:.1f}%) over another {e['horizon']} steps, "
+                f"and the rule switches below {100 * self.min_gain:g}%")
+
+    def decision(self) -> str:
+        """What the phase did and why, in words a user can act on (the end-of-run summary)."""
+        total = self.total_steps or 0
+        if self.mode == "off":
+            return "off: no RELA"
+        if self.switched:
+            at = f"step {self._switch_step}" + (f" of {total} ({100 * self._switch_step / total:.0f}%)" if total else "")
+            keep = "" if self.mode == "fixed" and self.fraction == 1 else "; --phase fixed:1 keeps RELA for the whole budget"
+            return f"{self.phase}: switched at {at} because {self.why()}{keep}"
+        if self.mode == "fixed":
+            return f"{self.phase}: RELA for the whole run"
+        return (f"{self.phase} ({self.rule} rule): no switch, RELA for the whole run, because {self.why_not()}; "
+                "--phase fixed:0.5 hands over to the method at half the run")
+
+    def get_extra_state(self) -> dict:
+        return {"recent": list(self._recent), "evidence": dict(self.evidence)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._recent = deque(state.get("recent", []), maxlen=self.evidence_window)
+        self.evidence = dict(state.get("evidence", {}))
 
     def flush_scores(self) -> None:
         """Hand the per-sample RELA losses gathered since the last call to the loader's scores
@@ -287,8 +370,28 @@ class Accelerator(nn.Module):
         return f"phase={self.phase}, lam={self.lam:.3f}, rho={self.rho:.4f}, steps={self._steps}"
 
 
+def projected_fall(losses: list[float], horizon: int) -> dict:
+    """The least-squares trend of `losses` (one per step), projected `horizon` steps on, relative
+    to the loss's level at the last step: `fall` from the slope, `fall_upper` from the slope plus
+    two standard errors (≈97.5% one-sided: a noisy window cannot pass for a plateau)."""
+    y = np.asarray(losses, dtype=np.float64)
+    n = len(y)
+    if n < 3:  # no slope and no spread to measure
+        return {"steps": n, "horizon": int(horizon), "fall": math.inf, "fall_upper": math.inf}
+    x = np.arange(n) - (n - 1) / 2
+    sxx = float(x @ x)
+    slope = float(x @ y) / sxx
+    resid = y - y.mean() - slope * x
+    se = math.sqrt(float(resid @ resid) / max(n - 2, 1) / sxx)
+    level = max(float(y.mean() + slope * x[-1]), 1e-12)
+    return {"steps": n, "horizon": int(horizon), "slope": slope, "slope_se": se, "level": level,
+            "fall": max(-slope, 0.0) * horizon / level, "fall_upper": max(-slope + 2 * se, 0.0) * horizon / level}
+
+
+
 def _fill_missing_start(module, state_dict, prefix, *_) -> None:
     """Checkpoints from before the scaled rule and the hand-over have no `start` (NaN: set from the
     next loss) and no `switch_weight` (1)."""
     state_dict.setdefault(prefix + "start", torch.tensor(math.nan, dtype=torch.float64))
+    state_dict.setdefault(prefix + "_extra_state", {})  # before the evidence rule: no trend window yet
     state_dict.setdefault(prefix + "switch_weight", torch.tensor(1.0, dtype=torch.float64))

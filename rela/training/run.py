@@ -65,9 +65,9 @@ class TrainConfig:
                                    "at --image-size; byol has no blur at <= 64 px)")
     dim: int | None = option(None, "target dim when converting (default: min(student feature dim, prior dim))",
                              type=positive_int, low=1)
-    prior_input_size: int | None = option(None, "prior resolution when converting (default: twice the data's "
-                                          "median shorter side, rounded up to a multiple of 32, at most the "
-                                          "prior's own: 64 for 28-px images)", type=positive_int, low=8, high=2048)
+    prior_input_size: int | None = option(None, "prior resolution when converting (default: the data's median "
+                                          "shorter side rounded up to a multiple of 32, at most the prior's own: "
+                                          "32 for 28-px images)", type=positive_int, low=8, high=2048)
     limit: int | None = option(None, "use only the first N training samples", type=positive_int)
     test_data: str | None = option(None, "test split for the switch probe and eval (default: fashion-mnist:test "
                                    "for fashion-mnist)")
@@ -92,12 +92,21 @@ class TrainConfig:
     device: str = option("auto", "auto (cuda when available; under torchrun each rank's own GPU) | cpu | cuda[:N]",
                          pattern=choices.DEVICE_PATTERN, pattern_help=choices.DEVICE_FORMS)
     sync_bn: bool = option(False, "SyncBatchNorm across ranks under torchrun (CUDA only, as PyTorch's)")
-    switch_threshold: float = option(0.995, "adaptive/blend: switch once rho reaches this (the reference's)")
-    switch_rule: str = option("scaled", "adaptive/blend: scaled (starts at the first RELA loss, gap relative to it, "
-                              "EMA time constants a fixed share of the run) or reference (starts 1.0/2.0, momenta "
-                              "0.999/0.99: fires only after 528+ steps)", choices=choices.SWITCH_RULES)
-    switch_window: str = option("0.2:0.6", "adaptive/blend: MIN:MAX share of the run's steps the RELA phase takes "
-                                "(never switch before MIN; switch at MAX at the latest)")
+    switch_rule: str = option("evidence", "adaptive: evidence (switch once the RELA loss's measured trend over "
+                              "the last --switch-evidence steps could fall less than --switch-min-gain more in the "
+                              "steps left: a still-falling loss keeps RELA), scaled (rho from EMAs started at the first "
+                              "loss) or reference (the reference code's EMAs: fires only after 528+ steps)",
+                              choices=choices.SWITCH_RULES)
+    switch_evidence: int = option(100, "evidence rule: the trend is measured over at least this many steps (and a "
+                                  "tenth of the run); a run with fewer RELA steps keeps RELA throughout",
+                                  type=positive_int, low=2)
+    switch_min_gain: float = option(0.05, "evidence rule: switch when the RELA loss, at its measured rate (upper "
+                                    "95% bound), would fall by less than this share of its level in the steps left",
+                                    low=0, high=1, low_open=True, high_open=True)
+    switch_threshold: float = option(0.995, "scaled/reference rules and blend: switch once rho reaches this "
+                                     "(the reference's)")
+    switch_window: str = option("0.2:1", "adaptive/blend: MIN:MAX share of the run's steps the RELA phase takes "
+                                "(never switch before MIN; switch at MAX at the latest; MAX 1: no forced switch)")
     handover: float = option(0.1, "after the switch the RELA weight falls linearly from 1 to 0 over this share of "
                              "the run's steps (0: a hard switch)")  # the best hand-over candidate (README)
     handover_floor: float = option(0.5, "the RELA weight falls to this instead of 0 and stays there: a residual RELA "

@@ -40,15 +40,16 @@ from rela.training.run import (
 )
 
 
-def _open_store(cfg: TrainConfig, dataset, feature_dim: int, progress: bool, device: torch.device):
-    """The target store: a given store directory (checked against the dataset), or a conversion
-    into RUN/store (reused when complete, resumed when interrupted)."""
+def open_store(cfg: TrainConfig, dataset, feature_dim: int, progress: bool, device: torch.device,
+               path: Path | None = None):
+    """The target store and its conversion seconds: a given store directory (checked against the
+    dataset), or cfg.prior converted into `path` (default RUN/store; reused when complete, resumed
+    when interrupted) as `rela train` does, at the prior input size that fits the data."""
     from rela.data.convert import convert
     from rela.data.store import MANIFEST, TargetStore
 
-    path = Path(cfg.prior)
-    if (path / MANIFEST).exists():
-        store = TargetStore.open(path, dataset)
+    if (Path(cfg.prior) / MANIFEST).exists():
+        store = TargetStore.open(Path(cfg.prior), dataset)
     else:
         from rela.data.priors import input_size_for, load_prior
 
@@ -58,7 +59,7 @@ def _open_store(cfg: TrainConfig, dataset, feature_dim: int, progress: bool, dev
             if size != prior.input_size:
                 prior = load_prior(cfg.prior, input_size=size, seed=cfg.seed)
         dim = min(cfg.dim or feature_dim, prior.dim)
-        store = convert(dataset, prior, Path(cfg.out) / "store", dim=dim, progress=progress, device=device,
+        store = convert(dataset, prior, path or Path(cfg.out) / "store", dim=dim, progress=progress, device=device,
                         skip_corrupt=cfg.skip_corrupt)
     return store, float(store.manifest.get("cost", {}).get("seconds", 0.0))
 
@@ -195,7 +196,7 @@ class Trainer:
             classes = int(labels.max()) + 1
         self.backbone, self.method = build_student(cfg, classes=classes)
         self.backbone.to(device), self.method.to(device)
-        store, self.conversion_s = (_open_store(cfg, self.dataset, self.backbone.feature_dim, self.progress, device)
+        store, self.conversion_s = (open_store(cfg, self.dataset, self.backbone.feature_dim, self.progress, device)
                                     if cfg.uses_rela else (None, 0.0))
         ssl_views = cfg.ssl_views or self.method.views
         # channels_last unless oneDNN #6035 would break the backbone on a CPU (then with a warning;
@@ -212,7 +213,8 @@ class Trainer:
             self.acc = Accelerator(self.backbone.feature_dim, store.dim, cfg.phase,
                                    freeze_transfer=cfg.freeze_transfer, loader=self.loader,
                                    ssl_views=ssl_views, threshold=cfg.switch_threshold, rule=cfg.switch_rule,
-                                   window=cfg.window(), handover=cfg.handover, floor=cfg.handover_floor).to(device)
+                                   window=cfg.window(), handover=cfg.handover, floor=cfg.handover_floor,
+                                   evidence_steps=cfg.switch_evidence, min_gain=cfg.switch_min_gain).to(device)
         self.student = _Student(self.backbone, self.method, self.acc, cfg.warm_heads)
         if self.memory_format is torch.channels_last:
             self.student.to(memory_format=torch.channels_last)
@@ -401,6 +403,7 @@ class Trainer:
         acc = self.acc
         info = {"step": acc.switched_at, "epoch": epoch, "share": acc.switched_at / self.total_steps, "rho": acc.rho,
                 "rela_loss": float(acc.last_loss), "why": acc.why(), "rule": acc.rule, "window": list(acc.window),
+                "evidence": dict(acc.evidence) if acc.mode == "adaptive" and acc.rule == "evidence" else None,
                 "handover_steps": acc.handover_steps if acc.handover > 0 else 0}
         if not self.main:
             return info
@@ -423,7 +426,8 @@ class Trainer:
             "config": asdict(self.cfg), "steps": self.step, "images_seen": self.images, "train_seconds": self.train_s,
             "conversion_seconds": self.conversion_s, "total_seconds": self.train_s + self.conversion_s,
             "median_step_seconds": statistics.median(self.step_times) if self.step_times else math.nan,
-            "switch": self.switch, "device": str(self.device), "threads": torch.get_num_threads(),
+            "switch": self.switch, "phase": self.acc.decision() if self.acc is not None else "off: no RELA",
+            "device": str(self.device), "threads": torch.get_num_threads(),
             "world_size": self.world, "per_rank_batch_size": self.batch_size, "ranks": self.ranks,
         }
         if self.main:
