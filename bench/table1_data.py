@@ -31,6 +31,9 @@ ARMS = {"default": None, "only": "fixed:1", "half": "fixed:0.5"}  # phase per RE
 LABELS = {"default": "default phase", "only": "RELA alone (fixed:1)", "half": "fixed:0.5",
           "old": "the earlier default (scaled rule, window 0.2:0.6)"}
 OLD_DEFAULT = {"phase": "adaptive", "switch_rule": "scaled", "switch_window": "0.2:0.6"}  # before issue 33
+# BYOL-100 at the setting bench/table1.py's sweep chose on Fashion-MNIST (crop min-scale 0.5, lr
+# 2e-3; README), beside its CLI defaults: the baseline with the care a tuning sweep gives it
+TUNED_BYOL = {"ssl_views": "byol,scale=0.5:1", "lr": 2e-3}
 
 
 def base_config(args, seed: int, **kw) -> TrainConfig:
@@ -102,6 +105,9 @@ def arms(args, seed: int, store: str, sized: dict[int, str]) -> dict[str, TrainC
             kw = {"phase": phase} if phase else {}
             out[label] = base_config(args, seed, out=str(args.out / f"{label}-s{seed}"), method=args.method,
                                      prior=store, budget=b, **kw)
+    if args.tuned_baseline and args.method == "byol":
+        out["byol-tuned-100"] = base_config(args, seed, out=str(args.out / f"byol-tuned-100-s{seed}"), method="byol",
+                                            prior=None, phase="off", **TUNED_BYOL)
     for b in BUDGETS if args.old_default else ():
         label = f"old-{round(100 * b)}"
         out[label] = base_config(args, seed, out=str(args.out / f"{label}-s{seed}"), method=args.method, prior=store,
@@ -130,7 +136,8 @@ def table(rows: list[dict], method: str) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for label, rs in by.items():
         arm, pct = label.rsplit("-", 1)
-        name = f"{method} alone" if arm == method else LABELS.get(arm) or f"RELA alone, prior at {arm[6:]} px"
+        name = (f"{method} alone" if arm == method else "byol alone, Fashion-MNIST's tuned setting (scale 0.5:1, lr 2e-3)"
+                if arm == "byol-tuned" else LABELS.get(arm) or f"RELA alone, prior at {arm[6:]} px")
         cells = [f"{m:.3f} ± {s:.3f}" for m, s in (_stats(rs, "linear"), _stats(rs, "knn"))]
         nums = [f"{statistics.mean(r[k] for r in rs):.0f}" for k in ("steps", "train_s", "conv_s", "total_s", "cpu_s")]
         sw = _switches(rs) if arm in ("default", "old") else "—"
@@ -143,7 +150,7 @@ def goals(rows: list[dict], method: str) -> list[str]:
     by: dict[str, list[dict]] = {}
     for r in rows:
         by.setdefault(r["arm"], []).append(r)
-    full = _stats(by[f"{method}-100"], "linear")[0]
+    full = max(_stats(by[a], "linear")[0] for a in (f"{method}-100", "byol-tuned-100") if a in by)
     out = []
     for b in BUDGETS:
         pct = round(100 * b)
@@ -154,7 +161,7 @@ def goals(rows: list[dict], method: str) -> list[str]:
         above = stats["default"][0] >= full
         out.append(f"{pct}%: default {stats['default'][0]:.3f} vs best arm ({LABELS[best]}) {stats[best][0]:.3f}: gap "
                    f"{100 * gap:.1f} pts, seed sd {100 * stats[best][1]:.1f} pts: {'PASS' if near else 'MISS'}")
-        out.append(f"{pct}%: default {stats['default'][0]:.3f} vs {method} at 100% {full:.3f}: "
+        out.append(f"{pct}%: default {stats['default'][0]:.3f} vs {method} at 100% (its best setting) {full:.3f}: "
                    f"{'PASS' if above else 'MISS'}")
     return out
 
