@@ -166,7 +166,8 @@ def _steps(run: Path) -> list[dict]:
 def test_torchrun_training_stays_in_sync_switches_together_and_resumes(tmp_path, npz_dataset):
     args = ["train", "--data", str(npz_dataset), "--prior", "random:resnet18", "--prior-input-size", "32",
             "--dim", "16", "--budget", "0.5", "--epochs", "3", "--batch-size", "16", "--image-size", "16",
-            "--width", "0.0625", "--phase", "adaptive", "--switch-threshold", "0.45", "--log-every", "4",
+            "--width", "0.0625", "--phase", "adaptive", "--switch-evidence", "8", "--switch-min-gain", "0.99",
+            "--log-every", "4",  # the evidence rule on an 8-step window: it switches mid-run
             "--handover", "0", "--handover-floor", "0",  # a hard switch: the phases below are RELA, then the method
             "--test-data", str(npz_dataset), "--workers", "0", "--quiet", "--out"]
     full = tmp_path / "full"
