@@ -151,6 +151,7 @@ class Loader:
         exif_transpose: bool = False,
         batch_format: str = "dict",
         worker_type: str = "auto",
+        scaled_decode: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
         timeout: float = 0,
@@ -166,6 +167,7 @@ class Loader:
         self._open_data(dataset, targets, views, image_size, mean, std, backend, exif_transpose)
         self.worker_type = self._pick_worker_type(worker_type)
         self._draw_subset(subset, policy, torch.device(device))
+        self.scaled_decode = bool(scaled_decode)  # JPEG: DCT-domain 1/2, 1/4 where every view still fits
         self._start_backend(backend, handoff, num_workers, pin_memory, memory_format, prefetch_factor,
                             persistent_workers)
         self._rank, self._world_size = rank, world_size  # None: the process group's, when it is asked
@@ -226,7 +228,7 @@ class Loader:
         self._rules = backends.SampleRules(self.dataset, self.targets, self.seed, self.on_error)
         options = backends.Options(self.batch_size, self.drop_last, num_workers, self.worker_type,
                                    self.prefetch_factor, self.pin_memory, self.timeout, self.device, handoff,
-                                   memory_format)
+                                   memory_format, self.scaled_decode)
         self._backend = backends.create(self.backend, self._rules, options)
 
     def _pick_worker_type(self, worker_type: str) -> str:
