@@ -415,6 +415,8 @@ def main() -> None:
     p.add_argument("--method", default="byol", help="with --data: the method (its 100%% arm and the hand-over)")
     p.add_argument("--prior-sizes", type=positive_int, nargs="*", default=[],
                    help="with --data: also RELA alone at 20%% with the prior converted at these input sizes")
+    p.add_argument("--arms", nargs="*", default=[], help="with --data: only these arms (e.g. byol-100 half-50)")
+    p.add_argument("--local-crops", type=int, help="with --data --method dino: DINO's local crops in every arm")
     p.add_argument("--old-default", action="store_true",
                    help="with --data: also the phase default before issue 33 (scaled rule, window 0.2:0.6)")
     p.add_argument("--quiet", action="store_true")
@@ -455,7 +457,11 @@ def data_part(args, parser) -> None:
     if not args.test_data:
         parser.error("--data needs --test-data (the split the linear and kNN probes are scored on)")
     if args.out == parser.get_default("out"):
-        args.out = Path("bench/out/table1-data") / Path(args.data.rstrip("/")).parent.name
+        data = Path(args.data.rstrip("/"))
+        name = (data.parent.name if data.name in ("train", "training") else data.name).replace(":", "-")
+        name += "" if args.method == "byol" else f"-{args.method}"
+        name += "" if args.local_crops is None else f"-local{args.local_crops}"
+        args.out = Path("bench/out/table1-data") / name
     torch.set_num_threads(args.threads)
     print(f"device: {device_line()}; torch threads {args.threads}")
     t0 = time.perf_counter()
