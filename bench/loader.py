@@ -18,7 +18,8 @@ its quiet rate, the trainer's steps/s while that row ran (a loader that wins by 
 trainer is no win), and each rela row's ratio to FFCV's Loader, busy against quiet.
 
     python bench/loader.py [--images 2000] [--epochs 3] [--workers 2] [--profile] [--busy]
-                           [--loaders torch rela-process rela-thread ffcv dali rela-dali rela-ffcv]
+                           [--loaders torch rela-default rela-process rela-thread ffcv dali rela-dali rela-ffcv]
+    python bench/loader.py --goals    # issue 34: sizes 128/160/224 and DINO 2x224+6x96 against FFCV and DALI
 """
 
 from __future__ import annotations
@@ -156,14 +157,25 @@ class Busy:
 
 # --- the loaders ---------------------------------------------------------------------------
 
-def rela_epoch(folder: Path, views: int, workers: int, worker_type: str = "process", backend: str = "torch",
+PLAIN = (224, 0.08, 1.0)  # a view: (size, crop min scale, max scale); the plain RandomResizedCrop
+DINO = [(224, 0.4, 1.0)] * 2 + [(96, 0.05, 0.4)] * 6  # DINO's multi-crop: 2 global + 6 local views
+
+
+def as_views(views) -> list[tuple[int, float, float]]:
+    """A view count (that many plain 224-px crops) or a list of (size, min scale, max scale)."""
+    return [PLAIN] * views if isinstance(views, int) else list(views)
+
+
+def rela_epoch(folder: Path, views, workers: int, worker_type: str | None = "process", backend: str = "torch",
                device: str = "cpu"):
+    """rela.Loader's epoch; worker_type=None: the Loader's default (what users get)."""
     from rela import Loader
     from rela.loading.views import ViewSpec
 
-    spec = ViewSpec(224, scale=(0.08, 1.0), flip=0.5, mean=MEAN, std=STD)
-    loader = Loader(str(folder), 64, views=[spec] * views, num_workers=workers, drop_last=False,
-                    worker_type=worker_type, backend=backend, device=device, pin_memory=device != "cpu")
+    specs = [ViewSpec(s, scale=(lo, hi), flip=0.5, mean=MEAN, std=STD) for s, lo, hi in as_views(views)]
+    kw = {} if worker_type is None else {"worker_type": worker_type}
+    loader = Loader(str(folder), 64, views=specs, num_workers=workers, drop_last=False,
+                    backend=backend, device=device, pin_memory=device != "cpu", **kw)
 
     def run() -> int:
         n = sum(len(b["index"]) for b in loader)
@@ -208,7 +220,7 @@ def torch_epoch(folder: Path, views: int, workers: int):
     return run
 
 
-def ffcv_epoch(folder: Path, views: int, workers: int, quality: int = 90):
+def ffcv_epoch(folder: Path, views, workers: int, quality: int = 90):
     from ffcv.fields import IntField, RGBImageField
     from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
@@ -217,9 +229,11 @@ def ffcv_epoch(folder: Path, views: int, workers: int, quality: int = 90):
     from PIL import Image
 
     # FFCV decodes once per pipeline, and the PyPI release can't point two pipelines at one field:
-    # two views need a file with the image stored twice (and so two decodes).
-    beton = folder / (f"data-{views}view.beton" if quality == 90 else f"data-{views}view-q{quality}.beton")
-    fields = ["image", "image2"][:views]
+    # two views need a file with the image stored twice (and so two decodes); multi-crop runs on
+    # FFCV this way, one pipeline (and one decode) per view.
+    views = as_views(views)
+    beton = folder / (f"data-{len(views)}view.beton" if quality == 90 else f"data-{len(views)}view-q{quality}.beton")
+    fields = ["image"] + [f"image{k + 1}" for k in range(1, len(views))]
     if not beton.exists():
         files = sorted((folder / "all").iterdir())
 
@@ -229,18 +243,18 @@ def ffcv_epoch(folder: Path, views: int, workers: int, quality: int = 90):
 
             def __getitem__(self, i):
                 img = Image.open(files[i]).convert("RGB")
-                return (*([img] * views), 0)
+                return (*([img] * len(views)), 0)
 
         spec = {f: RGBImageField(write_mode="jpg", jpeg_quality=quality) for f in fields}
         DatasetWriter(str(beton), {**spec, "label": IntField()}, num_workers=workers).from_indexed_dataset(Src())
     mean = np.array(MEAN) * 255
     std = np.array(STD) * 255
 
-    def pipe():
-        return [RandomResizedCropRGBImageDecoder((224, 224), scale=(0.08, 1.0)), RandomHorizontalFlip(),
+    def pipe(size: int, lo: float, hi: float):
+        return [RandomResizedCropRGBImageDecoder((size, size), scale=(lo, hi)), RandomHorizontalFlip(),
                 NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
 
-    pipelines = {f: pipe() for f in fields}
+    pipelines = {f: pipe(*v) for f, v in zip(fields, views, strict=True)}
     pipelines["label"] = [IntDecoder(), ToTensor()]
     loader = Loader(str(beton), batch_size=64, num_workers=workers, order=OrderOption.RANDOM,
                     pipelines=pipelines, os_cache=True, drop_last=False)
@@ -251,7 +265,7 @@ def ffcv_epoch(folder: Path, views: int, workers: int, quality: int = 90):
     return run
 
 
-def dali_epoch(folder: Path, views: int, workers: int):
+def dali_epoch(folder: Path, views, workers: int):
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
@@ -262,8 +276,8 @@ def dali_epoch(folder: Path, views: int, workers: int):
         jpegs, labels = fn.readers.file(file_root=str(folder), random_shuffle=True, name="r")
         images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
         outs = []
-        for _ in range(views):  # DALI: one decode, crops cut from it
-            crop = fn.random_resized_crop(images, size=(224, 224), random_area=(0.08, 1.0))
+        for size, lo, hi in as_views(views):  # DALI: one decode, crops cut from it
+            crop = fn.random_resized_crop(images, size=(size, size), random_area=(lo, hi))
             outs.append(fn.crop_mirror_normalize(crop, dtype=types.FLOAT, output_layout="CHW",
                                                  mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD],
                                                  mirror=fn.random.coin_flip()))
@@ -271,7 +285,7 @@ def dali_epoch(folder: Path, views: int, workers: int):
 
     p = pipe()
     p.build()
-    it = DALIGenericIterator(p, [f"v{k}" for k in range(views)] + ["label"], reader_name="r",
+    it = DALIGenericIterator(p, [f"v{k}" for k in range(len(as_views(views)))] + ["label"], reader_name="r",
                              last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
 
     def run() -> int:
@@ -462,6 +476,7 @@ def _quiet_numba_finaliser(u) -> None:
 
 LOADERS = {  # --loaders name → (row name, epoch factory(folder, views, workers, device))
     "torch": ("torch DataLoader + PIL (baseline)", lambda f, v, w, d: torch_epoch(f, v, w)),
+    "rela-default": ("rela.Loader, defaults (worker_type auto)", lambda f, v, w, d: rela_epoch(f, v, w, None)),
     "rela-process": ("rela.Loader, torch backend, worker processes", lambda f, v, w, d: rela_epoch(f, v, w)),
     "rela-thread": ("rela.Loader, torch backend, worker threads", lambda f, v, w, d: rela_epoch(f, v, w, "thread")),
     "ffcv": ("FFCV 1.x Loader", lambda f, v, w, d: ffcv_epoch(f, v, w)),
@@ -529,6 +544,46 @@ def summarise(rows: list[dict], busy: bool = False) -> float:
     return limit
 
 
+# --- the goals of issue 34 (--goals) --------------------------------------------------------
+
+SIZES = (128, 160, 224)
+
+
+def goal_rows(folder: Path, args) -> list[tuple[str, object]]:
+    """rela at its defaults, FFCV's Loader and DALI's CPU pipeline at each size (one plain view)
+    and on DINO's multi-crop (2x224 + 6x96: rela and DALI cut every view from one decode, FFCV runs
+    one pipeline per view, as multi-crop runs on FFCV); peers that are missing are left out."""
+    makers = {"rela": lambda v: rela_epoch(folder, v, args.workers, None), "FFCV": lambda v: ffcv_epoch(folder, v, args.workers),
+              "DALI": lambda v: dali_epoch(folder, v, args.workers)}
+    rows = [(DECODE_ROW, decode_epoch(folder))]
+    for what, views in [*((f"{s} px", [(s, 0.08, 1.0)]) for s in SIZES), ("DINO 2x224+6x96", DINO)]:
+        for who, make in makers.items():
+            name = f"{who} {what}"
+            try:
+                epoch = make(views)
+                epoch()
+                rows.append((name, epoch))
+            except (ImportError, RelaError) as e:
+                print(f"  {name:44s} not installed ({e})")
+    return rows
+
+
+def goal_report(rows: list[dict]) -> list[str]:
+    """Issue 34's goals from one run's rows, each PASS or MISS (or n/a without its peer)."""
+    r = {x["name"]: x["img_s"] for x in rows}
+
+    def check(text: str, num: str, den: str, goal: float) -> str:
+        if num not in r or den not in r:
+            return f"{text}: n/a ({num if num not in r else den} did not run)"
+        ratio = r[num] / r[den]
+        return f"{text}: {r[num]:.0f} / {r[den]:.0f} img/s = x{ratio:.2f} (goal >= {goal}): {'PASS' if ratio >= goal else 'MISS'}"
+
+    return [check("rela's defaults vs FFCV, plain crops, 1 view at 224", "rela 224 px", "FFCV 224 px", 1.5),
+            check("rela 160 px vs rela's own 224 px", "rela 160 px", "rela 224 px", 1.4),
+            check("rela DINO 2+6 vs rela's one-view 224", "rela DINO 2x224+6x96", "rela 224 px", 0.5),
+            check("rela DINO 2+6 vs FFCV, one pipeline per view", "rela DINO 2x224+6x96", "FFCV DINO 2x224+6x96", 2.0)]
+
+
 def compare_busy(quiet: list[dict], busy: list[dict]) -> None:
     """Each rela row's ratio to FFCV under load against its quiet ratio (goal: >= 0.9 of it)."""
     q = {r["name"]: r for r in quiet}
@@ -554,6 +609,8 @@ def main() -> None:
                    help="which rows to run (the baseline first; FFCV's row is what rela's rows are compared with)")
     p.add_argument("--profile", action="store_true", help="also profile rela's torch backend per stage (CPU ms/img)")
     p.add_argument("--busy", action="store_true", help="run every row again while a training process uses all cores")
+    p.add_argument("--goals", action="store_true", help="only issue 34's rows: rela's defaults, FFCV and DALI at "
+                   "128/160/224 px and on DINO's 2x224+6x96 multi-crop, interleaved, each goal PASS/MISS")
     args = p.parse_args()
     if args.device != "cpu" and "rela-dali-gpu" not in args.loaders:
         args.loaders.append("rela-dali-gpu")
@@ -568,6 +625,14 @@ def main() -> None:
     results = {"device": device_line(), "versions": _versions(), "workers_or_threads": args.workers,
                "images": len(files), "epochs": args.epochs, "runs": []}
     sys.unraisablehook = _quiet_numba_finaliser
+    if args.goals:
+        print("rela's defaults, FFCV's Loader and DALI's CPU pipeline, one plain view per size and DINO's multi-crop:")
+        rows = measure(goal_rows(folder, args), len(files), args.epochs)
+        results["goals"] = {"rows": rows, "checks": goal_report(rows)}
+        print("\n" + "\n".join(results["goals"]["checks"]))
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "loader-goals.json").write_text(json.dumps(results, indent=1))
+        return
     for views in args.views:
         print(f"{views} view(s):")
         rows = run_rows(folder, views, args)

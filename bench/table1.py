@@ -417,6 +417,8 @@ def main() -> None:
                    help="with --data: also RELA alone at 20%% with the prior converted at these input sizes")
     p.add_argument("--tuned-baseline", action="store_true",
                    help="with --data: also BYOL-100 at the setting the sweep chose on Fashion-MNIST; the goals use the better")
+    p.add_argument("--arms", nargs="*", default=[], help="with --data: only these arms (e.g. byol-100 half-50)")
+    p.add_argument("--local-crops", type=int, help="with --data --method dino: DINO's local crops in every arm")
     p.add_argument("--old-default", action="store_true",
                    help="with --data: also the phase default before issue 33 (scaled rule, window 0.2:0.6)")
     p.add_argument("--quiet", action="store_true")
@@ -459,7 +461,9 @@ def data_part(args, parser) -> None:
     if args.out == parser.get_default("out"):
         data = Path(args.data.rstrip("/"))
         name = (data.parent.name if data.name in ("train", "training") else data.name).replace(":", "-")
-        args.out = Path("bench/out/table1-data") / (name if args.method == "byol" else f"{name}-{args.method}")
+        name += "" if args.method == "byol" else f"-{args.method}"
+        name += "" if args.local_crops is None else f"-local{args.local_crops}"
+        args.out = Path("bench/out/table1-data") / name
     torch.set_num_threads(args.threads)
     print(f"device: {device_line()}; torch threads {args.threads}")
     t0 = time.perf_counter()

@@ -39,6 +39,8 @@ TUNED_BYOL = {"ssl_views": "byol,scale=0.5:1", "lr": 2e-3}
 def base_config(args, seed: int, **kw) -> TrainConfig:
     """The CLI's defaults, but the run's shape (and the dataset, the seed, the arm's own settings)."""
     shape = {"arch": "resnet18-cifar", "width": 0.125, "epochs": args.epochs, "batch_size": 128, "image_size": 32}
+    if getattr(args, "local_crops", None) is not None and kw.get("method") == "dino":
+        kw["local_crops"] = args.local_crops
     return TrainConfig(data=args.data, test_data=args.test_data, limit=args.limit, seed=seed, **shape, **kw)
 
 
@@ -175,9 +177,10 @@ def run(args) -> dict:
     rows = []
     for seed in range(args.seeds):
         for label, cfg in arms(args, seed, store, {s: path for s, (path, _) in sizes.items()}).items():
-            rows.append(run_arm(label, cfg, args, cpu.get(cfg.prior, 0.0)))
+            if not args.arms or label in args.arms:
+                rows.append(run_arm(label, cfg, args, cpu.get(cfg.prior, 0.0)))
     text = table(rows, args.method)
-    checks = goals(rows, args.method)
+    checks = goals(rows, args.method) if not args.arms else ["(--arms: a subset of the arms, no goals)"]
     print(f"\n{args.data} (test: {args.test_data}), {args.method}, {args.epochs} epochs, seeds 0..{args.seeds - 1}, "
           f"default prior at {store_size(store)} px; "
           f"linear / kNN top-1 mean ± sd over seeds; seconds are means (CPU s: training process and its workers, "

@@ -201,8 +201,21 @@ std::string read_header(const uint8_t* data, size_t size, Header* header) {
   return "";
 }
 
+int scale_denominator(const int32_t* boxes, const int* out_sizes, int views, double fit) {
+  int denom = 1;
+  if (!(fit > 0)) return denom;
+  for (int next = 2; next <= 4; next *= 2) {
+    for (int k = 0; k < views; ++k) {
+      const int32_t* b = boxes + 4 * k;
+      if (static_cast<double>(std::min(b[2], b[3])) / next < fit * out_sizes[k]) return denom;
+    }
+    denom = next;
+  }
+  return denom;
+}
+
 std::string decode_resized_crops(const uint8_t* data, size_t size, const int32_t* boxes, const uint8_t* flips,
-                                 int views, int out_size, const Output& outs) {
+                                 int views, const int* out_sizes, double fit, const Output& outs) {
   jpeg_decompress_struct cinfo;
   ErrorManager err;
   cinfo.err = jpeg_std_error(&err.mgr);
@@ -231,19 +244,17 @@ std::string decode_resized_crops(const uint8_t* data, size_t size, const int32_t
     }
   }
   // The union of the views' boxes is decoded once; every view is resampled from it.
-  int top = 1 << 30, left = 1 << 30, bottom = 0, right = 0, min_side = 1 << 30;
+  int top = 1 << 30, left = 1 << 30, bottom = 0, right = 0;
   for (int k = 0; k < views; ++k) {
     const int32_t* b = boxes + 4 * k;  // top, left, height, width in full-resolution pixels
     top = std::min(top, b[0]);
     left = std::min(left, b[1]);
     bottom = std::max(bottom, b[0] + b[2]);
     right = std::max(right, b[1] + b[3]);
-    min_side = std::min(min_side, std::min(b[2], b[3]));
   }
-  // DCT-domain downscale (1/2, 1/4, 1/8) while every view keeps twice its output resolution, so
-  // the antialiased resample still does the final low-pass (output stays close to a full decode).
-  int denom = 1;
-  while (denom < 8 && min_side / (denom * 2) >= 2 * out_size) denom *= 2;
+  // DCT-domain downscale while every view's box still covers its output: the scaled IDCT is the
+  // low-pass, the antialiased resample the rest (docs: pixels against the full decode).
+  const int denom = scale_denominator(boxes, out_sizes, views, fit);
   cinfo.scale_num = 1;
   cinfo.scale_denom = denom;
   jpeg_start_decompress(&cinfo);
@@ -272,7 +283,7 @@ std::string decode_resized_crops(const uint8_t* data, size_t size, const int32_t
     const int32_t* b = boxes + 4 * k;
     const double x0 = b[1] * s - xoff, y0 = b[0] * s - sy;
     const double x1 = (b[1] + b[3]) * s - xoff, y1 = (b[0] + b[2]) * s - sy;
-    if (!resample(buf.data(), static_cast<int>(cw), rows, static_cast<int>(stride), x0, y0, x1, y1, out_size,
+    if (!resample(buf.data(), static_cast<int>(cw), rows, static_cast<int>(stride), x0, y0, x1, y1, out_sizes[k],
                   flips[k] != 0, outs, k))
       return "crop box outside the decoded region";
   }

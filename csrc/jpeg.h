@@ -26,14 +26,19 @@ struct Header {
 // bytes). Returns "" on success, else libjpeg's message (an empty image: zero width or height).
 std::string read_header(const uint8_t* data, size_t size, Header* header);
 
-// Decode the union of `views` crop boxes of a JPEG once (DCT-domain downscaled when every view
-// keeps twice its output resolution; only the rows and iMCU columns the boxes touch), then resample
-// each box (top, left, height, width in full-resolution pixels) to out_size × out_size RGB with
-// antialiased bilinear, mirrored where flips[k], into `outs` (planar C×H×W).
+// Decode the union of `views` crop boxes of a JPEG once (only the rows and iMCU columns the boxes
+// touch; DCT-domain downscaled by 1/2 or 1/4 — libjpeg-turbo's SIMD scales — when `fit` > 0 and
+// every view's box at that scale still covers `fit` times its output size), then resample each box (top, left,
+// height, width in full-resolution pixels) to out_sizes[k] × out_sizes[k] RGB with antialiased
+// bilinear, mirrored where flips[k], into `outs` (planar C×H×W).
 // Every box must lie inside the frame libjpeg reads, and every resampled box inside the decoded
 // region: otherwise nothing is read and an error comes back.
 // Returns "" on success, else libjpeg's message ("unsupported: CMYK" for CMYK/YCCK files).
 std::string decode_resized_crops(const uint8_t* data, size_t size, const int32_t* boxes, const uint8_t* flips,
-                                 int views, int out_size, const Output& outs);
+                                 int views, const int* out_sizes, double fit, const Output& outs);
+
+// The DCT scale denominator (1, 2 or 4) for these boxes and output sizes: the largest at which
+// every box's shorter side, scaled, is at least `fit` times its view's output size.
+int scale_denominator(const int32_t* boxes, const int* out_sizes, int views, double fit);
 
 }  // namespace rela

@@ -130,21 +130,31 @@ static py::tuple draw_geometry(const std::vector<uint64_t>& prefix,
 
 #ifdef RELA_WITH_JPEG
 // Batch of JPEGs -> each view's crops written into `outs[k]`, at batch row rows[i] for JPEG i:
-// uint8 [N, 3, S, S] arrays, or float32 ones normalised as x * scale[k, c] + bias[k, c]. Without
-// `outs`, fresh uint8 [B, 3, S, S] arrays (row i for JPEG i) are made and returned.
+// uint8 [N, 3, S_k, S_k] arrays, or float32 ones normalised as x * scale[k, c] + bias[k, c]. `out_size`
+// is one size for every view or one per view (multi-crop). Without `outs`, fresh uint8 arrays (row
+// i for JPEG i) are made and returned. `fit` > 0: DCT-domain 1/2 or 1/4 where every view's box
+// still covers fit x its output (0: full resolution).
 // Returns (outs, errors): errors[i] is "" or libjpeg's message.
 static py::tuple decode_resized_crops(const py::list& jpegs,
                                      py::array_t<int32_t, py::array::c_style | py::array::forcecast> boxes,
                                      py::array_t<uint8_t, py::array::c_style | py::array::forcecast> flips,
-                                     int out_size, int threads, py::object outs_arg, py::object rows_arg,
-                                     py::object scale_arg, py::object bias_arg) {
+                                     py::object out_size_arg, int threads, py::object outs_arg, py::object rows_arg,
+                                     py::object scale_arg, py::object bias_arg, double fit) {
   const int64_t n = static_cast<int64_t>(jpegs.size());
   if (boxes.ndim() != 3 || boxes.shape(0) != n || boxes.shape(2) != 4)
     throw std::invalid_argument("boxes must be [B, views, 4] (top, left, height, width)");
   const int views = static_cast<int>(boxes.shape(1));
   if (flips.ndim() != 2 || flips.shape(0) != n || flips.shape(1) != views)
     throw std::invalid_argument("flips must be [B, views]");
-  if (out_size < 1) throw std::invalid_argument("out_size must be positive");
+  std::vector<int> sizes;
+  if (py::isinstance<py::int_>(out_size_arg)) {
+    sizes.assign(static_cast<size_t>(views), out_size_arg.cast<int>());
+  } else {
+    sizes = out_size_arg.cast<std::vector<int>>();
+    if (static_cast<int>(sizes.size()) != views) throw std::invalid_argument("out_size needs one size per view");
+  }
+  for (int s : sizes)
+    if (s < 1 || s > 16384) throw std::invalid_argument("out_size must be in [1, 16384]");
   // Each file's bytes (bytes, memoryview, any buffer) are read in place, without the GIL; the
   // buffer views hold them until the decode is done.
   std::vector<py::buffer_info> data;
@@ -156,7 +166,7 @@ static py::tuple decode_resized_crops(const py::list& jpegs,
     if (normalise || !rows_arg.is_none()) throw std::invalid_argument("scale, bias and rows need outs");
     for (int k = 0; k < views; ++k)
       outs.append(py::array_t<uint8_t>({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(3),
-                                        static_cast<py::ssize_t>(out_size), static_cast<py::ssize_t>(out_size)}));
+                                        static_cast<py::ssize_t>(sizes[k]), static_cast<py::ssize_t>(sizes[k])}));
   } else {
     outs = outs_arg.cast<py::list>();
   }
@@ -175,16 +185,16 @@ static py::tuple decode_resized_crops(const py::list& jpegs,
     if (scale.size() != 3 * views || bias.size() != 3 * views)
       throw std::invalid_argument("scale and bias must be [views, 3]");
   }
-  const size_t plane = static_cast<size_t>(3) * out_size * out_size;
   std::vector<uint8_t*> u8(static_cast<size_t>(views) * n);
   std::vector<float*> f32(static_cast<size_t>(views) * n);
   for (int k = 0; k < views; ++k) {
     py::array a = outs[k];
+    const size_t plane = static_cast<size_t>(3) * sizes[k] * sizes[k];
     const bool ok_dtype = normalise ? a.dtype().is(py::dtype::of<float>()) : a.dtype().is(py::dtype::of<uint8_t>());
-    if (!ok_dtype || a.ndim() != 4 || a.shape(1) != 3 || a.shape(2) != out_size || a.shape(3) != out_size ||
+    if (!ok_dtype || a.ndim() != 4 || a.shape(1) != 3 || a.shape(2) != sizes[k] || a.shape(3) != sizes[k] ||
         !(a.flags() & py::array::c_style) || !a.writeable())
       throw std::invalid_argument(std::string("outs[k] must be writable C-contiguous ") +
-                                  (normalise ? "float32" : "uint8") + " [N, 3, out_size, out_size]");
+                                  (normalise ? "float32" : "uint8") + " [N, 3, out_size[k], out_size[k]]");
     for (int64_t i = 0; i < n; ++i) {
       if (rows[i] < 0 || rows[i] >= a.shape(0)) throw std::invalid_argument("rows out of range of outs");
       const size_t at = static_cast<size_t>(i) * views + k;
@@ -208,7 +218,7 @@ static py::tuple decode_resized_crops(const py::list& jpegs,
       }
       errors[i] = rela::decode_resized_crops(static_cast<const uint8_t*>(data[i].ptr),
                                              static_cast<size_t>(data[i].size * data[i].itemsize), b + i * views * 4, f + i * views,
-                                             views, out_size, o);
+                                             views, sizes.data(), fit, o);
     });
   }
   py::list errs;
@@ -332,9 +342,10 @@ PYBIND11_MODULE(_C, m) {
         "boxes in and checks the pixel limit against; ValueError with libjpeg's message otherwise.");
   m.def("decode_resized_crops", &decode_resized_crops, py::arg("jpegs"), py::arg("boxes"), py::arg("flips"),
         py::arg("out_size"), py::arg("threads") = 1, py::arg("outs") = py::none(), py::arg("rows") = py::none(),
-        py::arg("scale") = py::none(), py::arg("bias") = py::none(),
-        "Decode each JPEG once (only the region its views need, DCT-downscaled when possible) and "
-        "resample every view's box to out_size x out_size RGB: ([views x uint8 [B,3,S,S]], errors). "
+        py::arg("scale") = py::none(), py::arg("bias") = py::none(), py::arg("fit") = 1.0,
+        "Decode each JPEG once (only the region its views need; DCT-downscaled by 1/2 or 1/4 where every "
+        "view's box still covers fit x its output; fit=0: full resolution) and resample every view's box to out_size x "
+        "out_size RGB (out_size: one int, or one per view): ([views x uint8 [B,3,S,S]], errors). "
         "With outs (one [N,3,S,S] array per view) and rows, JPEG i lands in row rows[i]; with scale "
         "and bias ([views, 3]) the outs are float32, normalised as x * scale + bias.");
 #endif

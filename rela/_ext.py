@@ -47,11 +47,14 @@ def jpeg_header(data) -> tuple[int, int, int, bool]:
 
 
 def decode_resized_crops(jpegs, boxes, flips, out_size, threads: int = 1, outs=None, rows=None, scale=None,
-                         bias=None):
-    """See csrc/jpeg.h; only with has_jpeg_decoder(). `threads` images are decoded at a time. With
-    `outs` (one [N, 3, S, S] array per view), JPEG i's views land in row `rows[i]`; with `scale`
-    and `bias` ([views, 3] float32) those are float32 views normalised as x · scale + bias."""
-    return _C.decode_resized_crops(jpegs, boxes, flips, int(out_size), int(threads), outs, rows, scale, bias)
+                         bias=None, fit: float = 1.0):
+    """See csrc/jpeg.h; only with has_jpeg_decoder(). `out_size`: one size, or one per view
+    (multi-crop). `threads` images are decoded at a time. With `outs` (one [N, 3, S_k, S_k] array
+    per view), JPEG i's views land in row `rows[i]`; with `scale` and `bias` ([views, 3] float32)
+    those are float32 views normalised as x · scale + bias. `fit` > 0: decode at 1/2 or 1/4 (DCT
+    domain) where every view's box still covers `fit` times its output; 0: full resolution."""
+    sizes = int(out_size) if isinstance(out_size, int | np.integer) else [int(s) for s in out_size]
+    return _C.decode_resized_crops(jpegs, boxes, flips, sizes, int(threads), outs, rows, scale, bias, float(fit))
 
 
 def has_colour_kernel() -> bool:

@@ -92,7 +92,7 @@ def run(count: int, seed: int) -> dict:
         return {"skipped": "rela._C was built without libjpeg"}
     rng = np.random.default_rng(seed)
     bases = _bases(rng)
-    views = [ViewSpec(24, flip=0.5), ViewSpec(24, scale=(0.5, 1.0)), ViewSpec(24, crop="center")]
+    views = [ViewSpec(24, flip=0.5), ViewSpec(24, scale=(0.5, 1.0)), ViewSpec(12, crop="center")]  # two sizes
     counts = {"files": 0, "refused_by_header": 0, "rows": 0, "decoder_errors": 0, "wrong_size_rows": 0,
               "wrong_size_refused": 0, "nondeterministic": 0}
     for n in range(count):
@@ -112,8 +112,9 @@ def run(count: int, seed: int) -> dict:
             drawn = [geometry_batch(v, seed, n, [n], k, [sh], [sw]) for k, v in enumerate(views)]
             boxes = np.stack([b[0] for b, _ in drawn])
             flips = np.array([f[0] for _, f in drawn], np.uint8)
-            first, errors = _ext.decode_resized_crops([data], boxes[None], flips[None], 24)
-            again, errors2 = _ext.decode_resized_crops([data], boxes[None], flips[None], 24)
+            out, fit = [v.size for v in views], float(rng.choice([0.0, 1.0, 1.5]))  # full and scaled decodes
+            first, errors = _ext.decode_resized_crops([data], boxes[None], flips[None], out, fit=fit)
+            again, errors2 = _ext.decode_resized_crops([data], boxes[None], flips[None], out, fit=fit)
             same = errors == errors2 and (errors[0] or all(np.array_equal(a, b) for a, b in zip(first, again, strict=True)))
             counts["nondeterministic"] += not same
             key = "rows" if which == "header" else "wrong_size_rows"

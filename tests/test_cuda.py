@@ -140,7 +140,8 @@ def test_pinned_batches_from_worker_processes_free_their_buffers_and_stay_intact
     folder = ImageFolder(make_folder(tmp_path / "imgs", classes=2, per_class=30))
     kw = dict(image_size=16, views="eval", seed=4, drop_last=False)
     ref = list(Loader(folder, 2, num_workers=0, **kw))
-    got = list(Loader(folder, 2, num_workers=2, device="cuda", pin_memory=True, backend="torch", **kw))
+    got = list(Loader(folder, 2, num_workers=2, device="cuda", pin_memory=True, backend="torch",
+                      worker_type="process", **kw))
     assert len(got) == len(ref) == 30
     for a, b in zip(ref, got, strict=True):
         assert b["views"][0].device.type == "cuda"

@@ -38,12 +38,15 @@ MAX_PIXELS = 100_000_000
 class RelaDataset(ABC):
     """A map-style dataset: `load(i)` gives the image, `label(i)` its class (-1 if unlabeled).
 
-    Two capabilities are declared here so backends ask instead of probing: `in_memory` (decoding
-    is a memory copy, so decode workers would cost more than they save) and `path(i)` (the file a
-    sample lives in, so a backend may read its bytes itself, e.g. the JPEG crop decoder)."""
+    Capabilities are declared here so backends ask instead of probing: `in_memory` (decoding
+    is a memory copy, so decode workers would cost more than they save), `runs_user_code` (a
+    sample runs the user's Python, which holds the GIL: worker processes, not threads) and
+    `path(i)` (the file a sample lives in, so a backend may read its bytes itself, e.g. the JPEG
+    crop decoder)."""
 
     kind: str = "dataset"
     in_memory: bool = False
+    runs_user_code: bool = False
 
     @abstractmethod
     def __len__(self) -> int: ...
@@ -118,6 +121,7 @@ class RelaDataset(ABC):
 class _Head(RelaDataset):
     def __init__(self, base: RelaDataset, n: int) -> None:
         self.base, self.n, self.kind, self.in_memory = base, n, base.kind, base.in_memory
+        self.runs_user_code = base.runs_user_code
 
     def __len__(self) -> int:
         return self.n
@@ -179,6 +183,7 @@ class ExifTransposed(RelaDataset):
 
     def __init__(self, base: RelaDataset) -> None:
         self.base, self.kind, self.in_memory = base, f"{base.kind}+exif-transpose", base.in_memory
+        self.runs_user_code = base.runs_user_code
 
     def __getattr__(self, name: str):  # everything else (name, classes, root, ...) is the base's
         base = self.__dict__.get("base")
@@ -829,6 +834,7 @@ class MapDataset(RelaDataset):
     draws no views, and since random views can't be hashed, a store is matched by `fingerprint=`."""
 
     kind = "map-dataset"
+    runs_user_code = True  # the dataset's own __getitem__ (and transform) per sample
 
     def __init__(self, dataset, image_key: str | None = None, label_key: str | None = None,
                  fingerprint: str | None = None, as_is: bool = False) -> None:

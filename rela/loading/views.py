@@ -128,13 +128,27 @@ def simclr_views(size: int, blur: bool | None = None, **kw) -> tuple[ViewSpec, V
     return v, v
 
 
-def dino_views(size: int, blur: bool | None = None, **kw) -> tuple[ViewSpec, ViewSpec]:
-    """DINO's two global views (lightly's DINOTransform with colour-jitter strength 0.5 and no
-    local views, as the ReLA reference code at CIFAR size): crop 0.4–1, flip 0.5, jitter
-    0.4/0.4/0.2/0.1 with p 0.8, grayscale 0.2, blur p 1.0 / 0.1 (off at ≤ 64 px), solarise 0 / 0.2."""
+def dino_views(size: int, blur: bool | None = None, local_crops: int = 0, local_size: int | None = None,
+               **kw) -> tuple[ViewSpec, ...]:
+    """DINO's views as lightly's DINOTransform makes them (colour-jitter strength 0.5): two global
+    views — crop 0.4–1, flip 0.5, jitter 0.4/0.4/0.2/0.1 with p 0.8, grayscale 0.2, blur p 1.0 /
+    0.1, solarise 0 / 0.2 — then `local_crops` local views of `local_size` (default
+    `dino_local_size(size)`): crop 0.05–0.4, the same flip and colour, blur p 0.5. Blur is off at
+    ≤ 64 px, as elsewhere. Every view gets its own random draw."""
     on = size > SMALL if blur is None else blur
     base = ViewSpec(size, scale=(0.4, 1.0), flip=0.5, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, **kw)
-    return (replace(base, blur_p=1.0 if on else 0.0), replace(base, blur_p=0.1 if on else 0.0, solarize_p=0.2))
+    views = (replace(base, blur_p=1.0 if on else 0.0), replace(base, blur_p=0.1 if on else 0.0, solarize_p=0.2))
+    local = replace(base, size=local_size or dino_local_size(size), scale=(0.05, 0.4), blur_p=0.5 if on else 0.0)
+    return views + (local,) * int(local_crops)
+
+
+def dino_local_size(size: int) -> int:
+    """DINO's local crop size at global size `size`: 96/224 of it (DINO's and lightly's 96 px at
+    224), at least 8 px."""
+    return max(8, round(size * 96 / 224))
+
+
+DINO_ARGS = ("local_crops", "local_size")  # the dino preset's own arguments: "dino,local_crops=6"
 
 
 def supervised_view(size: int, **kw) -> ViewSpec:
@@ -162,16 +176,30 @@ def resolve_views(views: str | ViewSpec | Sequence[ViewSpec], size: int | None =
         name, *overrides = [part.strip() for part in views.split(",")]
         presets = {"rela": lambda: (rela_view(size, **kw), rela_view(size, **kw)),
                    "byol": lambda: byol_views(size, **kw), "simclr": lambda: simclr_views(size, **kw),
-                   "dino": lambda: dino_views(size, **kw), "supervised": lambda: (supervised_view(size, **kw),),
+                   "dino": lambda: dino_views(size, **kw, **_preset_args(overrides, DINO_ARGS, views)),
+                   "supervised": lambda: (supervised_view(size, **kw),),
                    "eval": lambda: (eval_view(size, **kw),)}
         if name not in presets:
             raise RelaError(f"unknown views {name!r}: use one of {', '.join(presets)} (with ,key=value "
                             "overrides) or ViewSpec objects")
-        return _override(presets[name](), [o for o in overrides if o], views)
+        specs = presets[name]()
+        return _override(specs, [o for o in overrides if o and o.split("=")[0].strip() not in DINO_ARGS], views)
     specs = tuple(views)
     if not specs or not all(isinstance(v, ViewSpec) for v in specs):
         raise RelaError("views must be 'rela', 'byol', 'eval', a ViewSpec or a non-empty list of ViewSpecs")
     return specs
+
+
+def _preset_args(overrides: list[str], names: tuple[str, ...], text: str) -> dict:
+    """A preset's own integer arguments among the overrides ("dino,local_crops=6,local_size=16")."""
+    out = {}
+    for item in overrides:
+        key, _, value = (s.strip() for s in item.partition("="))
+        if key in names:
+            if not value.isdigit():
+                raise RelaError(f"views {text!r}: {key} takes a whole number, got {value!r}")
+            out[key] = int(value)
+    return out
 
 
 def _override(specs: tuple[ViewSpec, ...], overrides: list[str], text: str) -> tuple[ViewSpec, ...]:

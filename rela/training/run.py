@@ -83,6 +83,11 @@ class TrainConfig:
     warm_heads: bool = option(False, "during the RELA phase also train the method's heads on detached backbone "
                               "features (the backbone gets no gradient from it), so the method does not start cold "
                               "at the switch; costs the method's forward in every RELA step")
+    local_crops: int | None = option(None, "dino: local crops per sample beside the two global views (default: "
+                                     "none at <= 32 px, as lightly's CIFAR-10 benchmark; 6 above, as lightly's "
+                                     "DINOTransform)", low=0, high=32)
+    local_size: int | None = option(None, "dino: local crop size in pixels (default: 96/224 of --image-size, "
+                                    "DINO's 96 px at 224)", type=positive_int, low=8, high=4096)
     method_options: str | None = option(None, "the method's own settings, k=v,... e.g. 'temperature=0.2' for "
                                         "simclr or 'batch_norm=false' for dino (names: the method's constructor "
                                         "in rela.training.methods; an unknown name lists them)")
@@ -138,6 +143,9 @@ class TrainConfig:
             raise RelaError(f"--handover must be in [0, 1] and --handover-lr in (0, 1], got {self.handover} and "
                             f"{self.handover_lr}")
         parse_options(self.method, self.method_options)  # a typo fails here, not after the conversion
+        if self.method != "dino" and (self.local_crops is not None or self.local_size is not None):
+            raise RelaError(f"--local-crops and --local-size are DINO's multi-crop; --method {self.method} has "
+                            "no local views")
         from rela.loading.views import resolve_views
 
         for flag, views in (("--rela-views", self.rela_views), ("--ssl-views", self.ssl_views)):
@@ -214,7 +222,8 @@ def build_student(cfg: TrainConfig, classes: int = 0):
     torch.manual_seed(cfg.seed)  # the same initial weights for the same seed, whatever ran before
     backbone = build_backbone(cfg.arch, cfg.width)
     method = build_method(cfg.method, backbone, backbone.feature_dim, momentum=cfg.momentum,
-                          cosine_momentum=cfg.cosine_momentum, classes=classes, options=cfg.method_options)
+                          cosine_momentum=cfg.cosine_momentum, classes=classes, image_size=cfg.image_size,
+                          local_crops=cfg.local_crops, local_size=cfg.local_size, options=cfg.method_options)
     return backbone, method
 
 

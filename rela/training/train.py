@@ -75,12 +75,13 @@ class _Student(nn.Module):
 
     def forward(self, views: list[torch.Tensor], target, index, lam: float, step: int, total_steps: int,
                 labels: torch.Tensor | None = None):
-        feats = self.backbone(torch.cat(views)).view(len(views), len(index), -1)
+        feats = backbone_features(self.backbone, views, len(index))
         feats = feats.float()  # heads run under autocast as they like; the losses see fp32 (precision.py)
         nan = torch.full((), math.nan, device=feats.device)
         loss, rela_l, ssl_l = feats.new_zeros(()), nan, nan
-        if lam > 0:
-            rela_l = self.acc.loss(feats, target, index)
+        if lam > 0:  # on the full-size views (multi-crop's local views are the method's)
+            full = sum(1 for v in views if v.shape[-2:] == views[0].shape[-2:])
+            rela_l = self.acc.loss(feats[:full], target, index)
             loss = loss + lam * rela_l
         if lam < 1:
             ssl_l = self.method.loss(feats, views, step, total_steps, labels)
@@ -89,6 +90,19 @@ class _Student(nn.Module):
             ssl_l = self.method.loss(feats.detach(), views, step, total_steps, labels)
             loss = loss + ssl_l
         return loss, rela_l.detach(), ssl_l.detach()
+
+
+def backbone_features(backbone: nn.Module, views: list[torch.Tensor], batch: int) -> torch.Tensor:
+    """[V, B, F] features of every view: one backbone pass per run of same-size views (multi-crop
+    views come in two sizes: the global ones, then the local ones)."""
+    out, start = [], 0
+    while start < len(views):
+        end = start + 1
+        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+            end += 1
+        out.append(backbone(torch.cat(views[start:end])).view(end - start, batch, -1))
+        start = end
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def _wrap(student: _Student, cfg: TrainConfig, device: torch.device) -> nn.Module:

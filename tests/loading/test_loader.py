@@ -234,7 +234,7 @@ class _DyingDataset(ArrayDataset):
 
 def test_dead_worker_surfaces_quickly(arrays):
     ds = _DyingDataset(arrays.images, arrays.labels())
-    loader = Loader(ds, 4, image_size=16, shuffle=False, num_workers=2)
+    loader = Loader(ds, 4, image_size=16, shuffle=False, num_workers=2, worker_type="process")
     t = time.perf_counter()
     with pytest.raises(RuntimeError, match="worker"):
         list(loader)
@@ -250,6 +250,43 @@ def test_thread_workers_give_the_same_batches(tmp_path, views):
     for a, b in zip(ref, got, strict=True):
         assert torch.equal(a["index"], b["index"])
         assert all(torch.equal(x, y) for x, y in zip(a["views"], b["views"], strict=True))
+
+
+class _UserDataset(torch.utils.data.Dataset):
+    """A user's map-style dataset: its __getitem__ is Python that holds the GIL."""
+
+    def __init__(self, n: int) -> None:
+        self.images = np.random.default_rng(0).integers(0, 255, (n, 20, 20, 3), np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], i % 3
+
+
+def test_auto_worker_type_is_threads_for_rela_code_and_processes_for_user_code(tmp_path):
+    folder = ImageFolder(make_folder(tmp_path / "imgs", classes=2, per_class=15))
+    auto = Loader(folder, 4, image_size=24, views="byol", num_workers=2, seed=5)
+    assert auto.worker_type == "thread"  # rela's decoders and views only
+    assert Loader(_UserDataset(40), 4, image_size=16, num_workers=2).worker_type == "process"
+    assert Loader(open_dataset(folder, 20), 4, image_size=16, num_workers=2).worker_type == "thread"
+    assert Loader(folder, 4, image_size=16, num_workers=2, worker_type="process").worker_type == "process"
+    # the same length, order, seeds and pixels whichever it picks
+    runs = [Loader(folder, 4, image_size=24, views="byol", num_workers=2, seed=5, worker_type=w)
+            for w in ("auto", "thread", "process")]
+    batches = [list(r) for r in runs]
+    assert len({len(r) for r in runs}) == 1 and len({len(b) for b in batches}) == 1
+    for a, b, c in zip(*batches, strict=True):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["index"], c["index"])
+        assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(a["views"], b["views"], c["views"],
+                                                                              strict=True))
+    user = [list(Loader(_UserDataset(40), 4, image_size=16, num_workers=w, seed=1)) for w in (0, 2)]
+    for a, b in zip(*user, strict=True):
+        assert torch.equal(a["index"], b["index"]) and all(torch.equal(x, y) for x, y in
+                                                           zip(a["views"], b["views"], strict=True))
+    with pytest.raises(RelaError, match="worker_type must be one of auto, thread, process"):
+        Loader(folder, 4, image_size=16, worker_type="fibre")
 
 
 def test_thread_workers_raise_errors_and_stop(tmp_path):
@@ -323,7 +360,7 @@ os.register_at_fork(before=before)
 ds = ArrayDataset(np.zeros((16, 20, 20, 3), np.uint8), np.zeros(16, int))
 t = time.monotonic()
 while time.monotonic() - t < 20:
-    for b in Loader(ds, 8, image_size=16, num_workers=2):
+    for b in Loader(ds, 8, image_size=16, num_workers=2, worker_type="process"):
         pass
 print("still running 20 s after SIGINT: the interrupt was lost")
 """
@@ -347,7 +384,7 @@ import numpy as np
 from rela import Loader
 from rela.data.datasets import ArrayDataset
 ds = ArrayDataset(np.zeros((400, 20, 20, 3), np.uint8), np.zeros(400, int))
-for b in Loader(ds, 4, image_size=16, num_workers=2):
+for b in Loader(ds, 4, image_size=16, num_workers=2, worker_type="process"):
     print("batch", flush=True)
     time.sleep(60)  # a long training step: the workers fill their prefetch, then wait idle
 """

@@ -61,7 +61,7 @@ def test_worker_processes_batches_kept_by_the_loop_stay_intact(tmp_path, views):
     pass built in-process; and a loop that drops each batch (buffers reused) sees the same."""
     folder = ImageFolder(make_folder(tmp_path / "imgs", classes=2, per_class=30))
     kw = dict(image_size=16, views="eval" if views == "plain" else list(byol_views(16, blur=True)), seed=4,
-              drop_last=False)
+              drop_last=False, worker_type="process")
     ref = list(Loader(folder, 2, num_workers=0, **kw))
     kept = list(Loader(folder, 2, num_workers=2, **kw))  # 30 batches; 2 workers x 5 buffers
     dropped = [[v.clone() for v in b["views"]] for b in Loader(folder, 2, num_workers=2, **kw)]

@@ -118,6 +118,28 @@ def test_dino_warms_the_teacher_temperature_and_matches_its_cross_entropy():
     assert m.loss(feats, views, 0, 100).item() == pytest.approx(want.item(), rel=1e-4)
 
 
+def test_dino_multi_crop_loss_pairs_every_teacher_global_view_with_every_other_student_view():
+    backbone, m, views, _ = _setup("dino", image_size=8, local_crops=3)
+    assert m.views == "dino,local_crops=3" and m.local_crops == 3
+    local = [torch.randn(B, 3, 4, 4, generator=torch.Generator().manual_seed(10 + k)) for k in range(3)]
+    from rela.training.train import backbone_features
+
+    with torch.no_grad():
+        feats = backbone_features(backbone.eval(), views + local, B)
+        assert feats.shape[0] == 5
+        assert torch.allclose(feats[2], backbone(local[0]), atol=1e-6)  # the local views in their own pass
+        s = m.projection(feats.flatten(0, 1)).view(5, B, -1)
+        t = m.teacher(views)  # the teacher sees the global views only
+    tp = [torch.softmax(x / 0.04, -1) for x in t]
+    ls = [torch.log_softmax(x / 0.1, -1) for x in s]
+    pairs = [(i, j) for i in range(2) for j in range(5) if i != j]  # DINO's: no view against itself
+    want = sum(-(tp[i] * ls[j]).sum(-1).mean() for i, j in pairs) / len(pairs)
+    assert m.loss(feats, views + local, 0, 100).item() == pytest.approx(want.item(), rel=1e-4)
+    with pytest.raises(RelaError, match="two global views first"):
+        m.loss(feats, [views[0]] + local + [views[1]], 0, 100)
+    assert _setup("dino", image_size=32)[1].local_crops == 0 and _setup("dino", image_size=64)[1].local_crops == 6
+
+
 def test_dino_has_lightlys_cifar_head_and_freezes_its_prototypes_early():
     backbone, m, views, _ = _setup("dino")
     assert any(isinstance(x, nn.BatchNorm1d) for x in m.projection.layers)  # lightly's CIFAR-10 benchmark head

@@ -375,6 +375,27 @@ def test_handover_window_moves_the_loss_over_and_the_method_clock_starts_at_the_
     assert temps == [(k, 5) for k in range(5)]  # the method's clock: steps since the switch, of 5
 
 
+def test_dino_trains_with_local_crops_after_the_rela_phase(tiny, tmp_path):
+    # --local-crops 3: after the switch each batch holds 2 global views at --image-size and 3 local
+    # ones at 96/224 of it; the RELA phase before it keeps its two RELA views; the residual RELA
+    # term after it reads the global views only
+    from rela.training.methods.dino import DINO
+
+    seen = []
+    real = DINO.loss
+    DINO.loss = lambda self, feats, views, *a, **k: seen.append([v.shape[-1] for v in views]) or real(self, feats,
+                                                                                                      views, *a, **k)
+    try:
+        train(_cfg(tiny, tmp_path, method="dino", local_crops=3, log_every=1), progress=False)
+    finally:
+        DINO.loss = real
+    assert len(seen) == 5 and all(sizes == [16, 16, 8, 8, 8] for sizes in seen)  # 16 x 96/224, at least 8 px
+    rows = _steps(tmp_path / "run")
+    assert all(math.isfinite(float(r["rela_loss"])) and math.isfinite(float(r["ssl_loss"])) for r in rows[5:])
+    r = run_cli("train", "--data", tiny["data"], "--method", "byol", "--local-crops", "2", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "--local-crops and --local-size are DINO's" in r.stderr
+
+
 def test_switch_window_and_handover_are_checked():
     with pytest.raises(RelaError, match="switch-window"):
         TrainConfig(out="x", switch_window="0.7:0.2")

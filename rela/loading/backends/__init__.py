@@ -87,6 +87,7 @@ class Options:
     device: torch.device = torch.device("cpu")
     handoff: str = "float32"  # torch backend: what crosses to the device (rela.loading.loader.HANDOFFS)
     memory_format: torch.memory_format = torch.contiguous_format  # how the loader hands views over
+    scaled_decode: bool = True  # rela's JPEG decoder: 1/2 or 1/4 DCT scale where every view still fits
 
     @property
     def decode_threads(self) -> int:

@@ -96,7 +96,7 @@ class DaliBackend:
 
     def __init__(self, rules: SampleRules, options: Options) -> None:
         self.rules, self.options = rules, options
-        self.fallback = TorchBuilder(rules, options.decode_threads)
+        self.fallback = TorchBuilder(rules, options.decode_threads, scaled_decode=options.scaled_decode)
         self.batch_size, self.threads = options.batch_size, max(1, options.num_workers)
         self.device = options.device
         self.device_id = None if self.device.type == "cpu" else (self.device.index or 0)

@@ -254,7 +254,7 @@ class FfcvBackend:
 
     def __init__(self, rules: SampleRules, options: Options) -> None:
         self.rules, self.options = rules, options
-        self.fallback = TorchBuilder(rules, options.decode_threads)
+        self.fallback = TorchBuilder(rules, options.decode_threads, scaled_decode=options.scaled_decode)
         self.threads, self.batch_size = max(1, options.num_workers), options.batch_size
         self.beton: Path | None = None
         self.bad: set[int] = set()

@@ -27,7 +27,7 @@ __all__ = ["METHODS", "MomentumTeacher", "SSLMethod", "build_method", *(c.__name
 
 
 # What the trainer gives every method; each takes those its constructor declares.
-CONTEXT = ("momentum", "cosine_momentum", "classes")
+CONTEXT = ("momentum", "cosine_momentum", "classes", "image_size", "local_crops", "local_size")
 
 
 def build_method(name: str, backbone: nn.Module, feature_dim: int, options: str | None = None,
@@ -48,12 +48,13 @@ def build_method(name: str, backbone: nn.Module, feature_dim: int, options: str 
 
 def method_parameters(name: str) -> dict[str, inspect.Parameter]:
     """The constructor options of method `name` a user may set: not the backbone or its width, the
-    class count (from the data) or the momentum (its own flags, --momentum and --cosine-momentum)."""
+    class count (from the data), or what has its own flag (--momentum, --cosine-momentum,
+    --image-size, --local-crops, --local-size)."""
     params = inspect.signature(METHODS[name].__init__).parameters
     return {k: p for k, p in params.items() if k not in _NOT_OPTIONS and p.kind is p.POSITIONAL_OR_KEYWORD}
 
 
-_NOT_OPTIONS = ("self", "backbone", "feature_dim", "classes", "momentum", "cosine_momentum")
+_NOT_OPTIONS = ("self", "backbone", "feature_dim", *CONTEXT)
 
 
 def parse_options(name: str, text: str | None) -> dict:

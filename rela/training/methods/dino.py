@@ -1,12 +1,15 @@
-"""DINO (Caron et al. 2021), as the ReLA reference code runs it at CIFAR size: two global views
-and no local views, an EMA teacher (tracking the backbone during the RELA phase too), lightly's
-head and loss."""
+"""DINO (Caron et al. 2021) with multi-crop: two global views and `local_crops` local ones (none at
+≤ 32 px, as lightly's CIFAR-10 benchmark and the ReLA reference code; six above, as lightly's
+DINOTransform), an EMA teacher on the global views only (tracking the backbone during the RELA
+phase too), lightly's head and loss over every (teacher global, student view) pair of different
+views, as DINO computes it."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from rela.errors import RelaError
 from rela.training.methods.base import MomentumTeacher
 
 
@@ -24,11 +27,16 @@ class DINO(MomentumTeacher):
 
     def __init__(self, backbone: nn.Module, feature_dim: int, out_dim: int = 2048, momentum: float = 0.99,
                  cosine_momentum: bool = False, warmup_fraction: float = 0.3, teacher_temp: tuple = (0.04, 0.07),
-                 batch_norm: bool = True, freeze_last_layer: float = 0.01) -> None:
+                 batch_norm: bool = True, freeze_last_layer: float = 0.01, image_size: int = 32,
+                 local_crops: int | None = None, local_size: int | None = None) -> None:
         from lightly.loss import DINOLoss
         from lightly.models.modules.heads import DINOProjectionHead
 
         super().__init__(momentum, cosine_momentum)
+        self.local_crops = default_local_crops(image_size) if local_crops is None else int(local_crops)
+        if self.local_crops:  # the views this instance trains on (a preset with its arguments)
+            self.views = f"dino,local_crops={self.local_crops}" + (f",local_size={local_size}" if local_size else "")
+
         def head() -> nn.Module:
             return DINOProjectionHead(feature_dim, 4 * feature_dim, 64, out_dim, batch_norm=batch_norm)
 
@@ -47,8 +55,17 @@ class DINO(MomentumTeacher):
         return end if step >= warm else start + (end - start) * step / warm
 
     def loss(self, features, views, step, total_steps, labels=None) -> torch.Tensor:
-        self.two_views(features, "DINO")
+        """Every view through the student head, the two global ones through the teacher; lightly's
+        DINOLoss averages the cross-entropy over (teacher view, student view) pairs of different views."""
+        if features.shape[0] < 2 or views[1].shape[-1] != views[0].shape[-1]:
+            raise RelaError(f"DINO needs two global views first (then any local ones), got {features.shape[0]} views")
         self._frozen = step < self.freeze_fraction * total_steps
-        s = self.projection(features.flatten(0, 1)).view(2, features.shape[1], -1)
-        t = self.teacher(views)
-        return self.criterion([t[0], t[1]], [s[0], s[1]], teacher_temp=self.teacher_temperature(step, total_steps))
+        s = self.projection(features.flatten(0, 1)).view(features.shape[0], features.shape[1], -1)
+        t = self.teacher(views[:2])
+        return self.criterion(list(t), list(s), teacher_temp=self.teacher_temperature(step, total_steps))
+
+
+def default_local_crops(image_size: int) -> int:
+    """Local crops by resolution: none at ≤ 32 px (lightly's CIFAR-10 benchmark, the ReLA reference
+    code), six above (lightly's DINOTransform; the DINO paper trains 2×224 + 10×96 at best)."""
+    return 0 if image_size <= 32 else 6
