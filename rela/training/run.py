@@ -78,6 +78,9 @@ class TrainConfig:
                                 "reported once an epoch; conversion records it as skipped) instead of stopping the run")
     exif_transpose: bool = option(False, "turn each image upright by its EXIF Orientation tag (phone photos); off, as in torchvision's ImageFolder")
     backend: str = option("auto", "loader backend", choices=("auto", *choices.BACKENDS))
+    scaled_decode: bool = option(True, "JPEG views: decode at 1/2 or 1/4 scale (DCT domain) where every view's crop "
+                                 "still covers 1.5x its output (within ~0.5 grey levels of the full decode on real "
+                                 "photos); --no-scaled-decode: always full resolution")
     policy: str = option("uniform", "subset policy", choices=choices.POLICIES)
     freeze_transfer: bool = option(False, "frozen random transfer head (reference code)")
     warm_heads: bool = option(False, "during the RELA phase also train the method's heads on detached backbone "
@@ -105,8 +108,9 @@ class TrainConfig:
     switch_evidence: int = option(100, "evidence rule: the trend is measured over at least this many steps (and a "
                                   "tenth of the run); a run with fewer RELA steps keeps RELA throughout",
                                   type=positive_int, low=2)
-    switch_min_gain: float = option(0.05, "evidence rule: switch when the RELA loss, at its measured rate (upper "
-                                    "95% bound), would fall by less than this share of its level in the steps left",
+    switch_min_gain: float = option(0.05, "evidence rule: switch when the RELA loss, at its measured rate (slope + "
+                                    "2 standard errors), would fall by less than this share of its level in the "
+                                    "steps left",
                                     low=0, high=1, low_open=True, high_open=True)
     switch_threshold: float = option(0.995, "scaled/reference rules and blend: switch once rho reaches this "
                                      "(the reference's)")

@@ -221,7 +221,8 @@ class Trainer:
                              subset=cfg.budget, policy=cfg.policy, seed=cfg.seed, num_workers=cfg.num_workers,
                              backend=cfg.backend, device=device, pin_memory=device.type == "cuda",
                              memory_format=self.memory_format,
-                             handoff=cfg.handoff, on_error="skip" if cfg.skip_corrupt else "raise")
+                             handoff=cfg.handoff, on_error="skip" if cfg.skip_corrupt else "raise",
+                             scaled_decode=cfg.scaled_decode)
         self.acc = None
         if cfg.uses_rela:
             self.acc = Accelerator(self.backbone.feature_dim, store.dim, cfg.phase,

@@ -252,14 +252,16 @@ def test_a_second_conversion_into_the_same_out_is_refused_while_the_first_holds_
     out = reference / "locked"
     args = ["convert", "--data", str(reference / "data.npz"), "--out", str(out), *CLI_ARGS]
     first = subprocess.Popen([sys.executable, "-m", "rela", *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, env={**os.environ, "RELA_SLEEP_AT": "chunk-written=1"})
+                             stderr=subprocess.DEVNULL, env={**os.environ, "RELA_SLEEP_AT": "chunk-written=3"})
     lock = reference / ".locked.rela-lock"
     deadline = time.time() + 120
     while time.time() < deadline and not (lock.exists() and b"pid" in lock.read_bytes()):
         time.sleep(0.01)
     other = [a if a != "16" else "8" for a in args]  # another --dim
     r = run_cli(*other)
-    first_rc = first.wait()  # it sleeps 1 s per chunk (5 chunks): the second run starts well inside that
+    # it sleeps 3 s per chunk (5 chunks): the second run starts well inside that, even on a loaded
+    # machine (at 1 s a second CLI starting beside a benchmark once came after the first had finished)
+    first_rc = first.wait()
     assert r.returncode == 2 and "is being written by another conversion (pid" in r.stderr, r.stderr
     assert first_rc == 0
     _same_store(out, reference / "ref")

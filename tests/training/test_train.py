@@ -63,7 +63,7 @@ def test_adaptive_switch_changes_the_loader_views_at_the_next_batch():
     rng = np.random.default_rng(0)
     ds = ArrayDataset(np.stack([smooth_image(rng, 20, 20) for _ in range(64)]), np.zeros(64, int), name="a")
     loader = Loader(ds, 8, views="rela", image_size=16, num_workers=0)
-    acc = Accelerator(32, 8, "adaptive", loader=loader, ssl_views=[eval_view(12)],
+    acc = Accelerator(32, 8, "adaptive", loader=loader, ssl_views=[eval_view(12)], rule="scaled",
                       fast_momentum=0.5, slow_momentum=0.5, threshold=0.9, floor=0.0)
     it = iter(loader)
     switched_at = None
@@ -394,6 +394,14 @@ def test_dino_trains_with_local_crops_after_the_rela_phase(tiny, tmp_path):
     assert all(math.isfinite(float(r["rela_loss"])) and math.isfinite(float(r["ssl_loss"])) for r in rows[5:])
     r = run_cli("train", "--data", tiny["data"], "--method", "byol", "--local-crops", "2", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "--local-crops and --local-size are DINO's" in r.stderr
+
+
+def test_loader_settings_reach_the_loader(tiny, tmp_path):
+    from rela.training.train import Trainer
+
+    t = Trainer(_cfg(tiny, tmp_path, scaled_decode=False), progress=False)
+    assert t.loader.scaled_decode is False and t.loader.worker_type == "thread"  # auto: rela's own decode
+    assert Trainer(_cfg(tiny, tmp_path / "b"), progress=False).loader.scaled_decode is True
 
 
 def test_switch_window_and_handover_are_checked():
