@@ -9,8 +9,9 @@ Three families are built in:
   Blur follows the resolution, as BYOL's users run it: on at ImageNet sizes, off at ≤ 64 px
   (lightly's CIFAR-10 benchmark and `examples/pytorch/byol.py` use `gaussian_blur=0.0` at 32 px,
   and so does the ReLA reference code at CIFAR size).
-- `simclr` (also MoCo's), `dino` (two global views, no local ones) and `supervised` (one view):
-  see their functions below; blur follows the resolution in the same way.
+- `simclr` (also MoCo's), `dino` (two global views, and with its own arguments
+  `"dino,local_crops=6[,local_size=96]"` that many local views: multi-crop) and `supervised` (one
+  view): see their functions below; blur follows the resolution in the same way.
 - `eval`: resize the shorter side, centre crop, normalise (deterministic).
 
 A preset name may carry overrides, so every knob is settable from the command line:
@@ -183,7 +184,8 @@ def resolve_views(views: str | ViewSpec | Sequence[ViewSpec], size: int | None =
             raise RelaError(f"unknown views {name!r}: use one of {', '.join(presets)} (with ,key=value "
                             "overrides) or ViewSpec objects")
         specs = presets[name]()
-        return _override(specs, [o for o in overrides if o and o.split("=")[0].strip() not in DINO_ARGS], views)
+        own = DINO_ARGS if name == "dino" else ()  # another preset's override of these names is refused below
+        return _override(specs, [o for o in overrides if o and o.split("=")[0].strip() not in own], views)
     specs = tuple(views)
     if not specs or not all(isinstance(v, ViewSpec) for v in specs):
         raise RelaError("views must be 'rela', 'byol', 'eval', a ViewSpec or a non-empty list of ViewSpecs")

@@ -124,8 +124,11 @@ def test_preset_overrides_set_every_knob():
     assert v[0].scale == v[1].scale == (0.2, 1.0) and v[1].solarize_p == 0 and v[0].blur_p == v[1].blur_p == 0.5
     assert resolve_views("rela, flip = 0", 16)[1].flip == 0  # spaces are fine
     assert resolve_views("eval,crop=random", 16)[0].crop == "random"
+    dino = resolve_views("dino,local_crops=2,local_size=12,1.solarize_p=0", 32)  # the dino preset's own arguments
+    assert [v.size for v in dino] == [32, 32, 12, 12] and dino[1].solarize_p == 0 and dino[2].scale == (0.05, 0.4)
     for bad, msg in (("byol,zoom=2", "key among"), ("byol,2.flip=0", "views 0..1"), ("byol,scale=0.2", "2 numbers"),
-                     ("byol,flip=often", "needs a number"), ("byol,scale=0:1", "crop scale"), ("byol,flip", "key=value")):
+                     ("byol,flip=often", "needs a number"), ("byol,scale=0:1", "crop scale"), ("byol,flip", "key=value"),
+                     ("byol,local_crops=6", "key among"), ("dino,local_crops=six", "whole number")):
         with pytest.raises(RelaError, match=msg):
             resolve_views(bad, 32)
 
