@@ -92,6 +92,17 @@ def junk_before_sof(data: bytes) -> bytes:
     return data[:i] + b"\x00" + data[i:]
 
 
+def need_backend(backend: str) -> None:
+    """Skip a test of an optional loader backend that is not installed here; on CI (which installs
+    them all through scripts/setup.sh) a missing one is a failure, not a skip."""
+    from rela.loading.backends import available
+
+    if not available()[backend]:
+        if os.environ.get("CI"):
+            pytest.fail(f"backend {backend} is not installed on CI: scripts/setup.sh should install it")
+        pytest.skip(f"{backend} not installed (bash scripts/setup.sh installs it)")
+
+
 @pytest.fixture
 def collect_backend_garbage():
     """Free a test's DALI/FFCV objects when it ends, not at some later allocation. On CPython 3.11.7

@@ -11,7 +11,7 @@ import torch
 from rela import Loader
 from rela.data.datasets import MapDataset, open_dataset
 from rela.errors import CorruptImageError, DatasetError, RelaError
-from tests.conftest import make_folder, run_cli, smooth_image, write_shard
+from tests.conftest import make_folder, need_backend, run_cli, smooth_image, write_shard
 
 # --- odd items from a user's map-style dataset ------------------------------------------------
 
@@ -364,12 +364,8 @@ _HOSTILE = {"z_zero.jpg", "z_bomb.jpg", "z_gone.jpg", "z_loop.jpg", "z_loop2.jpg
                                           ("dali", "thread")])
 def test_crafted_images_are_skipped_or_one_clean_error_in_every_backend(tmp_path, monkeypatch, backend, kind):
     from rela.data.datasets import ImageFolder
-    from rela.loading.backends import available
 
-    if not available()[backend]:
-        if os.environ.get("CI"):
-            pytest.fail(f"backend {backend} is not installed on CI")
-        pytest.skip(f"{backend} not installed")
+    need_backend(backend)
     monkeypatch.setenv("RELA_CACHE", str(tmp_path / "cache"))
     ds = ImageFolder(_hostile_folder(tmp_path / "f"))
     bad = {i for i in range(len(ds)) if ds.path(i).name in _HOSTILE}
@@ -534,13 +530,9 @@ def _phone_photos(root):
 @pytest.mark.parametrize("backend,kind", [("torch", "thread"), ("torch", "process"), ("ffcv", "thread"),
                                           ("dali", "thread")])
 def test_exif_orientation_is_applied_only_when_asked_in_every_backend(tmp_path, monkeypatch, backend, kind):
-    from rela.loading.backends import available
     from rela.loading.views import eval_view
 
-    if not available()[backend]:
-        if os.environ.get("CI"):
-            pytest.fail(f"backend {backend} is not installed on CI")
-        pytest.skip(f"{backend} not installed")
+    need_backend(backend)
     monkeypatch.setenv("RELA_CACHE", str(tmp_path / "cache"))
     root = _phone_photos(tmp_path / "photos")
     kw = dict(image_size=16, views=[eval_view(16)], shuffle=False, num_workers=2, worker_type=kind, backend=backend)

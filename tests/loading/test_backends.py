@@ -11,20 +11,8 @@ import torch
 from rela import Loader
 from rela.data.datasets import ArrayDataset, ImageFolder
 from rela.errors import CorruptImageError, RelaError
-from rela.loading.backends import available
 from rela.loading.views import ViewSpec, byol_views, eval_view
-from tests.conftest import make_folder
-
-HAVE = available()
-# CI installs both backends (scripts/setup.sh); there a missing one is a failure, not a skip.
-REQUIRED = bool(os.environ.get("CI"))
-
-
-def _need(backend: str) -> None:
-    if not HAVE[backend]:
-        if REQUIRED:
-            pytest.fail(f"backend {backend} is not installed on CI: scripts/setup.sh should install it")
-        pytest.skip(f"{backend} not installed (bash scripts/setup.sh installs it)")
+from tests.conftest import make_folder, need_backend
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +38,7 @@ def _epoch(loader):
 
 @pytest.mark.parametrize("backend", ["dali", "ffcv"])
 def test_eval_view_pixels_match_the_torch_backend(folder, backend):
-    _need(backend)
+    need_backend(backend)
     ref = _epoch(Loader(folder, 4, views="eval", image_size=24, shuffle=False, drop_last=False, num_workers=1))
     got = _epoch(Loader(folder, 4, views="eval", image_size=24, shuffle=False, drop_last=False, num_workers=1,
                         backend=backend))
@@ -67,7 +55,7 @@ def test_eval_view_pixels_match_the_torch_backend(folder, backend):
 
 @pytest.mark.parametrize("backend", ["torch", "dali", "ffcv"])
 def test_random_views_have_the_intended_statistics(backend):
-    _need(backend)
+    need_backend(backend)
     spec = ViewSpec(32, scale=(0.25, 1.0), flip=0.5, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     loader = Loader(_ramps(), 32, views=[spec], num_workers=1, backend=backend)
     x = torch.cat([b["views"][0] for b in loader])  # [N, 3, 32, 32] in [0, 1]
@@ -83,7 +71,7 @@ def test_random_views_have_the_intended_statistics(backend):
 
 @pytest.mark.parametrize("backend", ["dali", "ffcv"])
 def test_same_batch_structure_and_targets(tmp_path, folder, backend):
-    _need(backend)
+    need_backend(backend)
     from rela import convert
 
     store = convert(folder, "random:resnet18", tmp_path / "store", dim=4, input_size=32)
@@ -95,7 +83,7 @@ def test_same_batch_structure_and_targets(tmp_path, folder, backend):
 
 
 def test_dali_views_are_deterministic_and_resume_exactly(folder):
-    _need("dali")
+    need_backend("dali")
 
     def make():
         return Loader(folder, 4, views=list(byol_views(16, blur=True)), num_workers=1, backend="dali", seed=3)
@@ -117,7 +105,7 @@ def test_dali_views_are_deterministic_and_resume_exactly(folder):
 
 @pytest.mark.parametrize("backend", ["dali", "ffcv"])
 def test_set_views_takes_effect_at_the_next_batch(backend):
-    _need(backend)
+    need_backend(backend)
     loader = Loader(_ramps(48), 8, views="rela", image_size=16, num_workers=1, backend=backend)
     it = iter(loader)
     assert len(next(it)["views"]) == 2
@@ -128,7 +116,7 @@ def test_set_views_takes_effect_at_the_next_batch(backend):
 
 @pytest.mark.parametrize("backend", ["dali", "ffcv"])
 def test_corrupt_images_raise_or_are_skipped(tmp_path, backend):
-    _need(backend)
+    need_backend(backend)
     root = make_folder(tmp_path / "bad", classes=1, per_class=12)
     p = root / "class_0" / "img_005.jpg"
     p.write_bytes(p.read_bytes()[:300])  # a sane header, truncated data: the decoder itself fails
@@ -147,7 +135,7 @@ def test_ffcv_batches_held_by_the_loop_are_never_overwritten(tmp_path):
     keeps every batch of a pass (more batches than FFCV has buffers) sees each one as it came,
     in either memory format (FFCV's HWC normalise for channels_last, the planar one otherwise:
     the same lookup table, so the same values)."""
-    _need("ffcv")
+    need_backend("ffcv")
     data = ImageFolder(make_folder(tmp_path / "imgs", classes=2, per_class=48))
     kw = dict(views="eval", image_size=16, shuffle=False, drop_last=False, num_workers=1)
     ref = _epoch(Loader(data, 4, **kw))
@@ -168,7 +156,7 @@ def test_ffcv_batches_held_by_the_loop_are_never_overwritten(tmp_path):
 
 
 def test_ffcv_iterators_do_not_leak_threads():
-    _need("ffcv")
+    need_backend("ffcv")
     loader = Loader(_ramps(64), 8, views="eval", image_size=16, num_workers=1, backend="ffcv")
     _epoch(loader)  # compile and write the .beton first
     before = threading.active_count()
@@ -237,7 +225,7 @@ class _Photos(torch.utils.data.Dataset):
 @pytest.mark.parametrize("kind", ["map-dataset", "webdataset"])
 def test_dataset_objects_and_shards_through_every_backend(tmp_path, backend, kind):
     """A dataset object and WebDataset shards give the torch backend's batches."""
-    _need(backend)
+    need_backend(backend)
     data = _Photos() if kind == "map-dataset" else _webdataset(tmp_path / "shards")
     kw = dict(views="eval", image_size=24, shuffle=False, drop_last=False, num_workers=1)
     ref, got = list(Loader(data, 4, **kw)), list(Loader(data, 4, backend=backend, **kw))
@@ -253,7 +241,7 @@ def test_dataset_objects_and_shards_through_every_backend(tmp_path, backend, kin
 
 def test_a_cached_beton_is_used_only_when_this_data_and_these_options_wrote_it(tmp_path, monkeypatch):
     """The .beton cache once reused any file at the expected path."""
-    _need("ffcv")
+    need_backend("ffcv")
     from rela.loading.backends import ffcv as ffcv_backend
 
     monkeypatch.setenv("RELA_CACHE", str(tmp_path / "cache"))
