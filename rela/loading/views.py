@@ -175,33 +175,35 @@ def resolve_views(views: str | ViewSpec | Sequence[ViewSpec], size: int | None =
         if std is not None:
             kw["std"] = tuple(std)
         name, *overrides = [part.strip() for part in views.split(",")]
+        # the dino preset's own arguments; another preset's override of these names is refused by _override
+        args, overrides = _preset_args(overrides, DINO_ARGS if name == "dino" else (), views)
         presets = {"rela": lambda: (rela_view(size, **kw), rela_view(size, **kw)),
                    "byol": lambda: byol_views(size, **kw), "simclr": lambda: simclr_views(size, **kw),
-                   "dino": lambda: dino_views(size, **kw, **_preset_args(overrides, DINO_ARGS, views)),
-                   "supervised": lambda: (supervised_view(size, **kw),),
+                   "dino": lambda: dino_views(size, **kw, **args), "supervised": lambda: (supervised_view(size, **kw),),
                    "eval": lambda: (eval_view(size, **kw),)}
         if name not in presets:
             raise RelaError(f"unknown views {name!r}: use one of {', '.join(presets)} (with ,key=value "
                             "overrides) or ViewSpec objects")
-        specs = presets[name]()
-        own = DINO_ARGS if name == "dino" else ()  # another preset's override of these names is refused below
-        return _override(specs, [o for o in overrides if o and o.split("=")[0].strip() not in own], views)
+        return _override(presets[name](), [o for o in overrides if o], views)
     specs = tuple(views)
     if not specs or not all(isinstance(v, ViewSpec) for v in specs):
         raise RelaError("views must be 'rela', 'byol', 'eval', a ViewSpec or a non-empty list of ViewSpecs")
     return specs
 
 
-def _preset_args(overrides: list[str], names: tuple[str, ...], text: str) -> dict:
-    """A preset's own integer arguments among the overrides ("dino,local_crops=6,local_size=16")."""
-    out = {}
+def _preset_args(overrides: list[str], names: tuple[str, ...], text: str) -> tuple[dict, list[str]]:
+    """A preset's own integer arguments among the overrides ("dino,local_crops=6,local_size=16"),
+    and the overrides left for the views' fields."""
+    args, rest = {}, []
     for item in overrides:
         key, _, value = (s.strip() for s in item.partition("="))
-        if key in names:
-            if not value.isdigit():
-                raise RelaError(f"views {text!r}: {key} takes a whole number, got {value!r}")
-            out[key] = int(value)
-    return out
+        if key not in names:
+            rest.append(item)
+        elif not value.isdigit():
+            raise RelaError(f"views {text!r}: {key} takes a whole number, got {value!r}")
+        else:
+            args[key] = int(value)
+    return args, rest
 
 
 def _override(specs: tuple[ViewSpec, ...], overrides: list[str], text: str) -> tuple[ViewSpec, ...]:

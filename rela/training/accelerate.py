@@ -112,8 +112,8 @@ class Accelerator(nn.Module):
         self.phase = phase
         if rule not in SWITCH_RULES:
             raise RelaError(f"switch rule must be one of {', '.join(SWITCH_RULES)}, not {rule!r}")
-        if evidence_steps < 2 or not 0 < min_gain < 1:
-            raise RelaError(f"the evidence rule needs evidence_steps >= 2 and 0 < min_gain < 1, got {evidence_steps} "
+        if evidence_steps < 3 or not 0 < min_gain < 1:  # a slope's standard error needs 3 points
+            raise RelaError(f"the evidence rule needs evidence_steps >= 3 and 0 < min_gain < 1, got {evidence_steps} "
                             f"and {min_gain}")
         if not 0 <= window[0] <= window[1] <= 1:
             raise RelaError(f"switch window needs 0 <= min <= max <= 1, got {window[0]}:{window[1]}")

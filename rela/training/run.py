@@ -107,7 +107,7 @@ class TrainConfig:
                               choices=choices.SWITCH_RULES)
     switch_evidence: int = option(100, "evidence rule: the trend is measured over at least this many steps (and a "
                                   "tenth of the run); a run with fewer RELA steps keeps RELA throughout",
-                                  type=positive_int, low=2)
+                                  type=positive_int, low=3)
     switch_min_gain: float = option(0.05, "evidence rule: switch when the RELA loss, at its measured rate (slope + "
                                     "2 standard errors), would fall by less than this share of its level in the "
                                     "steps left",

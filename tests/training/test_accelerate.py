@@ -137,7 +137,7 @@ def test_old_checkpoints_without_the_start_load():
 
 
 @pytest.mark.parametrize("kw", [{"rule": "fast"}, {"window": (0.6, 0.2)}, {"handover": 2.0}, {"min_gain": 0.0},
-                                {"evidence_steps": 1}])
+                                {"evidence_steps": 1}, {"evidence_steps": 2}])
 def test_bad_phase_settings_are_refused(kw):
     with pytest.raises(RelaError):
         Accelerator(8, 4, "adaptive", **kw)
