@@ -50,3 +50,63 @@ def test_the_docs_name_paths_that_import():
 @pytest.mark.parametrize("stale", ["rela.pca", "rela.datasets", "rela.training.ssl"])
 def test_the_check_catches_a_stale_name(stale):
     assert not resolves(stale)
+
+
+COMMAND = re.compile(r"(?:^|`|\$ )((?:rela [a-z]+|python3? (?:bench|examples|scripts)/[\w/]+\.py)\b[^`\n]*)", re.M)
+
+
+def named_flags() -> dict[str, set[str]]:
+    """Each command the README and docs/ show (`rela SUB ...`, `python bench|examples|scripts/X.py
+    ...`, in code blocks or inline, a backslash-continued line included) -> the --flags shown with it."""
+    from rela.cli import build_parser
+
+    commands = set(build_parser()._subparsers._group_actions[0].choices)
+    found: dict[str, set[str]] = {}
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = doc.read_text().replace("\\\n", " ")
+        for line in COMMAND.findall(text):
+            words = line.split()
+            flags = re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", line)
+            subs = words[1].split("/") if words[0] == "rela" else [words[1]]  # `rela convert/train --x`: both
+            for sub in (s for s in subs if words[0] != "rela" or s in commands):  # not prose ("rela is ...")
+                found.setdefault(f"{words[0]} {sub}", set()).update(flags)
+    return found
+
+
+def accepted_flags(cmd: str) -> set[str]:
+    if cmd.startswith("rela "):
+        from rela.cli import build_parser
+
+        sub = build_parser()._subparsers._group_actions[0].choices[cmd.split()[1]]
+        return {s for a in sub._actions for s in a.option_strings}
+    script = REPO / cmd.split()[1]
+    return set(re.findall(r"[\"'](--[a-z][a-z0-9-]*)[\"']", script.read_text())) | {"--help"}
+
+
+def test_every_flag_the_docs_show_exists_on_the_command_they_show_it_with():
+    wrong = {cmd: sorted(flags - accepted_flags(cmd)) for cmd, flags in named_flags().items()
+             if (cmd.startswith("rela ") or (REPO / cmd.split()[1]).exists())}
+    missing_scripts = [cmd for cmd in named_flags() if not cmd.startswith("rela ") and not (REPO / cmd.split()[1]).exists()]
+    assert not missing_scripts, missing_scripts
+    assert not {cmd: flags for cmd, flags in wrong.items() if flags}
+
+
+def test_every_flag_in_the_docs_exists_somewhere():
+    """A flag in prose (`--switch-evidence 100`) names no command: it must exist on one of them."""
+    from rela.cli import build_parser
+
+    known = {"--help"}
+    for sub in build_parser()._subparsers._group_actions[0].choices:
+        known |= accepted_flags(f"rela {sub}")
+    for script in [*REPO.glob("bench/*.py"), *REPO.glob("examples/*.py"), *REPO.glob("scripts/*.*")]:
+        known |= accepted_flags(f"python {script.relative_to(REPO)}")
+    from torch.distributed.run import get_args_parser  # torchrun's own flags, as it spells them
+
+    known |= {s for a in get_args_parser()._actions for s in a.option_strings}
+    known |= {"--nodes", "--ntasks-per-node", "--gpus-per-node", "--cpus-per-task"}  # Slurm's sbatch/srun
+    known |= {"--local-dir"}  # huggingface-cli download
+    shown = set()
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for span in re.findall(r"```.*?```|`[^`\n]+`", doc.read_text(), re.S):
+            shown |= set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", span))
+    assert not shown - known

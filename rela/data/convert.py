@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -46,7 +47,7 @@ from rela.data.store import (
     atomic_write_bytes,
     fsync_dir,
 )
-from rela.errors import CorruptImageError, RelaError, StoreError
+from rela.errors import CorruptImageError, RelaError, RelaWarning, StoreError
 from rela.faults import crashpoint as _crashpoint
 
 
@@ -262,6 +263,7 @@ def convert(
     if not 1 <= dim <= prior.dim:
         raise RelaError(f"--dim {dim} is out of range: the prior {prior.identity.get('name')} "
                         f"gives {prior.dim}-d features, so dim must be in [1, {prior.dim}]")
+    _check_fits(dim, len(dataset), "samples")  # before the prior runs: the count alone decides it
     chunk_rows = max(batch_size, chunk_rows // batch_size * batch_size)  # batches never straddle chunks
     fp = dataset.fingerprint(deep=deep)
     identity = _job_identity(fp, prior, dim)
@@ -435,6 +437,28 @@ def _extract(job: _Job, todo: list[_Chunk], num_workers: int | None, skip_corrup
         bar.close()
 
 
+def _check_fits(dim: int, samples: int, what: str) -> None:
+    """N samples, centred, span at most N − 1 principal axes: a `dim` beyond that keeps components
+    with no variance, whose targets are 0 for every sample (the RELA loss cannot fit them)."""
+    if dim > samples - 1:
+        raise RelaError(f"--dim {dim} cannot be fitted from {samples} {what}: centred, they span at most "
+                        f"{samples - 1} principal components, so the last {dim - samples + 1} would have no "
+                        f"variance; use --dim {max(samples - 1, 1)} or less (or more data)")
+
+
+def _warn_dead_components(white: Whitening, dim: int, samples: int, rel: float = 1e-6) -> None:
+    """Warn, with the numbers, when kept components have (numerically) no variance: features that
+    repeat (duplicate images, a prior that collapses them) span fewer axes than the samples do."""
+    top = float(white.eigenvalues[0]) if dim else 0.0
+    alive = int((white.eigenvalues > rel * top).sum()) if top > 0 else 0
+    if alive < dim:
+        warnings.warn(f"the store keeps {dim - alive} of its {dim} components with no variance ({samples} samples; "
+                      f"smallest kept eigenvalue {float(white.eigenvalues[-1]):.3g}, {rel:g} of the largest is the "
+                      f"cut): their targets are 0 for every sample and the RELA loss cannot fit them. The largest "
+                      f"dim that fits this data is {max(alive, 1)}: convert again with --dim {max(alive, 1)}",
+                      RelaWarning, stacklevel=3)
+
+
 def _reduce_moments(journal: _Journal, chunks: list[_Chunk], dim: int, progress: bool) -> StreamingMoments:
     """Float64 mean and scatter of all valid rows, reduced over ranks in chunk order.
 
@@ -479,11 +503,11 @@ def _finalize(job: _Job, done: dict[int, dict], keep_raw: bool) -> TargetStore:
     n_valid = len(dataset) - len(skipped)
     if n_valid < 2:
         raise RelaError(f"only {n_valid} usable samples; PCA needs at least 2")
-    if dim > n_valid:
-        raise RelaError(f"--dim {dim} exceeds the number of usable samples ({n_valid})")
+    _check_fits(dim, n_valid, "usable samples")
 
     moments = _reduce_moments(journal, chunks, job.prior.dim, progress)
     white = dist_util.main_decides(fit_whitening, moments, dim)  # one eigendecomposition, for all
+    _warn_dead_components(white, dim, n_valid)
 
     workdir = out / WORKDIR
     tmp_targets = workdir / TARGETS

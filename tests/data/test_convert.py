@@ -288,3 +288,29 @@ def test_a_torn_journal_line_is_cut_before_the_resume_appends(reference):
     assert r.returncode == 0, r.stderr
     assert f"resuming {out}: {len(lines) - 1}/" in r.stderr  # every whole record counted, once
     _same_store(out, reference / "ref")
+
+
+def test_a_dim_the_samples_cannot_span_is_refused_before_the_prior_runs(tmp_path):
+    # N samples, centred, span at most N - 1 axes: dim = N keeps a component with no variance
+    from rela.data.datasets import ArrayDataset
+
+    rng = np.random.default_rng(0)
+    ds = ArrayDataset(rng.integers(0, 255, (8, 10, 10, 3), dtype=np.uint8), np.zeros(8, np.int64))
+    with pytest.raises(RelaError, match=r"--dim 8 cannot be fitted from 8 samples: .* at most 7 principal "
+                                        r"components.*use --dim 7 or less"):
+        convert(ds, "random:resnet18", tmp_path / "s", dim=8, input_size=32, progress=False)
+    assert not (tmp_path / "s").exists()  # refused before anything ran or was written
+    assert convert(ds, "random:resnet18", tmp_path / "s", dim=7, input_size=32, progress=False).dim == 7
+
+
+def test_components_without_variance_are_warned_with_the_largest_dim_that_fits(tmp_path):
+    # 12 images, 3 distinct: their features span 2 axes, however many samples there are
+    from rela.data.datasets import ArrayDataset
+    from rela.errors import RelaWarning
+
+    rng = np.random.default_rng(0)
+    distinct = rng.integers(0, 255, (3, 10, 10, 3), dtype=np.uint8)
+    ds = ArrayDataset(distinct[np.arange(12) % 3], np.zeros(12, np.int64))
+    with pytest.warns(RelaWarning, match=r"keeps 4 of its 6 components with no variance \(12 samples; smallest kept "
+                                         r"eigenvalue .*The largest dim that fits this data is 2: .*--dim 2"):
+        convert(ds, "random:resnet18", tmp_path / "s", dim=6, input_size=32, progress=False)

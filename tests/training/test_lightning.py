@@ -95,15 +95,18 @@ def test_a_loader_built_before_fit_shards_under_lightning_ddp(ddp_straight):
         assert not set(shares[0]) & set(shares[1]) and sorted(shares[0] + shares[1]) == list(range(64))
 
 
-@pytest.mark.parametrize("devices", [1, 2])
-def test_a_mid_epoch_resume_replays_exactly_the_remaining_batches(ddp_straight, tmp_path, devices):
+@pytest.mark.parametrize("devices, bare", [(1, False), (2, False), (2, True)])
+def test_a_mid_epoch_resume_replays_exactly_the_remaining_batches(ddp_straight, tmp_path, devices, bare):
+    """With rela.LoaderState in the callbacks, and (bare) without: a bare swap to rela.Loader gets
+    the LoaderState every Trainer has through rela's entry point."""
     if devices == 2:
         straight_dir, straight = ddp_straight
     else:
         straight_dir = tmp_path / "straight"
         straight = _lightning_fit(straight_dir, "--epochs", "2", "--every", "3")
     resumed = _lightning_fit(tmp_path / "resumed", "--devices", str(devices), "--epochs", "2",
-                             "--ckpt", str(straight_dir / "ckpt" / "step=3.ckpt"))  # 3 batches into epoch 0
+                             "--ckpt", str(straight_dir / "ckpt" / "step=3.ckpt"),  # 3 batches into epoch 0
+                             *(["--no-loader-state"] if bare else []))
     assert sorted(resumed) == sorted(straight) == list(range(devices))
     for rank in straight:  # the same pixels, batch for batch: not labels alone
         assert _trained(resumed[rank]) == _trained(straight[rank])[3:]
@@ -146,44 +149,55 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def test_lightlys_byol_benchmark_with_rela_under_ddp(tmp_path):
-    """examples/lightly_imagenet_byol.py: lightly's BYOL module and transform, rela's loader and
-    RelaCallback, two CPU ranks. 96 images / 2 ranks / batch 8 = 6 steps an epoch; RELA for
-    epochs 0-1, BYOL for 2-3; a resume from 3 steps into epoch 0 logs what the straight run logged.
-    (--base-lr 30: lightly's LARS moves a weight by lr x 0.001 x its norm per step, so at batch 8
-    its 0.45 trains nothing in 24 steps; at ImageNet's batch 4096 the step is ~500x larger.)"""
+    """examples/lightly_imagenet_byol.py: lightly's BYOL module (online classifier, validation step)
+    and main.py's callbacks (EarlyStopping on train_loss, LearningRateMonitor, DeviceStatsMonitor,
+    MetricCallback) on pytorch_lightning, with the README's diff only; two CPU ranks. 96 images / 2
+    ranks / batch 8 = 6 steps an epoch; RELA for epochs 0-1, BYOL for 2-3; a resume from 3 steps into
+    epoch 0 logs what the straight run logged. (--base-lr 30: lightly's LARS moves a weight by lr x
+    0.001 x its norm per step, so at batch 8 its 0.45 trains nothing in 24 steps.)"""
     from tests.conftest import make_folder
 
-    data = make_folder(tmp_path / "imgs", classes=2, per_class=48)
+    data = make_folder(tmp_path / "imgs", classes=6, per_class=16)  # 6 classes: the classifier's top-5
     store = tmp_path / "store"
     assert run_cli("convert", "--data", str(data), "--prior", "random:resnet18", "--dim", "16", "--input-size", "32",
                    "--out", str(store), "--quiet").returncode == 0
     args = ["--data", str(data), "--store", str(store), "--arch", "resnet18", "--image-size", "32",
             "--batch-size-per-device", "8", "--epochs", "4", "--accelerator", "cpu", "--precision", "32",
             "--num-workers", "0", "--warmup-epochs", "0", "--base-lr", "30", "--log-every-n-steps", "1",
-            "--devices", "2", "--phase", "fixed:0.5"]
+            "--devices", "2", "--phase", "fixed:0.5", "--num-classes", "6"]
 
     def example(out: Path, *more: str) -> list[dict]:
         r = subprocess.run([sys.executable, str(_EXAMPLE), *args, "--out", str(out), *more], capture_output=True,
                            text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert r.returncode == 0, r.stderr[-3000:]
+        assert "max val_online_cls_top1: " in r.stdout  # main.py's MetricCallback read the validation metrics
         return _metrics(out)
 
     rows = example(tmp_path / "straight", "--checkpoint-every-n-steps", "3")
-    rela_rows = [r for r in rows if r["rela/loss"] and float(r["rela/lambda"]) == 1]  # the RELA phase
-    byol_rows = [r for r in rows if r["train_loss"]]
-    assert [int(r["step"]) for r in rela_rows] == list(range(12))  # sharded: 6 steps an epoch per rank
-    assert {r["epoch"] for r in rela_rows} == {"0", "1"} and {r["epoch"] for r in byol_rows} == {"2", "3"}
-    # the default hand-over: λ falls over round(0.1 x 24) = 2 steps to the residual 0.5, beside BYOL
-    assert [float(r["rela/lambda"]) for r in rows if int(r["step"]) >= 12 and r["rela/loss"]] == [0.75] + [0.5] * 11
-    losses = [float(r["rela/loss"]) for r in rela_rows]
+    at = lambda key: [(int(r["step"]), float(r[key])) for r in rows if r[key]]  # noqa: E731
+    # λ and the phase, logged where they change: the RELA phase, the switch (epoch 2 = step 12), the floor
+    assert [(int(r["step"]), float(r["rela/lambda"]), float(r["rela/phase"])) for r in rows if r["rela/lambda"]] \
+        == [(0, 1.0, 1.0), (12, 0.75, 0.0), (13, 0.5, 0.0)]
+    assert [s for s, _ in at("rela/loss")] == list(range(24))  # every step (log_every_n_steps=1), residual too
+    assert {s for s, _ in at("train_loss")} == set(range(12, 24))  # the user's step from the switch
+    assert {s for s, _ in at("train_online_cls_loss")} == set(range(24))  # on_rela_step trained it in the phase
+    assert "rela/rho" not in rows[0]  # fixed: no rule computes ρ
+    losses = [v for s, v in at("rela/loss") if s < 12]
     assert sum(losses[-4:]) < sum(losses[:4]) - 0.2, losses  # the RELA phase trains the head and backbone
     ckpt = tmp_path / "straight" / "checkpoints"
-    first = torch.load(ckpt / "epoch=0-step=3.ckpt", weights_only=False)["state_dict"]
-    last = torch.load(ckpt / "last.ckpt", weights_only=False)["state_dict"]
-    assert not torch.equal(first["rela.transfer.weight"], last["rela.transfer.weight"])
-    assert float(last["rela.weight"]) == 0.0 and int(last["rela.switch_step"]) >= 0  # switched; state saved
+    first, mid, last = (torch.load(ckpt / name, weights_only=False) for name in
+                        ("epoch=0-step=3.ckpt", "epoch=1-step=9.ckpt", "last.ckpt"))
+    # the momentum teacher follows the backbone during the RELA phase (on_rela_step's update_momentum)
+    moved = sum((mid["state_dict"][k] - first["state_dict"][k]).float().norm() for k in first["state_dict"]
+                if k.startswith("teacher_backbone.") and k.endswith("weight"))
+    assert moved > 1e-3, moved
+    assert not torch.equal(first["state_dict"]["rela.transfer.weight"], last["state_dict"]["rela.transfer.weight"])
+    assert float(last["state_dict"]["rela.weight"]) == 0.0 and int(last["state_dict"]["rela.switch_step"]) == 12
+    (stop,) = [v for k, v in last["callbacks"].items() if k.startswith("EarlyStopping")]
+    assert stop["wait_count"] == 0 and torch.isfinite(stop["best_score"])  # it watched the real train_loss
     resumed = example(tmp_path / "resumed", "--ckpt-path", str(ckpt / "epoch=0-step=3.ckpt"))
-    key = lambda rs: [(r["step"], r["rela/loss"][:6], r["train_loss"][:6]) for r in rs if int(r["step"]) >= 3]  # noqa: E731
+    key = lambda rs: sorted((r["step"], r["rela/loss"][:6], r["rela/lambda"], r["train_loss"][:6])  # noqa: E731
+                            for r in rs if int(r["step"]) >= 3 and (r["rela/loss"] or r["rela/lambda"] or r["train_loss"]))
     assert key(resumed) == key(rows)
 
 
