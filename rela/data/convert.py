@@ -22,7 +22,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -173,6 +173,7 @@ class _Job:
     fingerprint: dict
     batch_size: int
     progress: bool  # this rank shows progress bars (rank 0 only)
+    cpu0: float = field(default_factory=_workers.cpu_seconds)  # this process's CPU seconds when the job began
 
 
 def _sha256(data: bytes) -> str:
@@ -528,7 +529,7 @@ def _finalize(job: _Job, done: dict[int, dict], keep_raw: bool) -> TargetStore:
         os.replace(tmp_targets, out / TARGETS)
         fsync_dir(out)
         _crashpoint("before-manifest")
-        _write_manifest(job, done, white, skipped, time.perf_counter() - t0)
+        _write_manifest(job, done, white, skipped, time.perf_counter() - t0, _workers.cpu_seconds() - job.cpu0)
         if not keep_raw:
             shutil.rmtree(workdir)
     dist_util.barrier()  # the manifest exists
@@ -545,7 +546,8 @@ def _session_wall(done: dict, key: str) -> float:
     return sum(max(ranks.values()) for ranks in per_session.values())
 
 
-def _write_manifest(job: _Job, done: dict[int, dict], white: Whitening, skipped: list[int], finalize_s: float) -> None:
+def _write_manifest(job: _Job, done: dict[int, dict], white: Whitening, skipped: list[int], finalize_s: float,
+                    session_cpu_s: float) -> None:
     # Wall clock: within one invocation (session) the ranks ran side by side, so it lasted as long
     # as its busiest rank's chunks; sessions (a killed run, its resumption) add up. A session's
     # chunk seconds start when its rank starts extracting, so loader start-up is included.
@@ -575,6 +577,9 @@ def _write_manifest(job: _Job, done: dict[int, dict], white: Whitening, skipped:
                  "finalize_seconds": round(finalize_s, 3),
                  "seconds": round(extract_s + finalize_s, 3),
                  "process_seconds": round(process_s, 3), "processes": world,
+                 # this process's CPU (its threads and ended workers) in the session that finished
+                 # the store: the whole conversion for one process that was not interrupted
+                 "cpu_seconds": round(session_cpu_s, 3),
                  "device": str(prior.device),
                  "images_per_second": round(n / extract_s, 2) if extract_s else None},
     }

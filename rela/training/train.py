@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rela import _workers, faults
 from rela import distributed as dist_util
-from rela import faults
 from rela.distributed import resolve_device
 from rela.errors import RelaError
 from rela.training.memory_format import compile_options, student_memory_format
@@ -42,7 +42,7 @@ from rela.training.run import (
 
 def open_store(cfg: TrainConfig, dataset, feature_dim: int, progress: bool, device: torch.device,
                path: Path | None = None):
-    """The target store and its conversion seconds: a given store directory (checked against the
+    """The target store and its conversion's wall-clock and CPU seconds: a given store directory (checked against the
     dataset), or cfg.prior converted into `path` (default RUN/store; reused when complete, resumed
     when interrupted) as `rela train` does, at the prior input size that fits the data."""
     from rela.data.convert import convert
@@ -61,7 +61,8 @@ def open_store(cfg: TrainConfig, dataset, feature_dim: int, progress: bool, devi
         dim = min(cfg.dim or feature_dim, prior.dim)
         store = convert(dataset, prior, path or Path(cfg.out) / "store", dim=dim, progress=progress, device=device,
                         skip_corrupt=cfg.skip_corrupt)
-    return store, float(store.manifest.get("cost", {}).get("seconds", 0.0))
+    cost = store.manifest.get("cost", {})
+    return store, float(cost.get("seconds", 0.0)), float(cost.get("cpu_seconds", math.nan))
 
 
 class _Student(nn.Module):
@@ -158,6 +159,7 @@ class Trainer:
         state = self._open_run(resume, overwrite)
         self._build()
         self.epoch, self.step, self.train_s, self.images, self.step_times, self.switch = 0, 0, 0.0, 0, [], None
+        self.train_cpu_s = 0.0  # CPU seconds of the epochs: this process, its threads, its ended workers
         self.pending: list[tuple] = []  # steps whose losses are still on the device (see _flush)
         self.bar = None  # the epoch's progress bar (run_epoch)
         if state is not None:
@@ -210,8 +212,9 @@ class Trainer:
             classes = int(labels.max()) + 1
         self.backbone, self.method = build_student(cfg, classes=classes)
         self.backbone.to(device), self.method.to(device)
-        store, self.conversion_s = (open_store(cfg, self.dataset, self.backbone.feature_dim, self.progress, device)
-                                    if cfg.uses_rela else (None, 0.0))
+        store, self.conversion_s, self.conversion_cpu_s = (
+            open_store(cfg, self.dataset, self.backbone.feature_dim, self.progress, device)
+            if cfg.uses_rela else (None, 0.0, 0.0))
         ssl_views = cfg.ssl_views or self.method.views
         # channels_last unless oneDNN #6035 would break the backbone on a CPU (then with a warning;
         # the heads are linear and the teachers run forward only, which the bug doesn't touch)
@@ -265,7 +268,7 @@ class Trainer:
     def _checkpoint_state(self, epoch: int) -> dict:
         return {
             "epoch": epoch, "step": self.step, "config": asdict(self.cfg), "train_seconds": self.train_s,
-            "images": self.images, "step_seconds": self.step_times, "switch": self.switch, "world_size": self.world,
+            "train_cpu_seconds": self.train_cpu_s, "images": self.images, "step_seconds": self.step_times, "switch": self.switch, "world_size": self.world,
             "backbone": self.backbone.state_dict(), "method": self.method.state_dict(),
             "optimizer": self.opt.state_dict(), "loader": self.loader.state_dict(),
             "schedule": self.schedule.state_dict(), "scaler": self.precision.state_dict(),
@@ -284,6 +287,7 @@ class Trainer:
             self.acc.load_state_dict(state["accelerator"])
         self.epoch, self.step, self.train_s = state["epoch"] + 1, state["step"], state["train_seconds"]
         self.images, self.step_times, self.switch = state["images"], list(state["step_seconds"]), state.get("switch")
+        self.train_cpu_s = state.get("train_cpu_seconds", math.nan)  # NaN: saved before CPU seconds were kept
 
     # --- 4. training -----------------------------------------------------------------------------
     def fit(self, stop_after_steps: int | None = None) -> dict:
@@ -306,7 +310,7 @@ class Trainer:
         self.loader.set_epoch(epoch)
         if self.acc is not None and self.acc.begin_epoch(epoch, self.cfg.epochs, self.step):
             self.switch = self._on_switch(epoch)
-        t_epoch, n_epoch = time.perf_counter(), 0
+        t_epoch, n_epoch, cpu_epoch = time.perf_counter(), 0, _workers.cpu_seconds()
         self.bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not self.progress,
                         leave=False)
         t0 = time.perf_counter()
@@ -320,6 +324,7 @@ class Trainer:
                 return False
             t0 = time.perf_counter()
         t_epoch += self._flush(epoch)
+        self.train_cpu_s += _workers.cpu_seconds() - cpu_epoch  # the probe's CPU included: it is the run's
         self._end_epoch(epoch, time.perf_counter() - t_epoch, n_epoch)
         return True
 
@@ -440,6 +445,8 @@ class Trainer:
         summary = {
             "config": asdict(self.cfg), "steps": self.step, "images_seen": self.images, "train_seconds": self.train_s,
             "conversion_seconds": self.conversion_s, "total_seconds": self.train_s + self.conversion_s,
+            "train_cpu_seconds": self.train_cpu_s, "conversion_cpu_seconds": self.conversion_cpu_s,
+            "total_cpu_seconds": self.train_cpu_s + self.conversion_cpu_s,
             "median_step_seconds": statistics.median(self.step_times) if self.step_times else math.nan,
             "switch": self.switch, "phase": self.acc.decision() if self.acc is not None else "off: no RELA",
             "device": str(self.device), "threads": torch.get_num_threads(),

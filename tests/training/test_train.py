@@ -41,6 +41,8 @@ def test_fixed_phase_switches_at_the_epoch_and_logs(tiny, tmp_path):
     sw = json.loads((tmp_path / "run" / "switch.json").read_text())
     assert sw["step"] == 5 and sw["epoch"] == 1 and 0 <= sw["knn_top1"] <= 1
     assert s["images_seen"] == 160 and s["conversion_seconds"] > 0 and s["train_seconds"] > 0
+    assert s["train_cpu_seconds"] > 0 and s["conversion_cpu_seconds"] > 0  # costs other work does not inflate
+    assert s["total_cpu_seconds"] == pytest.approx(s["train_cpu_seconds"] + s["conversion_cpu_seconds"])
     assert (tmp_path / "run" / "checkpoint.pt").exists() and (tmp_path / "run" / "epochs.csv").exists()
 
 
@@ -426,3 +428,27 @@ def test_a_run_saved_before_the_hand_over_keeps_its_hard_switch(tmp_path):
     assert (cfg.switch_rule, cfg.switch_window, cfg.handover, cfg.handover_floor, cfg.method_clock) == \
         ("reference", "0:1", 0.0, 0.0, "run")
     assert cfg != TrainConfig(out=str(tmp_path))
+
+
+def test_cpu_seconds_count_the_threads_and_the_workers_that_ended():
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from rela._workers import cpu_seconds
+
+    c0 = cpu_seconds()
+    subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass"],
+                   check=True)
+    c1 = cpu_seconds()
+
+    def spin():
+        t = time.thread_time()
+        while time.thread_time() - t < 0.3:
+            pass
+
+    worker = threading.Thread(target=spin)
+    worker.start()
+    worker.join()
+    assert c1 - c0 >= 0.35 and cpu_seconds() - c1 >= 0.25
