@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -38,26 +38,34 @@ from rela.data.priors import IMAGENET_MEAN, IMAGENET_STD
 from rela.errors import RelaError
 
 
+def _role(role: str, default, op: str | None = None):
+    """A ViewSpec field and what it is: "geometry" (the crop and flip), "colour" (the probability of
+    the colour op `op`, a `ColourParams` op or "jitter": `has_colour` reads these), "colour-param"
+    (how a colour op draws) or "normalise"."""
+    return field(default=default, metadata={"role": role, "op": op})
+
+
 @dataclass(frozen=True)
 class ViewSpec:
-    size: int
-    crop: str = "random"  # "random": RandomResizedCrop; "center": resize shorter side + centre crop
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip: float = 0.0
-    jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # brightness, contrast, saturation, hue
-    jitter_p: float = 0.0
-    gray_p: float = 0.0
-    blur_p: float = 0.0
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_p: float = 0.0
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    size: int = field(metadata={"role": "geometry"})
+    crop: str = _role("geometry", "random")  # "random": RandomResizedCrop; "center": resize shorter side + centre crop
+    scale: tuple[float, float] = _role("geometry", (0.08, 1.0))
+    ratio: tuple[float, float] = _role("geometry", (3 / 4, 4 / 3))
+    flip: float = _role("geometry", 0.0)
+    jitter: tuple[float, float, float, float] = _role("colour-param", (0.0, 0.0, 0.0, 0.0))  # b, c, s, hue
+    jitter_p: float = _role("colour", 0.0, op="jitter")
+    gray_p: float = _role("colour", 0.0, op="gray")
+    blur_p: float = _role("colour", 0.0, op="sigma")
+    blur_sigma: tuple[float, float] = _role("colour-param", (0.1, 2.0))
+    solarize_p: float = _role("colour", 0.0, op="solarize")
+    mean: tuple[float, float, float] = _role("normalise", IMAGENET_MEAN)
+    std: tuple[float, float, float] = _role("normalise", IMAGENET_STD)
 
     @property
     def has_colour(self) -> bool:
-        """Whether any colour op may run on this view (else its crops are final pixels)."""
-        return bool(self.jitter_p or self.gray_p or self.blur_p or self.solarize_p)
+        """Whether any colour op may run on this view (else its crops are final pixels): any field
+        declared a colour op's probability is non-zero. A new op declares its role, and is counted."""
+        return any(getattr(self, f.name) for f in fields(self) if f.metadata["role"] == "colour")
 
     def __post_init__(self) -> None:
         """Every field checked once, here: a view that passes draws finite, in-range numbers."""

@@ -258,3 +258,29 @@ def test_a_cached_beton_is_used_only_when_this_data_and_these_options_wrote_it(t
     got = torch.cat([x["views"][0] for x in Loader(a, 4, **kw)])
     want = torch.cat([x["views"][0] for x in Loader(a, 4, **{**kw, "backend": "torch"})])
     assert (got - want).abs().mean() < 0.1  # a's own pixels (q95 JPEG in the .beton), not b's
+
+
+def test_ffcv_colours_through_the_torch_backends_colour_kernel(monkeypatch):
+    # FFCV crops; the colour ops run in rela._C's kernel, as in the torch backend: each coloured view
+    # equals the kernel's output on FFCV's crops with the drawn choices (not torchvision's ops per row)
+    need_backend("ffcv")
+    from rela import _ext
+    from rela.loading.backends import augment
+    from rela.loading.backends import ffcv as ffcv_backend
+
+    assert _ext.has_colour_kernel()
+    seen = []
+
+    def spy(params, batch, rows, threads=1):
+        before = batch.clone()
+        augment.colour_rows(params, batch, rows, threads)
+        seen.append((params, before, batch.clone()))
+
+    monkeypatch.setattr(ffcv_backend, "colour_rows", spy)
+    batches = _epoch(Loader(_ramps(32), 4, views="rela", image_size=16, num_workers=1, backend="ffcv", shuffle=False))
+    assert len(seen) == 2 * len(batches)  # both views of every batch
+    for params, before, after in seen:
+        kernel = before.clone()
+        _ext.colour_batch(kernel.numpy(), [_ext.pack_colour(p) for p in params], 1)
+        assert torch.equal(after, kernel)
+    assert any(p.gray or p.order for params, _, _ in seen for p in params)  # colour choices were drawn and run

@@ -155,3 +155,25 @@ def test_batched_geometry_draws_what_geometry_draws(compiled, monkeypatch):
             for j in range(len(idx)):
                 want = geometry(spec, int(hs[j]), int(ws[j]), sample_generator(seed, epoch, int(idx[j]), view))
                 assert (*boxes[j].tolist(), bool(flips[j])) == tuple(want), (seed, epoch, view, j)
+
+
+def test_has_colour_is_derived_from_every_declared_colour_op():
+    # the plain-crop fast path skips colour when has_colour is False: an op it did not count would be
+    # dropped silently. Every field declares its role; the colour ops are exactly ColourParams' ops.
+    from dataclasses import fields, replace
+
+    from rela.loading.views import ColourParams, ViewSpec
+
+    roles = {f.name: f.metadata.get("role") for f in fields(ViewSpec)}
+    assert set(roles.values()) == {"geometry", "colour", "colour-param", "normalise"}, roles
+    ops = {f.metadata["op"]: f.name for f in fields(ViewSpec) if f.metadata["role"] == "colour"}
+    assert set(ops) == {"jitter", *ColourParams.ops()}
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(smooth_image(rng, 24, 24)).permute(2, 0, 1).contiguous()
+    plain = ViewSpec(16, crop="center", jitter=(0.4, 0.4, 0.4, 0.1), blur_sigma=(1.0, 2.0))
+    assert not plain.has_colour  # strengths alone: no op runs
+    base = apply_view(plain, image, torch.Generator().manual_seed(0))
+    for op, name in ops.items():
+        spec = replace(plain, **{name: 1.0})
+        assert spec.has_colour, op
+        assert not torch.equal(apply_view(spec, image, torch.Generator().manual_seed(0)), base), op  # it acts

@@ -5,7 +5,8 @@ The dataset is written to a `.beton` once, cached under `$RELA_CACHE` (default
 subset and sharding chose (a fixed traversal order per pass). FFCV runs the geometry
 (RandomResizedCrop or centre crop while decoding, flip); FFCV 1.0.2 has no hue, grayscale, blur or
 solarise operators, so for views with colour operations those run afterwards in rela
-(torchvision on the uint8 batch, per-sample seeded) and normalisation is rela's; plain views
+(rela._C's colour kernel on the uint8 batch, as the torch backend runs them, per-sample seeded;
+torchvision's ops without the extension) and normalisation is rela's; plain views
 (crop, flip) are normalised on FFCV's threads by its `NormalizeImage` lookup table, written in the
 loader's memory format. Each batch is handed over in a buffer of its own (FFCV reuses a few
 buffers in turn; rela's batches are the user's to keep), without a copy.
@@ -35,9 +36,9 @@ from rela.data.datasets import RelaDataset, as_rgb
 from rela.data.store import atomic_write_bytes
 from rela.errors import CorruptImageError
 from rela.loading.backends import Built, Options, SampleRules, Task, Tasks, nothing_left
-from rela.loading.backends.augment import colour, normalize_batch
+from rela.loading.backends.augment import colour_rows, normalize_batch
 from rela.loading.backends.torch_backend import TorchBuilder
-from rela.loading.views import ViewSpec
+from rela.loading.views import ViewSpec, colour_params
 
 
 def cache_dir() -> Path:
@@ -339,9 +340,9 @@ class FfcvBackend:
             if not spec.has_colour:  # normalised in FFCV's pipeline, in the loader's memory format, into
                 views.append(images)  # a buffer of this batch's own: no copy
                 continue
-            x = images  # this batch's own buffer too: coloured in place
-            for row, i in enumerate(task.indices):
-                x[row] = colour(spec, x[row], self.rules.generator(task, i, k))
+            x = images  # this batch's own buffer too: coloured in place, by the C++ kernel the torch backend uses
+            params = [colour_params(spec, self.rules.generator(task, i, k)) for i in task.indices]
+            colour_rows(params, x, list(range(len(params))), self.threads)
             views.append(normalize_batch(spec, x))
         return self.rules.assemble(task, views, index, self.skipped.get(task.number, []))
 
