@@ -262,6 +262,7 @@ class RelaCallback(LoaderState):
             dist.all_reduce(values)
             values /= dist.get_world_size()
         values = values.tolist()
+        reading = self.acc.evidence
         if self.acc.mode in ("adaptive", "blend"):
             self.acc.observe(values)  # also hands the per-sample scores to the loader
         else:
@@ -269,7 +270,7 @@ class RelaCallback(LoaderState):
         logs = {"rela/loss": sum(values) / len(values)}
         if self.acc.mode == "blend" or (self.acc.mode == "adaptive" and self.acc.rule != "evidence"):
             logs["rela/rho"] = self.acc.rho  # the rules that decide on ρ
-        elif self.acc.mode == "adaptive" and "fall_upper" in self.acc.evidence and not self.acc.switched:
+        elif self.acc.evidence is not reading and "fall_upper" in self.acc.evidence:  # read now (the switch's too)
             logs["rela/projected_fall"] = self.acc.evidence["fall_upper"]  # what the evidence rule decides on
         self._write(pl_module, step, logs)
 
