@@ -1,5 +1,6 @@
-"""The docs name what exists: every `rela.x.y` path in the README, docs/ and the module
-docstrings imports (a module, or an attribute of one)."""
+"""The docs name what exists: every `rela.x.y` path in the README, docs/ and the strings of rela's
+source (docstrings, error messages) imports (a module, or an attribute of one); every flag the
+docs show exists on its command."""
 
 import ast
 import importlib
@@ -10,17 +11,20 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PATH = re.compile(r"`(rela(?:\.[A-Za-z_][A-Za-z0-9_]*)+)")
+MESSAGE_PATH = re.compile(r"(?<![\w.`])(rela(?:\.[A-Za-z_][A-Za-z0-9_]*)+)")  # in code strings: no backticks
 
 
 def named_paths() -> dict[str, str]:
-    """Each dotted rela path in backticks -> the first file naming it."""
+    """Each dotted rela path -> the first file naming it: in backticks in the docs, anywhere in the
+    strings of rela's source (docstrings, and the error messages that tell users what to import)."""
     texts = {p: p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]}
     for py in sorted((REPO / "rela").rglob("*.py")) + sorted((REPO / "kernels").rglob("*.py")):
-        doc = ast.get_docstring(ast.parse(py.read_text())) or ""
-        texts[py] = doc
+        # every string in the source: docstrings and the messages users read (errors, warnings)
+        texts[py] = "\n".join(node.value for node in ast.walk(ast.parse(py.read_text()))
+                              if isinstance(node, ast.Constant) and isinstance(node.value, str))
     found: dict[str, str] = {}
     for path, text in texts.items():
-        for name in PATH.findall(text):
+        for name in (PATH if path.suffix == ".md" else MESSAGE_PATH).findall(text):
             found.setdefault(name.rstrip("."), str(path.relative_to(REPO)))
     return found
 

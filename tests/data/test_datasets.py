@@ -311,10 +311,10 @@ def test_webdataset_shards_with_random_access(tmp_path, monkeypatch):
     assert ds.describe(7).endswith("000001.tar:s1/0001.jpg") and ds.load(7).shape == (30, 40, 3)
     assert len(list((tmp_path / "cache" / "wds").glob("*.npz"))) == 2  # the offset indexes are cached
     fp = ds.fingerprint()
-    from rela.data import datasets
+    from rela.data.datasets import tar_index
 
     with monkeypatch.context() as m:  # a warm open reads the cached indexes and digest
-        m.setattr(datasets, "_index_shard", lambda *a: pytest.fail("indexed again"))
+        m.setattr(tar_index, "_index_shard", lambda *a: pytest.fail("indexed again"))
         m.setattr(WebDataset, "_record", lambda *a: pytest.fail("hashed again"))
         warm = open_dataset(str(tmp_path / "*.tar"))
         assert warm.fingerprint() == fp and warm._labels.tolist() == ds._labels.tolist()
@@ -479,7 +479,7 @@ def test_the_scan_lists_what_torchvision_lists(tmp_path):
 def test_the_plain_tar_reader_indexes_as_tarfile_does(tmp_path, monkeypatch):
     """The header-by-header reader gives tarfile's index on plain shards, and hands every other
     shard (long or non-ASCII names: pax records; a truncated one) to tarfile."""
-    from rela.data import datasets
+    from rela.data.datasets import tar_index
 
     rng = np.random.default_rng(0)
     plain = [(f"s/{k:04d}.jpg", _jpeg(rng)) for k in range(5)] + [("s/0001.cls", b"2"), ("s/0003.cls", b"x"),
@@ -492,10 +492,10 @@ def test_the_plain_tar_reader_indexes_as_tarfile_does(tmp_path, monkeypatch):
     cut = tmp_path / "cut.tar"
     cut.write_bytes(paths["plain"].read_bytes()[:1500])
     paths["cut"] = cut
-    fast = {n: datasets._index_plain_tar(p, p.stat().st_size) for n, p in paths.items()}
+    fast = {n: tar_index._index_plain_tar(p, p.stat().st_size) for n, p in paths.items()}
     with monkeypatch.context() as m:
-        m.setattr(datasets, "_index_plain_tar", lambda *a: None)  # tarfile alone
-        ref = {n: datasets._index_shard(p, p.stat().st_size) for n, p in paths.items()}
+        m.setattr(tar_index, "_index_plain_tar", lambda *a: None)  # tarfile alone
+        ref = {n: tar_index._index_shard(p, p.stat().st_size) for n, p in paths.items()}
     assert fast["plain"] == ref["plain"][0] and ref["plain"][1] is None
     assert [label for *_, label in fast["plain"]] == [-1, 2, -1, -2, -2]
     assert fast["fancy"] is None and len(ref["fancy"][0]) == 7

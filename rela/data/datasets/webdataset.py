@@ -1,0 +1,137 @@
+"""`WebDataset`: tar shards in the WebDataset layout, read by member offset."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from rela.data import folder_scan
+from rela.data.datasets.base import RelaDataset
+from rela.data.datasets.decode import decode_bytes
+from rela.data.datasets.tar_index import _BAD_LABEL, IMAGE_EXTENSIONS, _shard_index
+from rela.data.store import atomic_write_bytes
+from rela.errors import CorruptImageError, DatasetError, RelaWarning
+
+
+class WebDataset(RelaDataset):
+    """WebDataset-layout tar shards (`000000.tar`, ... holding `KEY.jpg` + `KEY.cls`), with the
+    random access rela's subsets and exact resume need: each shard's member offsets are indexed
+    once (Python's tarfile, uncompressed shards) and cached under $RELA_CACHE/wds by the shard's
+    path, size and modification time. Order: shards in the given order, samples in tar order.
+    JPEG members reach the C++ crop-while-decoding path through `encoded()`."""
+
+    kind = "webdataset"
+    IMAGE_EXTENSIONS = IMAGE_EXTENSIONS
+
+    def __init__(self, shards) -> None:
+        self.shards = _expand_shards(shards)
+        parts, self._cache_keys = [], []
+        for k, shard in enumerate(self.shards):
+            index, truncated, cache_key = _shard_index(shard)
+            parts.append((k, index))
+            self._cache_keys.append(cache_key)
+            if truncated:
+                warnings.warn(f"{shard} is truncated: {truncated}. Its {len(index.keys)} indexed samples are used (one "
+                              "cut short fails when read, like a corrupt image) and the rest of it is lost; re-create "
+                              "the shard", RelaWarning, stacklevel=2)
+        # one flat column per field: 1.28M tuples cost seconds to build and hundreds of MB to hold
+        self._shard = np.concatenate([np.full(len(ix.keys), k, np.int32) for k, ix in parts])
+        self._keys = [key for _, ix in parts for key in ix.keys]
+        self._exts = [ext for _, ix in parts for ext in ix.exts]
+        self._offsets = np.concatenate([ix.offsets for _, ix in parts])
+        self._sizes = np.concatenate([ix.sizes for _, ix in parts])
+        self._labels = np.concatenate([ix.labels for _, ix in parts])
+        if not self._keys:
+            raise DatasetError(f"no images in {len(self.shards)} shard(s) (looked for KEY{{{','.join(self.IMAGE_EXTENSIONS)}}})")
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def encoded(self, index: int, suffixes: tuple[str, ...] | None = None) -> tuple[bytes, str] | None:
+        ext, size = self._exts[index], int(self._sizes[index])
+        if (suffixes is not None and ext not in suffixes) or self._labels[index] == _BAD_LABEL:
+            return None  # a bad label: the general path's load() names it
+        data = self._read(index)
+        if len(data) < size:
+            raise OSError(f"the shard ends {len(data)} bytes into this {size}-byte member (truncated)")
+        return data, ext
+
+    def _read(self, index: int) -> bytes:
+        """Sample `index`'s member bytes as the shard holds them (fewer when the shard is truncated)."""
+        with open(self.shards[self._shard[index]], "rb") as f:
+            f.seek(int(self._offsets[index]))
+            return f.read(int(self._sizes[index]))
+
+    def load(self, index: int) -> np.ndarray:
+        if self._labels[index] == _BAD_LABEL:
+            raise CorruptImageError(index, self.describe(index), "its .cls member is not a class index (>= 0, or -1)")
+        try:
+            return decode_bytes(self.encoded(index)[0])
+        except (OSError, ValueError) as e:
+            raise CorruptImageError(index, self.describe(index), str(e)) from None
+
+    def label(self, index: int) -> int:
+        return int(self._labels[index])
+
+    def labels(self) -> np.ndarray:
+        return self._labels.copy()
+
+    def describe(self, index: int) -> str:
+        return f"{self.shards[self._shard[index]]}:{self._keys[index]}{self._exts[index]}"
+
+    def _record(self, index: int, deep: bool) -> bytes:
+        rec = (f"{self.shards[self._shard[index]].name}\t{self._keys[index]}{self._exts[index]}\t"
+               f"{self._sizes[index]}\t{self._labels[index]}").encode()
+        return rec + (hashlib.sha256(self._read(index)).digest() if deep else b"")
+
+    def fingerprint(self, deep: bool = False) -> dict:
+        """As RelaDataset's; the shallow digest is cached beside the shard indexes, keyed on them
+        (each on its shard's path, size and mtime), so a warm open does not hash 1.28M records."""
+        if deep:
+            return super().fingerprint(deep=True)
+        key = hashlib.sha256("\n".join(self._cache_keys).encode()).hexdigest()[:24]
+        folder = folder_scan.cache_dir("wds", "WebDataset shard indexes")
+        cached = None if folder is None else folder / f"digest-{key}.json"
+        try:
+            fp = json.loads(cached.read_text()) if cached is not None else {}
+            if fp.get("n") == len(self) and fp.get("kind") == self.kind and isinstance(fp.get("digest"), str):
+                return {**fp, **self.info()}
+        except (OSError, ValueError):
+            pass
+        fp = super().fingerprint()
+        if cached is not None:
+            atomic_write_bytes(cached, json.dumps({k: fp[k] for k in ("kind", "n", "deep", "digest")}).encode(),
+                               durable=False)
+        return fp
+
+    def info(self) -> dict:
+        return {"shards": len(self.shards), "first_shard": str(self.shards[0].resolve())}
+
+
+def _expand_shards(spec) -> list[Path]:
+    """A list of shard paths, or one string with `{000000..000009}` ranges and/or glob patterns."""
+    import glob
+    import re
+
+    if isinstance(spec, (list, tuple)):
+        names = [str(x) for x in spec]
+    else:
+        names, pending = [], [str(spec)]
+        while pending:
+            s = pending.pop(0)
+            m = re.search(r"\{(\d+)\.\.(\d+)\}", s)
+            if m is None:
+                names += sorted(glob.glob(s)) if any(c in s for c in "*?[") else [s]
+                continue
+            lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
+            pending += [s[:m.start()] + f"{i:0{width}d}" + s[m.end():] for i in range(lo, hi + 1)]
+    paths = [Path(n) for n in names]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if not paths or missing:
+        raise DatasetError(f"shards not found: {', '.join(missing[:3]) or spec}"
+                           + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    return paths
