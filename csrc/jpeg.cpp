@@ -6,7 +6,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <vector>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define RELA_X86 1
+#endif
 
 namespace rela {
 namespace {
@@ -82,6 +88,120 @@ inline float round_clamp(float v) {  // nearbyint, then clamped to [0, 255]
 
 constexpr int kBlock = 8;  // output rows (pass 1) or columns (pass 2) computed before one transposed store
 
+// The transposed stores, the passes' costliest part when done one float at a time: an AVX2 8x8
+// register transpose where the CPU has it (`has_avx2`, asked once), one value at a time elsewhere
+// and for the edges. Data movement only: the same values land in the same places either way.
+
+// Rows b < nb of `rows` (each n3 floats) into t[j * out_size + y0 + b].
+void store_rows_transposed_scalar(const float* rows, int n3, int nb, float* t, int out_size, int y0, int j0) {
+  for (int j = j0; j < n3; ++j) {
+    float* dst = t + static_cast<size_t>(j) * out_size + y0;
+    for (int b = 0; b < nb; ++b) dst[b] = rows[static_cast<size_t>(b) * n3 + j];
+  }
+}
+
+// Columns b < nb of `cols` (each out_size values, rounded) into row yy of plane c at x0 + b
+// (mirrored if `flip`), as uint8 or as x * sc + bi (a multiply, then an add: two roundings).
+void store_cols_scalar(const float* cols, int out_size, int nb, int x0, bool flip, uint8_t* u8, float* f32,
+                       float sc, float bi, int yy0) {
+  for (int yy = yy0; yy < out_size; ++yy) {
+    const size_t at = static_cast<size_t>(yy) * out_size;
+    for (int b = 0; b < nb; ++b) {
+      const int ox = flip ? out_size - 1 - (x0 + b) : x0 + b;
+      const float x = cols[static_cast<size_t>(b) * out_size + yy];
+      if (f32) {
+        const float scaled = x * sc;
+        f32[at + ox] = scaled + bi;
+      } else {
+        u8[at + ox] = static_cast<uint8_t>(x);
+      }
+    }
+  }
+}
+
+#ifdef RELA_X86
+__attribute__((target("avx2"))) inline void transpose8(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+__attribute__((target("avx2"))) void store_rows_transposed_avx2(const float* rows, int n3, int nb, float* t,
+                                                                int out_size, int y0) {
+  int j = 0;
+  if (nb == 8) {
+    for (; j + 8 <= n3; j += 8) {
+      __m256 r[8];
+      for (int b = 0; b < 8; ++b) r[b] = _mm256_loadu_ps(rows + static_cast<size_t>(b) * n3 + j);
+      transpose8(r);
+      for (int k = 0; k < 8; ++k) _mm256_storeu_ps(t + static_cast<size_t>(j + k) * out_size + y0, r[k]);
+    }
+  }
+  store_rows_transposed_scalar(rows, n3, nb, t, out_size, y0, j);
+}
+
+__attribute__((target("avx2"))) void store_cols_avx2(const float* cols, int out_size, int nb, int x0, bool flip,
+                                                     uint8_t* u8, float* f32, float sc, float bi) {
+  int yy = 0;
+  if (nb == 8) {
+    const __m256i reverse = _mm256_set_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const int ox = flip ? out_size - 8 - x0 : x0;  // the 8 columns' leftmost output position
+    const __m256 vs = _mm256_set1_ps(sc), vb = _mm256_set1_ps(bi);
+    for (; yy + 8 <= out_size; yy += 8) {
+      __m256 r[8];
+      for (int b = 0; b < 8; ++b) r[b] = _mm256_loadu_ps(cols + static_cast<size_t>(b) * out_size + yy);
+      transpose8(r);  // r[k]: row yy + k, lanes b = 0..7
+      for (int k = 0; k < 8; ++k) {
+        const __m256 x = flip ? _mm256_permutevar8x32_ps(r[k], reverse) : r[k];
+        const size_t at = static_cast<size_t>(yy + k) * out_size + ox;
+        if (f32) {
+          _mm256_storeu_ps(f32 + at, _mm256_add_ps(_mm256_mul_ps(x, vs), vb));
+        } else {
+          const __m256i v = _mm256_cvttps_epi32(x);  // whole numbers in [0, 255] already
+          const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(u8 + at), _mm_packus_epi16(w, w));
+        }
+      }
+    }
+  }
+  store_cols_scalar(cols, out_size, nb, x0, flip, u8, f32, sc, bi, yy);
+}
+
+// RELA_SCALAR=1 (read once, at load) keeps to the one-value-at-a-time stores: the test that both
+// paths write the same bytes runs it in a subprocess.
+const bool has_avx2 = __builtin_cpu_supports("avx2") && !(std::getenv("RELA_SCALAR") && *std::getenv("RELA_SCALAR") == '1');
+#else
+constexpr bool has_avx2 = false;
+#endif
+
+void store_rows_transposed(const float* rows, int n3, int nb, float* t, int out_size, int y0) {
+#ifdef RELA_X86
+  if (has_avx2) return store_rows_transposed_avx2(rows, n3, nb, t, out_size, y0);
+#endif
+  store_rows_transposed_scalar(rows, n3, nb, t, out_size, y0, 0);
+}
+
+void store_cols(const float* cols, int out_size, int nb, int x0, bool flip, uint8_t* u8, float* f32, float sc,
+                float bi) {
+#ifdef RELA_X86
+  if (has_avx2) return store_cols_avx2(cols, out_size, nb, x0, flip, u8, f32, sc, bi);
+#endif
+  store_cols_scalar(cols, out_size, nb, x0, flip, u8, f32, sc, bi, 0);
+}
+
 // Pass 1, vertical: for each output row, the weighted sum of its source rows over the box's whole
 // width (contiguous bytes: vectorises), stored transposed, t[j * out_size + yy], so that pass 2
 // runs over contiguous output rows too. Rows are done kBlock at a time, so the transposed store
@@ -101,10 +221,7 @@ CLONES void vertical_pass(const uint8_t* src, size_t stride, int cx0, int cy0, i
         for (int j = 0; j < n3; ++j) row[j] += w * static_cast<float>(s[j]);
       }
     }
-    for (int j = 0; j < n3; ++j) {
-      float* dst = t + static_cast<size_t>(j) * out_size + y0;
-      for (int b = 0; b < nb; ++b) dst[b] = rows[static_cast<size_t>(b) * n3 + j];
-    }
+    store_rows_transposed(rows, n3, nb, t, out_size, y0);
   }
 }
 
@@ -131,19 +248,8 @@ CLONES void horizontal_pass(const float* t, const Coeffs& h, int out_size, bool 
         for (int yy = 0; yy < out_size; ++yy) col[yy] = round_clamp(col[yy]);
       }
       const float sc = f32 ? scale[c] : 0.f, bi = f32 ? bias[c] : 0.f;
-      for (int yy = 0; yy < out_size; ++yy) {
-        const size_t at = c * plane + static_cast<size_t>(yy) * out_size;
-        for (int b = 0; b < nb; ++b) {
-          const int ox = flip ? out_size - 1 - (x0 + b) : x0 + b;
-          const float x = cols[static_cast<size_t>(b) * out_size + yy];
-          if (f32) {
-            const float scaled = x * sc;
-            f32[at + ox] = scaled + bi;
-          } else {
-            u8[at + ox] = static_cast<uint8_t>(x);
-          }
-        }
-      }
+      store_cols(cols, out_size, nb, x0, flip, u8 ? u8 + c * plane : nullptr, f32 ? f32 + c * plane : nullptr, sc,
+                 bi);
     }
   }
 }

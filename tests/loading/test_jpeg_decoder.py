@@ -167,3 +167,40 @@ def test_decoder_writes_into_given_rows(photos):
     with pytest.raises(ValueError, match="float32"):
         _ext.decode_resized_crops(jpegs, boxes, np.zeros((3, 1), np.uint8), 16, outs=[out], rows=np.arange(3),
                                   scale=np.ones((1, 3), np.float32), bias=np.zeros((1, 3), np.float32))
+
+
+_RESAMPLE_SCRIPT = """
+import io, sys
+import numpy as np, skimage.data
+from PIL import Image
+from rela import _ext
+rng = np.random.default_rng(0)
+buf = io.BytesIO()
+Image.fromarray(skimage.data.astronaut()).save(buf, "JPEG", quality=90)
+out = []
+for size in (7, 8, 31, 96, 160, 224):
+    for flip in (0, 1):
+        side = int(rng.integers(size // 2 + 1, 512))
+        boxes = np.array([[[int(rng.integers(0, 512 - side)), int(rng.integers(0, 512 - side)), side, side]]], np.int32)
+        flips = np.full((1, 1), flip, np.uint8)
+        out.append(_ext.decode_resized_crops([buf.getvalue()], boxes, flips, size, fit=0.0)[0][0])
+        f32 = [np.zeros((1, 3, size, size), np.float32)]
+        _ext.decode_resized_crops([buf.getvalue()], boxes, flips, size, outs=f32, scale=np.full((1, 3), 0.0174, np.float32),
+                                  bias=np.full((1, 3), -2.1, np.float32), fit=0.0)
+        out.append(f32[0])
+sys.stdout.buffer.write(b"".join(a.tobytes() for a in out))
+"""
+
+
+def test_the_resamplers_vector_and_scalar_stores_write_the_same_bytes():
+    # the transposed stores run as 8x8 AVX2 register transposes where the CPU has them (RELA_SCALAR=1:
+    # one value at a time, as on a CPU without): uint8 and normalised float32, flipped or not, sizes on
+    # and off the 8-pixel blocks, byte for byte
+    import os
+    import subprocess
+    import sys
+
+    runs = [subprocess.run([sys.executable, "-c", _RESAMPLE_SCRIPT], capture_output=True, timeout=120,
+                           env={**os.environ, "RELA_SCALAR": scalar}) for scalar in ("0", "1")]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
+    assert len(runs[0].stdout) > 100_000 and runs[0].stdout == runs[1].stdout
