@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <vector>
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -35,6 +36,27 @@ void on_warning(j_common_ptr cinfo, int level) {
 }
 
 void ignore_warning(j_common_ptr, int) {}  // the header read: junk bytes libjpeg skips are not its business
+
+// A per-thread, per-type buffer of at least n elements, uninitialised, reused by the thread's next
+// call (the loader's threads decode image after image: no allocation, no fresh pages per call).
+// Up to kKeep bytes are kept between calls; a larger request gets a buffer of its own that the
+// thread's next call frees, so one huge image does not hold its memory for the thread's lifetime.
+template <typename T>
+T* scratch_buffer(size_t n) {
+  constexpr size_t kKeep = size_t{64} << 20;
+  thread_local std::unique_ptr<T[]> kept, big;
+  thread_local size_t capacity = 0;
+  big.reset();
+  if (n * sizeof(T) > kKeep) {
+    big.reset(new T[n]);
+    return big.get();
+  }
+  if (capacity < n) {
+    kept.reset(new T[n]);
+    capacity = n;
+  }
+  return kept.get();
+}
 
 // Antialiased bilinear (triangle filter widened by the downscale factor), as PIL and
 // torchvision's antialias=True compute it: for each output pixel, the first source index and
@@ -270,11 +292,15 @@ bool resample(const uint8_t* src, int src_w, int src_h, int stride, double x0, d
   const Coeffs h = make_coeffs(x0 - cx0, x1 - cx0, in_w, out_size);
   const Coeffs v = make_coeffs(y0 - cy0, y1 - cy0, in_h, out_size);
   const int n3 = in_w * 3;
-  std::vector<float> rows(static_cast<size_t>(n3) * kBlock), t(static_cast<size_t>(n3) * out_size),
-      cols(static_cast<size_t>(out_size) * kBlock);
-  vertical_pass(src, static_cast<size_t>(stride), cx0, cy0, n3, v, out_size, rows.data(), t.data());
-  horizontal_pass(t.data(), h, out_size, flip, cols.data(), out.u8 ? out.u8[view] : nullptr,
-                  out.f32 ? out.f32[view] : nullptr, out.scale + 3 * view, out.bias + 3 * view);
+  // A fresh, zeroed megabyte per view cost a memset and, from the loader's threads, page faults
+  // on every call: a per-thread scratch buffer instead. Every element is written before it is read.
+  const size_t n_rows = static_cast<size_t>(n3) * kBlock, n_t = static_cast<size_t>(n3) * out_size;
+  float* rows = scratch_buffer<float>(n_rows + n_t + static_cast<size_t>(out_size) * kBlock);
+  float* t = rows + n_rows;
+  float* cols = t + n_t;
+  vertical_pass(src, static_cast<size_t>(stride), cx0, cy0, n3, v, out_size, rows, t);
+  horizontal_pass(t, h, out_size, flip, cols, out.u8 ? out.u8[view] : nullptr, out.f32 ? out.f32[view] : nullptr,
+                  out.scale + 3 * view, out.bias + 3 * view);
   return true;
 }
 
@@ -327,7 +353,6 @@ std::string decode_resized_crops(const uint8_t* data, size_t size, const int32_t
   cinfo.err = jpeg_std_error(&err.mgr);
   err.mgr.error_exit = on_error;
   err.mgr.emit_message = on_warning;
-  std::vector<uint8_t> buf;
   if (setjmp(err.jump)) {
     jpeg_destroy_decompress(&cinfo);
     return std::string(err.message);
@@ -375,9 +400,11 @@ std::string decode_resized_crops(const uint8_t* data, size_t size, const int32_t
   if (sy > 0) jpeg_skip_scanlines(&cinfo, static_cast<JDIMENSION>(sy));
   const int rows = std::max(1, ey - sy);
   const size_t stride = static_cast<size_t>(cw) * 3;
-  buf.resize(stride * rows);
+  // The decoded region, in a per-thread buffer (every byte is written by jpeg_read_scanlines before
+  // the resampler reads it: no clearing, no fresh pages per image).
+  uint8_t* const buf = scratch_buffer<uint8_t>(stride * rows);
   for (int r = 0; r < rows; ++r) {
-    JSAMPROW row = buf.data() + static_cast<size_t>(r) * stride;
+    JSAMPROW row = buf + static_cast<size_t>(r) * stride;
     if (jpeg_read_scanlines(&cinfo, &row, 1) != 1) {
       jpeg_destroy_decompress(&cinfo);
       return "premature end of image data";
@@ -389,7 +416,7 @@ std::string decode_resized_crops(const uint8_t* data, size_t size, const int32_t
     const int32_t* b = boxes + 4 * k;
     const double x0 = b[1] * s - xoff, y0 = b[0] * s - sy;
     const double x1 = (b[1] + b[3]) * s - xoff, y1 = (b[0] + b[2]) * s - sy;
-    if (!resample(buf.data(), static_cast<int>(cw), rows, static_cast<int>(stride), x0, y0, x1, y1, out_sizes[k],
+    if (!resample(buf, static_cast<int>(cw), rows, static_cast<int>(stride), x0, y0, x1, y1, out_sizes[k],
                   flips[k] != 0, outs, k))
       return "crop box outside the decoded region";
   }
