@@ -9,7 +9,7 @@ setup:
 # The short end-to-end benchmark (8 min 25 s here, measured on a quiet machine, setup included): converts 5k Fashion-MNIST images with the
 # ImageNet EfficientNet-Lite0 prior, trains BYOL-100 (rela's and the plain-PyTorch reference) and
 # RELA 20% / 50% for 8 epochs at the tuned baseline setting (lr 2e-3, crop min-scale 0.5: the
-# best mean of bench/table1.py's 2-seed sweep, table in the README), prints the table and saves
+# best mean of bench/table1.py's 2-seed sweep, table in docs/benchmarks.md), prints the table and saves
 # the plot; a line per arm shows progress. The whole Table 1 (sweep, priors x budgets, the other
 # methods with their own sweeps, 2 seeds) takes ~95 minutes: python bench/table1.py --short --seeds 2 --method-seeds 2
 demo: setup

@@ -19,7 +19,7 @@ trainer is no win), and each rela row's ratio to FFCV's Loader, busy against qui
 
     python bench/loader.py [--images 2000] [--epochs 3] [--workers 2] [--profile] [--busy]
                            [--loaders torch rela-default rela-process rela-thread ffcv dali rela-dali rela-ffcv]
-    python bench/loader.py --goals    # issue 34: sizes 128/160/224 and DINO 2x224+6x96 against FFCV and DALI
+    python bench/loader.py --goals    # the goals: sizes 128/160/224 and DINO 2x224+6x96 against FFCV and DALI
 """
 
 from __future__ import annotations
@@ -544,7 +544,7 @@ def summarise(rows: list[dict], busy: bool = False) -> float:
     return limit
 
 
-# --- the goals of issue 34 (--goals) --------------------------------------------------------
+# --- the loader's goals (--goals) ------------------------------------------------------------
 
 SIZES = (128, 160, 224)
 
@@ -569,7 +569,7 @@ def goal_rows(folder: Path, args) -> list[tuple[str, object]]:
 
 
 def goal_report(rows: list[dict]) -> list[str]:
-    """Issue 34's goals from one run's rows, each PASS or MISS (or n/a without its peer)."""
+    """The loader's goals from one run's rows, each PASS or MISS (or n/a without its peer)."""
     r = {x["name"]: x["img_s"] for x in rows}
 
     def check(text: str, num: str, den: str, goal: float) -> str:
@@ -609,7 +609,7 @@ def main() -> None:
                    help="which rows to run (the baseline first; FFCV's row is what rela's rows are compared with)")
     p.add_argument("--profile", action="store_true", help="also profile rela's torch backend per stage (CPU ms/img)")
     p.add_argument("--busy", action="store_true", help="run every row again while a training process uses all cores")
-    p.add_argument("--goals", action="store_true", help="only issue 34's rows: rela's defaults, FFCV and DALI at "
+    p.add_argument("--goals", action="store_true", help="only the goal rows: rela's defaults, FFCV and DALI at "
                    "128/160/224 px and on DINO's 2x224+6x96 multi-crop, interleaved, each goal PASS/MISS")
     args = p.parse_args()
     if args.device != "cpu" and "rela-dali-gpu" not in args.loaders:

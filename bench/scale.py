@@ -13,7 +13,7 @@ disk (rela's cached listing, the page cache), never from memory of the last run:
 - RSS of the main process and of each worker at the end of each of `--epochs` epochs over a
   random `--subset` of the data (torchvision: SubsetRandomSampler with the same share).
 
-Goals (issue 23): open + fingerprint <= 1.5x torchvision's scan, first open; warm re-open <= 2 s
+Goals: open + fingerprint <= 1.5x torchvision's scan, first open; warm re-open <= 2 s
 at 1.28M; Loader(...) <= 0.5 s; worker RSS growth <= 5% over the epochs. Each is printed with
 its measured value and PASS/MISS.
 

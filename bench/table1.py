@@ -20,9 +20,9 @@ Floors and ceilings drawn in each plot: the random-init student (no training) an
 own features (L-BFGS probe on the prior's raw features under its own preprocessing).
 
     python bench/table1.py --short                       # 5k images, 8 epochs, 1 seed
-    python bench/table1.py --short --seeds 2 --method-seeds 2       # the README's table
+    python bench/table1.py --short --seeds 2 --method-seeds 2       # docs/benchmarks.md's Table 1
     python bench/table1.py --short --method-seeds 2 --parts methods  # the other methods only
-    python bench/table1.py --short --method-seeds 2 --parts handover # the hand-over (issue 26)
+    python bench/table1.py --short --method-seeds 2 --parts handover # the hand-over
 
 `--parts handover`: BYOL and the five methods, each at its tuned setting (TUNED: the sweeps
 above), at 50% and 20% of the steps with a Lite0 RELA phase: the method at 100%, RELA alone
@@ -280,15 +280,15 @@ def plot(rows: list[dict], method: str, floor: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-# --- the hand-over (issue 26) ------------------------------------------------------------------
+# --- the hand-over ------------------------------------------------------------------------------
 
-# Each method's setting from the sweeps of `--parts byol` and `--parts methods` (README, "Measured:
+# Each method's setting from the sweeps of `--parts byol` and `--parts methods` (docs/benchmarks.md, "Measured:
 # Table 1"): BYOL min-scale 0.5 at lr 2e-3; the others at their best lr with their own view presets.
 TUNED = {"byol": {"ssl_views": "byol,scale=0.5:1", "lr": 2e-3}, "simclr": {**UNTUNED, "lr": 4e-3},
          "moco": {**UNTUNED, "lr": 2e-3}, "barlowtwins": {**UNTUNED, "lr": 2e-3}, "vicreg": {**UNTUNED, "lr": 2e-3},
          "dino": {**UNTUNED, "lr": 2e-3}}
 HANDOVER_BUDGETS = (0.5, 0.2)
-TODAY = {"handover": 0.0, "handover_floor": 0.0, "method_clock": "run"}  # the switch before issue 26: hard, to the method alone, on the run's clock
+TODAY = {"handover": 0.0, "handover_floor": 0.0, "method_clock": "run"}  # the switch before the hand-over existed: hard, to the method alone, on the run's clock
 CANDIDATES = {  # the hand-overs tried at fixed:0.5 (today's is "switch")
     "switch": TODAY,
     "clock": {"handover": 0.0, "method_clock": "switch"},
@@ -420,7 +420,7 @@ def main() -> None:
     p.add_argument("--arms", nargs="*", default=[], help="with --data: only these arms (e.g. byol-100 half-50)")
     p.add_argument("--local-crops", type=int, help="with --data --method dino: DINO's local crops in every arm")
     p.add_argument("--old-default", action="store_true",
-                   help="with --data: also the phase default before issue 33 (scaled rule, window 0.2:0.6)")
+                   help="with --data: also the earlier phase default (scaled rule, window 0.2:0.6)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
     if args.data:

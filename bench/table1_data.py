@@ -7,7 +7,7 @@ phase (no --phase given), RELA alone (`--phase fixed:1`) and RELA for half the e
 (`--phase fixed:0.5`). The default prior (EfficientNet-Lite0) is converted once per dataset, at the
 input size `rela train` picks, and every RELA arm is charged its conversion seconds.
 
-The goals (issue 33), per budget: the default is within one seed spread (the best arm's sd over
+The goals, per budget: the default is within one seed spread (the best arm's sd over
 seeds) of the best arm, and at least the method at 100%; each reads PASS or MISS.
 
     python bench/table1.py --data bench/data/digits/train --test-data bench/data/digits/test --seeds 2
@@ -30,9 +30,9 @@ BUDGETS = (0.2, 0.5)
 ARMS = {"default": None, "only": "fixed:1", "half": "fixed:0.5"}  # phase per RELA arm (None: rela train's default)
 LABELS = {"default": "default phase", "only": "RELA alone (fixed:1)", "half": "fixed:0.5",
           "old": "the earlier default (scaled rule, window 0.2:0.6)"}
-OLD_DEFAULT = {"phase": "adaptive", "switch_rule": "scaled", "switch_window": "0.2:0.6"}  # before issue 33
+OLD_DEFAULT = {"phase": "adaptive", "switch_rule": "scaled", "switch_window": "0.2:0.6"}  # the earlier default
 # BYOL-100 at the setting bench/table1.py's sweep chose on Fashion-MNIST (crop min-scale 0.5, lr
-# 2e-3; README), beside its CLI defaults: the baseline with the care a tuning sweep gives it
+# 2e-3; docs/benchmarks.md), beside its CLI defaults: the baseline with the care a tuning sweep gives it
 TUNED_BYOL = {"ssl_views": "byol,scale=0.5:1", "lr": 2e-3}
 
 

@@ -17,7 +17,7 @@ Every pipeline draws per-sample parameters from the view specs' distributions (c
 flip 0.5, ColorJitter with its probability, grayscale, blur σ 0.1–2 with kernel ≤ 13, solarise).
 Reported: median img/s over epochs (the rows' epochs interleaved, as in bench/loader.py) and CPU
 ms per image (this process + workers), and ratios to the baseline. torch's intra-op threads are set to `--torch-threads` in the loop's process (what
-`rela train` leaves them at matters: see issue 15).
+`rela train` leaves them at matters).
 
     python bench/views.py [--images 1000] [--epochs 2] [--workers 2] [--views rela byol]
 """

@@ -3,7 +3,7 @@
 step, BYOLTransform, LARS with a cosine warm-up schedule, a cosine momentum schedule, and main.py's
 callbacks: LearningRateMonitor, EarlyStopping on `train_loss`, DeviceStatsMonitor, MetricCallback),
 on `pytorch_lightning` as lightly runs it, with rela's loader and the RELA phase. What changes
-against lightly's scripts is the README's "In your Lightning code" diff, and only that:
+against lightly's scripts is the README's Lightning quickstart diff, and only that:
 
     - train_dataloader = DataLoader(LightlyDataset(train_dir, transform=transform), ...)
     + store = rela.convert(train_dir, "efficientnet-lite0", store_dir, dim=256)       # once, < 1% of a run

@@ -114,3 +114,52 @@ def test_every_flag_in_the_docs_exists_somewhere():
         for span in re.findall(r"```.*?```|`[^`\n]+`", doc.read_text(), re.S):
             shown |= set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", span))
     assert not shown - known
+
+
+QUICKSTART = re.compile(r"<!-- quickstart: (\w+) -->\n```\w+\n(.*?)```", re.S)
+# The quickstarts as a user reads them, run at a tiny scale: these substitutions only shrink them.
+TINY = {"--limit 10000": "--limit 1000", "limit=10000": "limit=1000", "--epochs 20": "--epochs 1",
+        "batch_size=256": "batch_size=64", "range(2)": "range(1)"}
+
+
+def quickstarts() -> dict[str, str]:
+    text = (REPO / "README.md").read_text()
+    found = dict(QUICKSTART.findall(text))
+    assert set(found) == {"cli", "loader", "lightning"}, sorted(found)
+    for a, b in TINY.items():
+        found = {k: v.replace(a, b) for k, v in found.items()}
+    return found
+
+
+def test_the_readme_quickstarts_run(tmp_path, monkeypatch):
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    q = quickstarts()
+    for line in q["cli"].replace("\\\n", " ").splitlines():  # convert -> train -> eval, in a fresh folder
+        words = shlex.split(line, comments=True)
+        assert words[0] == "rela", line
+        r = subprocess.run([sys.executable, "-m", "rela", *words[1:]], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
+        assert r.returncode == 0, (line, r.stderr[-2000:])
+    assert "linear" in r.stdout.lower() and (tmp_path / "runs" / "rela20" / "eval.json").exists()
+
+    monkeypatch.chdir(tmp_path)  # the loader swap, on the store the CLI quickstart made
+    seen: list = []
+    exec(q["loader"].replace("        ...", "        seen.append(batch)"), {"seen": seen})
+    assert seen and seen[0]["target"].shape == (64, 64)
+    assert [v.shape for v in seen[0]["views"]] == [(64, 3, 32, 32)] * 2
+
+
+def test_the_lightning_quickstart_is_what_the_example_runs():
+    # every rela name the diff adds is in examples/lightly_imagenet_byol.py, which the suite runs
+    added = [line[1:] for line in quickstarts()["lightning"].splitlines() if line.startswith("+")]
+    example = re.sub(r"\s+", " ", (REPO / "examples" / "lightly_imagenet_byol.py").read_text())
+    tokens = {t for line in added for t in re.findall(
+        r"rela\.\w+\(|self\.rela\]|def on_rela_step\(self, batch, batch_idx, features\)|targets=store|"
+        r"batch_format=\"lightly\"|update_momentum\(self\.\w+, self\.\w+, m=momentum\)|"
+        r"online_classifier\.training_step\(\(features\[0\]\.detach\(\)", line)}
+    assert len(tokens) >= 9, tokens
+    assert not {t for t in tokens if t not in example}

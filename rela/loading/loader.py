@@ -259,7 +259,7 @@ class Loader:
         """`auto`: DALI on a GPU (hardware-assisted decode) when installed; on the CPU rela's own
         torch backend — it needs no conversion step and replays crops exactly on resume. The
         measured trade-off against `ffcv` (faster on plain crops, crops not replayable) is in the
-        README's backend list (`bench/loader.py`); choose `ffcv` explicitly to make it."""
+        loader tables of docs/benchmarks.md (`bench/loader.py`); choose `ffcv` explicitly to make it."""
         if backend == "auto":
             return "dali" if device.type == "cuda" and backends.available()["dali"] else "torch"
         backends.check(backend)

@@ -30,7 +30,7 @@ Phases (`phase=`):
   no forced switch. Why not a direct probe (held-out RELA loss or kNN agreement): each costs
   forward passes the training loss already gives on fresh samples (every epoch draws a new
   subset), and it answers the same question — is RELA still moving the representation.
-  `"scaled"` (the default before issue 33) fires on ρ: fast = m_f·fast + (1 − m_f)·loss,
+  `"scaled"` (the earlier default) fires on ρ: fast = m_f·fast + (1 − m_f)·loss,
   slow = m_s·slow + (1 − m_s)·fast, ρ = exp(−max(slow − fast, 0) / scale), switch once ρ ≥
   0.995, EMAs started at the first loss with time constants 2.6% and 0.26% of the run (at least
   10 and 3 steps). On short runs that read a slow, steady fall (1.0 → 0.95 over 30 steps) as a

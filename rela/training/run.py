@@ -57,7 +57,7 @@ class TrainConfig:
                            "tens of seconds to minutes)")
     log_every: int = option(10, "read losses on the host, check for NaN, log and take the adaptive decision "
                             "every N steps (1: every step; larger: fewer device syncs)", type=positive_int, low=1)
-    phase: str = option("adaptive", "adaptive | fixed:<fraction> | blend (see README)")  # the best arm at 50%
+    phase: str = option("adaptive", "adaptive | fixed:<fraction> | blend (docs/training.md)")  # the best arm at 50%
     image_size: int = option(32, "training view size in pixels", type=positive_int, low=1, high=4096)
     rela_views: str = option("rela", "the RELA phase's views: a preset (rela, byol, eval) with optional overrides, "
                              "e.g. 'rela,scale=0.3:1' or 'byol,1.solarize_p=0' (see rela.loading.views)")
@@ -117,9 +117,9 @@ class TrainConfig:
     switch_window: str = option("0.2:1", "adaptive/blend: MIN:MAX share of the run's steps the RELA phase takes "
                                 "(never switch before MIN; switch at MAX at the latest; MAX 1: no forced switch)")
     handover: float = option(0.1, "after the switch the RELA weight falls linearly from 1 to 0 over this share of "
-                             "the run's steps (0: a hard switch)")  # the best hand-over candidate (README)
+                             "the run's steps (0: a hard switch)")  # the best hand-over candidate (docs/benchmarks.md)
     handover_floor: float = option(0.5, "the RELA weight falls to this instead of 0 and stays there: a residual RELA "
-                                   "term beside the method for the rest of the run (0: the method alone)")  # README
+                                   "term beside the method for the rest of the run (0: the method alone)")  # docs/training.md
     handover_lr: float = option(1.0, "learning-rate factor at the switch, back to 1 over the hand-over window "
                                 "(1: no re-warm-up)")
     method_clock: str = option("switch", "the method's schedules (DINO's teacher temperature and frozen prototypes, "
