@@ -59,8 +59,10 @@ def part1(args) -> dict:
     tuned = keep_freed_memory()
     bare_inference(prior, batches[:2])  # warm-up
     if tuned:
-        print(f"    allocator: bare inference {untuned:.1f} img/s with glibc defaults, "
-              f"{n / bare_inference(prior, batches)[0]:.1f} img/s with rela's malloc settings (both rows below use them)")
+        print(
+            f"    allocator: bare inference {untuned:.1f} img/s with glibc defaults, "
+            f"{n / bare_inference(prior, batches)[0]:.1f} img/s with rela's malloc settings (both rows below use them)"
+        )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
@@ -84,9 +86,12 @@ def part1(args) -> dict:
                          # measured within one run, so the machine's drift cancels out.
                          "inference_share": store.manifest["cost"]["inference_seconds"] / cw})
             x = rows[-1]
-            print(f"  pair {r}: bare {x['bare_img_s']:7.1f} img/s {x['bare_cpu_ms']:6.2f} CPU ms/img | "
-                  f"convert {x['convert_img_s']:7.1f} img/s {x['convert_cpu_ms']:6.2f} CPU ms/img | ratio {x['ratio']:.3f} | "
-                  f"inference share of convert {x['inference_share']:.3f}")
+            print(
+                f"  pair {r}: bare {x['bare_img_s']:7.1f} img/s {x['bare_cpu_ms']:6.2f} CPU ms/img | "
+                f"convert {x['convert_img_s']:7.1f} img/s {x['convert_cpu_ms']:6.2f} CPU ms/img | "
+                f"ratio {x['ratio']:.3f} | "
+                f"inference share of convert {x['inference_share']:.3f}"
+            )
     res = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     res["images"] = n
     res["cpu_ratio"] = res["bare_cpu_ms"] / res["convert_cpu_ms"]
@@ -148,7 +153,9 @@ def part2(args) -> dict:
     formula = (8 * D + 8 * D * D + 12 * C * D + 16 * D * D) / 2**20
     baseline_mb = N * D * 4 / 2**20
     res.update({"rows": N, "formula_mb": formula, "in_ram_baseline_mb": baseline_mb})
-    print(f"  moments {res['moments_s']:.1f} s, eigh {res['eigh_s']:.1f} s, project+write {res['project_write_s']:.1f} s")
+    print(
+        f"  moments {res['moments_s']:.1f} s, eigh {res['eigh_s']:.1f} s, project+write {res['project_write_s']:.1f} s"
+    )
     print(f"  peak RSS {res['peak_rss_mb']:.0f} MB = {res['import_rss_mb']:.0f} MB for the process with torch loaded "
           f"+ {res['peak_rss_mb'] - res['import_rss_mb']:.0f} MB for the PCA (formula: {formula:.0f} MB)")
     print(f"  baseline, raw float32 features held in RAM (computed, not run): {baseline_mb:,.0f} MB "

@@ -14,7 +14,8 @@ of the paper's Table 1):
    the switch at half with the SSL heads warmed during the RELA phase, --warm-heads)
 
 Each arm is evaluated by `rela eval`'s default linear probe (converged L-BFGS logistic regression on
-standardised frozen features, C = 1) and kNN (k = 20). Costs: conversion seconds (the prior's pass over the data, charged to every arm
+standardised frozen features, C = 1) and kNN (k = 20). Costs: conversion seconds (the prior's pass
+over the data, charged to every arm
 that uses it), training seconds, optimizer steps, median seconds per step, each in wall-clock and in
 CPU seconds (the process, its threads and its ended loader workers: what other work sharing the
 cores does not inflate; the headline ratio reads CPU seconds, wall-clock stands beside it). Runs are kept under
@@ -111,13 +112,21 @@ def run_arm(name: str, spec, seed: int, args, stores: dict) -> dict:
         summary = train(cfg, resume=resume, overwrite=not resume, progress=not args.quiet)
         result = evaluate_run(run, progress=not args.quiet)
     return {
-        "arm": name, "seed": seed, "linear": result["linear_top1"], "knn": result["knn_top1"],
-        "knn_majority": result.get("knn_majority_top1"), "steps": summary["steps"], "images": summary["images_seen"], "train_s": summary["train_seconds"],
-        "conv_s": summary["conversion_seconds"], "total_s": summary["total_seconds"],
+        "arm": name,
+        "seed": seed,
+        "linear": result["linear_top1"],
+        "knn": result["knn_top1"],
+        "knn_majority": result.get("knn_majority_top1"),
+        "steps": summary["steps"],
+        "images": summary["images_seen"],
+        "train_s": summary["train_seconds"],
+        "conv_s": summary["conversion_seconds"],
+        "total_s": summary["total_seconds"],
         "train_cpu_s": summary.get("train_cpu_seconds", float("nan")),  # runs kept from before CPU seconds: NaN
         "conv_cpu_s": summary.get("conversion_cpu_seconds", float("nan")),
         "total_cpu_s": summary.get("total_cpu_seconds", float("nan")),
-        "step_ms": 1000 * summary["median_step_seconds"], "switch": summary.get("switch"),
+        "step_ms": 1000 * summary["median_step_seconds"],
+        "switch": summary.get("switch"),
     }
 
 
@@ -177,6 +186,7 @@ def table(rows: list[dict]) -> str:
              "| switch (step, rho, kNN) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for arm, rs in arms.items():
+
         def cell(key, fmt, rs=rs):
             vals = [r[key] for r in rs]
             s = fmt.format(statistics.mean(vals))
@@ -184,13 +194,15 @@ def table(rows: list[dict]) -> str:
         sw = rs[0]["switch"]
         sw_s = f"{sw['step']}, {sw['rho']:.3f}, {sw.get('knn_top1', float('nan')):.3f}" if sw else "—"
         total, cpu = (statistics.mean(r.get(k, float("nan")) for r in rs) for k in ("total_s", "total_cpu_s"))
-        lines.append(f"| {arm} | {cell('linear', '{:.3f}')} | {cell('knn', '{:.3f}')} | {cell('knn_majority', '{:.3f}')} | "
-                     f"{rs[0]['steps']} | "
-                     f"{cell('step_ms', '{:.0f}')} | {cell('train_s', '{:.0f}')} | {rs[0]['conv_s']:.1f} | "
-                     f"{total:.0f} | {total / base['total_s']:.2f} | "
-                     f"{statistics.mean(r.get('train_cpu_s', float('nan')) for r in rs):.0f} | "
-                     f"{rs[0].get('conv_cpu_s', float('nan')):.1f} | {cpu:.0f} | **{cpu / base['total_cpu_s']:.2f}** | "
-                     f"{sw_s} |")
+        lines.append(
+            f"| {arm} | {cell('linear', '{:.3f}')} | {cell('knn', '{:.3f}')} | {cell('knn_majority', '{:.3f}')} | "
+            f"{rs[0]['steps']} | "
+            f"{cell('step_ms', '{:.0f}')} | {cell('train_s', '{:.0f}')} | {rs[0]['conv_s']:.1f} | "
+            f"{total:.0f} | {total / base['total_s']:.2f} | "
+            f"{statistics.mean(r.get('train_cpu_s', float('nan')) for r in rs):.0f} | "
+            f"{rs[0].get('conv_cpu_s', float('nan')):.1f} | {cpu:.0f} | **{cpu / base['total_cpu_s']:.2f}** | "
+            f"{sw_s} |"
+        )
     lines.append(f"\nheadline: {HEADLINE} (CPU seconds of the run, its threads and its ended loader workers; "
                  "wall-clock beside it: the two agree on a quiet machine)")
     return "\n".join(lines)

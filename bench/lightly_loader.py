@@ -81,7 +81,9 @@ def main() -> None:
     print(f"BYOL views at {args.size} px, {args.images} JPEGs 400x350, batch {args.batch_size}, "
           f"median of {args.epochs} epochs (alternating)")
     for name, values in rates.items():
-        print(f"  {name:20s} {statistics.median(values):8.1f} img/s   (epochs: {', '.join(f'{v:.0f}' for v in values)})")
+        print(
+            f"  {name:20s} {statistics.median(values):8.1f} img/s   (epochs: {', '.join(f'{v:.0f}' for v in values)})"
+        )
     print(f"  ratio rela / lightly: {ours / base:.2f}x")
 
 

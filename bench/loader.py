@@ -117,8 +117,14 @@ def _train_forever(counter, threads: int) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 32, 3, stride=2, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3, stride=2, padding=1),
-        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10))
+        torch.nn.Conv2d(3, 32, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 64, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 10),
+    )
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     x, y = torch.randn(32, 3, 112, 112), torch.randint(0, 10, (32,))
     while True:
@@ -373,16 +379,24 @@ def profile_split(folder: Path, n: int = 300) -> dict:
     r1, r2 = _min_ms(rela(1), n), _min_ms(rela(2), n)
     arrays = [np.frombuffer(b, np.uint8) for b in data]
     decoded = [cv2.imdecode(a, cv2.IMREAD_COLOR) for a in arrays]
-    crops = [cv2.resize(im[t:t + h, x:x + w], (224, 224), interpolation=cv2.INTER_AREA)
-             for im, (t, x, h, w, _) in zip(decoded, geo, strict=True)]
+    crops = [
+        cv2.resize(im[t : t + h, x : x + w], (224, 224), interpolation=cv2.INTER_AREA)
+        for im, (t, x, h, w, _) in zip(decoded, geo, strict=True)
+    ]
     table = ((np.arange(256)[:, None] - np.array(MEAN) * 255) / (np.array(STD) * 255)).astype(np.float32)
     u8, f32 = np.empty((224, 224, 3), np.uint8), np.empty((224, 224, 3), np.float32)
     flip(crops[0], u8), normalise(crops[0], table, f32)  # compiled before timing
     ffcv = {
-        "JPEG decode, whole image (libjpeg-turbo)": _min_ms(lambda: [cv2.imdecode(a, cv2.IMREAD_COLOR) for a in arrays], n),
-        "crop + resize INTER_AREA (OpenCV)": _min_ms(lambda: [
-            cv2.resize(im[t:t + h, x:x + w], (224, 224), interpolation=cv2.INTER_AREA)
-            for im, (t, x, h, w, _) in zip(decoded, geo, strict=True)], n),
+        "JPEG decode, whole image (libjpeg-turbo)": _min_ms(
+            lambda: [cv2.imdecode(a, cv2.IMREAD_COLOR) for a in arrays], n
+        ),
+        "crop + resize INTER_AREA (OpenCV)": _min_ms(
+            lambda: [
+                cv2.resize(im[t : t + h, x : x + w], (224, 224), interpolation=cv2.INTER_AREA)
+                for im, (t, x, h, w, _) in zip(decoded, geo, strict=True)
+            ],
+            n,
+        ),
         "flip (Numba)": _min_ms(lambda: [flip(c, u8) for c in crops], n),
         "normalise, lookup table (Numba)": _min_ms(lambda: [normalise(c, table, f32) for c in crops], n),
     }
@@ -553,8 +567,11 @@ def goal_rows(folder: Path, args) -> list[tuple[str, object]]:
     """rela at its defaults, FFCV's Loader and DALI's CPU pipeline at each size (one plain view)
     and on DINO's multi-crop (2x224 + 6x96: rela and DALI cut every view from one decode, FFCV runs
     one pipeline per view, as multi-crop runs on FFCV); peers that are missing are left out."""
-    makers = {"rela": lambda v: rela_epoch(folder, v, args.workers, None), "FFCV": lambda v: ffcv_epoch(folder, v, args.workers),
-              "DALI": lambda v: dali_epoch(folder, v, args.workers)}
+    makers = {
+        "rela": lambda v: rela_epoch(folder, v, args.workers, None),
+        "FFCV": lambda v: ffcv_epoch(folder, v, args.workers),
+        "DALI": lambda v: dali_epoch(folder, v, args.workers),
+    }
     rows = [(DECODE_ROW, decode_epoch(folder))]
     for what, views in [*((f"{s} px", [(s, 0.08, 1.0)]) for s in SIZES), ("DINO 2x224+6x96", DINO)]:
         for who, make in makers.items():
@@ -576,7 +593,8 @@ def goal_report(rows: list[dict]) -> list[str]:
         if num not in r or den not in r:
             return f"{text}: n/a ({num if num not in r else den} did not run)"
         ratio = r[num] / r[den]
-        return f"{text}: {r[num]:.0f} / {r[den]:.0f} img/s = x{ratio:.2f} (goal >= {goal}): {'PASS' if ratio >= goal else 'MISS'}"
+        verdict = "PASS" if ratio >= goal else "MISS"
+        return f"{text}: {r[num]:.0f} / {r[den]:.0f} img/s = x{ratio:.2f} (goal >= {goal}): {verdict}"
 
     return [check("rela's defaults vs FFCV, plain crops, 1 view at 224", "rela 224 px", "FFCV 224 px", 1.5),
             check("rela 160 px vs rela's own 224 px", "rela 160 px", "rela 224 px", 1.4),

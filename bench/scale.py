@@ -121,8 +121,17 @@ def child(kind: str, data: str, args: dict) -> dict:
     out: dict = {}
     t = time.perf_counter()  # imports above are not part of an open
     if kind == "torchvision":
-        ds = torchvision.datasets.ImageFolder(data, transform=T.Compose(
-            [T.RandomResizedCrop(args.get("size", 32)), T.RandomHorizontalFlip(), T.ToImage(), T.ToDtype(torch.float32, True)]))
+        ds = torchvision.datasets.ImageFolder(
+            data,
+            transform=T.Compose(
+                [
+                    T.RandomResizedCrop(args.get("size", 32)),
+                    T.RandomHorizontalFlip(),
+                    T.ToImage(),
+                    T.ToDtype(torch.float32, True),
+                ]
+            ),
+        )
     else:
         ds = open_dataset(data)
         ds.fingerprint()
@@ -182,7 +191,9 @@ def measure(kind: str, data: str, args: dict) -> dict:
 def growth(series: list[list[float]]) -> float:
     """Largest relative RSS growth of any worker slot from the first epoch to the last."""
     first, last = series[0], series[-1]
-    return max((b - a) / a for a, b in zip(sorted(first), sorted(last), strict=False)) if first and last else float("nan")
+    return (
+        max((b - a) / a for a, b in zip(sorted(first), sorted(last), strict=False)) if first and last else float("nan")
+    )
 
 
 def verdict(ok: bool) -> str:

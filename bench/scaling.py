@@ -76,13 +76,19 @@ def compare(name: str, runs: dict[str, list[dict]]) -> dict:
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
     one, two = med["1 process"], med["torchrun 2"]
     print(f"\n{name}")
-    print(f"  {'':26} {'img/s (steady)':>15} {'wall s (whole cmd)':>19}" + ("  median ms/step" if "step_ms" in one else ""))
+    print(
+        f"  {'':26} {'img/s (steady)':>15} {'wall s (whole cmd)':>19}"
+        + ("  median ms/step" if "step_ms" in one else "")
+    )
     for k, m in med.items():
         extra = f"  {m['step_ms']:14.0f}" if "step_ms" in m else ""
         print(f"  {k:26} {m['rate']:15.0f} {m['wall']:19.1f}{extra}")
     ratio, wall_ratio = two["rate"] / one["rate"], one["wall"] / two["wall"]
-    print(f"  torchrun 2 / 1 process: throughput x{ratio:.2f}, wall-clock speed-up x{wall_ratio:.2f} "
-          f"(ideal on {os.cpu_count()} cores: x{min(2, os.cpu_count() or 1):.0f} only where one process leaves cores idle)")
+    print(
+        f"  torchrun 2 / 1 process: throughput x{ratio:.2f}, wall-clock speed-up x{wall_ratio:.2f} "
+        f"(ideal on {os.cpu_count()} cores: x{min(2, os.cpu_count() or 1):.0f} "
+        "only where one process leaves cores idle)"
+    )
     return {"median": med, "throughput_ratio": ratio, "wall_ratio": wall_ratio}
 
 
@@ -107,8 +113,10 @@ def main() -> None:
         from bench.loader import build_jpegs
 
         folder = build_jpegs(args.jpegs, tmp / "jpegs")
-        for name, data, n in (("conversion, Fashion-MNIST in memory (prior compute only)", "fashion-mnist", args.images),
-                              (f"conversion, {args.jpegs} photo JPEGs 400x350 (decode + prior)", str(folder), args.jpegs)):
+        for name, data, n in (
+            ("conversion, Fashion-MNIST in memory (prior compute only)", "fashion-mnist", args.images),
+            (f"conversion, {args.jpegs} photo JPEGs 400x350 (decode + prior)", str(folder), args.jpegs),
+        ):
             runs: dict[str, list[dict]] = {k: [] for k in configs}
             for _ in range(args.repeats):
                 for k, (procs, threads) in configs.items():

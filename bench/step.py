@@ -219,9 +219,11 @@ def run_all(args, device: torch.device, tmp_root: Path, n: int, side: int) -> No
                       f"{bare / rela:10.3f} {100 * (rela / bare - 1):+8.1f}%", flush=True)
                 if args.with_loader:
                     fed = time_with_loader(trainer, device, args.steps)
-                    print(f"{phase:6} {precision:9} {'':9} {1e3 * fed:9.1f} {'':11} {b / fed:11.0f} "
-                          f"{bare / fed:10.3f}  (rela with its Loader: {args.workers} workers, {args.handoff} hand-off)",
-                          flush=True)
+                    print(
+                        f"{phase:6} {precision:9} {'':9} {1e3 * fed:9.1f} {'':11} {b / fed:11.0f} "
+                        f"{bare / fed:10.3f}  (rela with its Loader: {args.workers} workers, {args.handoff} hand-off)",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ gets its own sweep first (AdamW lr ∈ METHOD_LRS at 100%, seed 0, its own ≤ 6
 all its arms run at its best lr (`--method-seeds` repeats them). The switch modes (RELA only,
 adaptive, blend, warm heads) at Lite0 50%, the plain-PyTorch reference BYOL and a class-balanced
 subset run beside the table. Every arm goes through `rela train` + `rela eval` (L-BFGS probe,
-kNN-20 weighted and majority vote); arms are cached under --out and reused when rerun with the same settings (the output marks
+kNN-20 weighted and majority vote); arms are cached under --out and reused when rerun with the same
+settings (the output marks
 which ran now), so an interrupted table resumes.
 
 Floors and ceilings drawn in each plot: the random-init student (no training) and each prior's
@@ -218,8 +219,11 @@ def byol_table(rows: list[dict]) -> str:
         cells = []
         for b in BUDGETS:
             rs = by.get(fmt.format(round(100 * b)))
-            cells.append(f"{cell(rs, 'linear')} / {cell(rs, 'knn')} ({statistics.mean(r['total_s'] for r in rs) / full:.2f}×)"
-                         if rs else "—")
+            cells.append(
+                f"{cell(rs, 'linear')} / {cell(rs, 'knn')} ({statistics.mean(r['total_s'] for r in rs) / full:.2f}×)"
+                if rs
+                else "—"
+            )
         last = f"{cell(by['byol-100'], 'linear')} / {cell(by['byol-100'], 'knn')} (1.00×)" if prior == "none" else "—"
         lines.append(f"| {prior} | " + " | ".join(cells) + f" | {last} |")
     return "\n".join(lines)
@@ -284,11 +288,20 @@ def plot(rows: list[dict], method: str, floor: dict, path: Path) -> None:
 
 # Each method's setting from the sweeps of `--parts byol` and `--parts methods` (docs/benchmarks.md, "Measured:
 # Table 1"): BYOL min-scale 0.5 at lr 2e-3; the others at their best lr with their own view presets.
-TUNED = {"byol": {"ssl_views": "byol,scale=0.5:1", "lr": 2e-3}, "simclr": {**UNTUNED, "lr": 4e-3},
-         "moco": {**UNTUNED, "lr": 2e-3}, "barlowtwins": {**UNTUNED, "lr": 2e-3}, "vicreg": {**UNTUNED, "lr": 2e-3},
-         "dino": {**UNTUNED, "lr": 2e-3}}
+TUNED = {
+    "byol": {"ssl_views": "byol,scale=0.5:1", "lr": 2e-3},
+    "simclr": {**UNTUNED, "lr": 4e-3},
+    "moco": {**UNTUNED, "lr": 2e-3},
+    "barlowtwins": {**UNTUNED, "lr": 2e-3},
+    "vicreg": {**UNTUNED, "lr": 2e-3},
+    "dino": {**UNTUNED, "lr": 2e-3},
+}
 HANDOVER_BUDGETS = (0.5, 0.2)
-TODAY = {"handover": 0.0, "handover_floor": 0.0, "method_clock": "run"}  # the switch before the hand-over existed: hard, to the method alone, on the run's clock
+TODAY = {
+    "handover": 0.0,
+    "handover_floor": 0.0,
+    "method_clock": "run",
+}  # the switch before the hand-over existed: hard, to the method alone, on the run's clock
 CANDIDATES = {  # the hand-overs tried at fixed:0.5 (today's is "switch")
     "switch": TODAY,
     "clock": {"handover": 0.0, "method_clock": "switch"},
@@ -397,7 +410,9 @@ def main() -> None:
     p.add_argument("--method-seeds", type=positive_int, default=1, help="the other methods' arms with seeds 0..N-1")
     p.add_argument("--methods", nargs="*", default=list(METHODS), help="other methods (none: BYOL only)")
     p.add_argument("--no-sweep", action="store_true", help="use --lr/--min-scale instead of the baseline sweep")
-    p.add_argument("--sweep-seeds", type=positive_int, default=2, help="seeds per baseline-sweep setting (mean decides)")
+    p.add_argument(
+        "--sweep-seeds", type=positive_int, default=2, help="seeds per baseline-sweep setting (mean decides)"
+    )
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-scale", type=float, default=0.08)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
@@ -407,16 +422,22 @@ def main() -> None:
                         "methods (each part on its own needs only the conversions)")
     p.add_argument("--handover-methods", nargs="*", default=list(TUNED), help="--parts handover: which methods")
     p.add_argument("--candidates", action="store_true", help="--parts handover: run the hand-over candidates first")
-    p.add_argument("--data", help="an image folder (or any data spec): run the defaults' table on it instead "
-                   "(bench/table1_data.py); needs --test-data")
+    p.add_argument(
+        "--data",
+        help="an image folder (or any data spec): run the defaults' table on it instead "
+        "(bench/table1_data.py); needs --test-data",
+    )
     p.add_argument("--test-data", help="with --data: the held-out split for the probes")
     p.add_argument("--limit", type=positive_int, help="with --data: only the first N training samples")
     p.add_argument("--epochs", type=positive_int, default=8, help="with --data: epochs of every arm")
     p.add_argument("--method", default="byol", help="with --data: the method (its 100%% arm and the hand-over)")
     p.add_argument("--prior-sizes", type=positive_int, nargs="*", default=[],
                    help="with --data: also RELA alone at 20%% with the prior converted at these input sizes")
-    p.add_argument("--tuned-baseline", action="store_true",
-                   help="with --data: also BYOL-100 at the setting the sweep chose on Fashion-MNIST; the goals use the better")
+    p.add_argument(
+        "--tuned-baseline",
+        action="store_true",
+        help="with --data: also BYOL-100 at the setting the sweep chose on Fashion-MNIST; the goals use the better",
+    )
     p.add_argument("--arms", nargs="*", default=[], help="with --data: only these arms (e.g. byol-100 half-50)")
     p.add_argument("--local-crops", type=int, help="with --data --method dino: DINO's local crops in every arm")
     p.add_argument("--old-default", action="store_true",

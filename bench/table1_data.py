@@ -134,12 +134,19 @@ def table(rows: list[dict], method: str) -> str:
     by: dict[str, list[dict]] = {}
     for r in rows:
         by.setdefault(r["arm"], []).append(r)
-    lines = ["| arm | budget | linear | kNN | steps | train s | conversion s | total s | CPU s | switch (share of run) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| arm | budget | linear | kNN | steps | train s | conversion s | total s | CPU s | switch (share of run) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for label, rs in by.items():
         arm, pct = label.rsplit("-", 1)
-        name = (f"{method} alone" if arm == method else "byol alone, Fashion-MNIST's tuned setting (scale 0.5:1, lr 2e-3)"
-                if arm == "byol-tuned" else LABELS.get(arm) or f"RELA alone, prior at {arm[6:]} px")
+        name = (
+            f"{method} alone"
+            if arm == method
+            else "byol alone, Fashion-MNIST's tuned setting (scale 0.5:1, lr 2e-3)"
+            if arm == "byol-tuned"
+            else LABELS.get(arm) or f"RELA alone, prior at {arm[6:]} px"
+        )
         cells = [f"{m:.3f} ± {s:.3f}" for m, s in (_stats(rs, "linear"), _stats(rs, "knn"))]
         nums = [f"{statistics.mean(r[k] for r in rs):.0f}" for k in ("steps", "train_s", "conv_s", "total_s", "cpu_s")]
         sw = _switches(rs) if arm in ("default", "old") else "—"
@@ -185,8 +192,17 @@ def run(args) -> dict:
           f"default prior at {store_size(store)} px; "
           f"linear / kNN top-1 mean ± sd over seeds; seconds are means (CPU s: training process and its workers, "
           f"plus the conversion's for RELA arms)\n{text}\n\n" + "\n".join(checks))
-    result = {"data": args.data, "test_data": args.test_data, "method": args.method, "epochs": args.epochs,
-              "rows": rows, "table": text, "goals": checks,
-              "default_config": {k: v for k, v in asdict(TrainConfig(out="x")).items() if k.startswith(("switch", "phase", "handover"))}}
+    result = {
+        "data": args.data,
+        "test_data": args.test_data,
+        "method": args.method,
+        "epochs": args.epochs,
+        "rows": rows,
+        "table": text,
+        "goals": checks,
+        "default_config": {
+            k: v for k, v in asdict(TrainConfig(out="x")).items() if k.startswith(("switch", "phase", "handover"))
+        },
+    }
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     return result

@@ -16,7 +16,8 @@ number of workers (threads or processes) for every loader, one run, same machine
 Every pipeline draws per-sample parameters from the view specs' distributions (crop scale 0.08–1,
 flip 0.5, ColorJitter with its probability, grayscale, blur σ 0.1–2 with kernel ≤ 13, solarise).
 Reported: median img/s over epochs (the rows' epochs interleaved, as in bench/loader.py) and CPU
-ms per image (this process + workers), and ratios to the baseline. torch's intra-op threads are set to `--torch-threads` in the loop's process (what
+ms per image (this process + workers), and ratios to the baseline. torch's intra-op threads are set
+to `--torch-threads` in the loop's process (what
 `rela train` leaves them at matters).
 
     python bench/views.py [--images 1000] [--epochs 2] [--workers 2] [--views rela byol]
@@ -129,7 +130,9 @@ def spdl_epoch(folder: Path, specs, workers: int, decode_once: bool = False):
         w, h = packets.width, packets.height
         outs = []
         for spec, tf in zip(specs, colour, strict=True):
-            top, left, ch, cw = v2.RandomResizedCrop.get_params(torch.empty(1, h, w), list(spec.scale), list(spec.ratio))
+            top, left, ch, cw = v2.RandomResizedCrop.get_params(
+                torch.empty(1, h, w), list(spec.scale), list(spec.ratio)
+            )
             flip = ",hflip" if torch.rand(()) < spec.flip else ""
             desc = f"crop={cw}:{ch}:{left}:{top},scale={spec.size}:{spec.size}{flip},format=rgb24"
             frames = spdl.io.decode_packets(packets.clone(), filter_desc=desc)
@@ -193,13 +196,16 @@ def rows_for(name: str, folder: Path, args, n: int) -> list[dict]:
     specs = SPECS[name]()
     w = args.workers
     ready = []
-    for label, make in (("torch DataLoader + v2 on PIL", lambda: torch_epoch(folder, specs, w, "pil")),
-                        ("torch DataLoader + v2 on tensors", lambda: torch_epoch(folder, specs, w, "tensor")),("SPDL, FFmpeg crop per view + v2 colour", lambda: spdl_epoch(folder, specs, w)),
-                        ("SPDL, FFmpeg decode once + v2 views", lambda: spdl_epoch(folder, specs, w, True)),
-                        ("rela.Loader, thread workers", lambda: rela_epoch(folder, specs, w, "thread")),
-                        ("rela.Loader, worker processes", lambda: rela_epoch(folder, specs, w, "process")),
-                        ("rela.Loader, threads, torchvision colour", lambda: _without_kernel(folder, specs, w)),
-                        ("FFCV (b/c/s jitter only: lighter)", lambda: ffcv_epoch(folder, specs, w))):
+    for label, make in (
+        ("torch DataLoader + v2 on PIL", lambda: torch_epoch(folder, specs, w, "pil")),
+        ("torch DataLoader + v2 on tensors", lambda: torch_epoch(folder, specs, w, "tensor")),
+        ("SPDL, FFmpeg crop per view + v2 colour", lambda: spdl_epoch(folder, specs, w)),
+        ("SPDL, FFmpeg decode once + v2 views", lambda: spdl_epoch(folder, specs, w, True)),
+        ("rela.Loader, thread workers", lambda: rela_epoch(folder, specs, w, "thread")),
+        ("rela.Loader, worker processes", lambda: rela_epoch(folder, specs, w, "process")),
+        ("rela.Loader, threads, torchvision colour", lambda: _without_kernel(folder, specs, w)),
+        ("FFCV (b/c/s jitter only: lighter)", lambda: ffcv_epoch(folder, specs, w)),
+    ):
         if args.rows and not label.startswith("torch") and not any(r in label for r in args.rows):
             continue
         try:

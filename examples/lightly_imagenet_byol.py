@@ -154,11 +154,15 @@ class BYOL(pl.LightningModule):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", required=True, help="training image folder (class sub-folders)")
     p.add_argument("--val-data", help="validation image folder for the online classifier (default: --data)")
     p.add_argument("--store", required=True, help="target store; converted here from --prior when missing")
-    p.add_argument("--prior", default="efficientnet-lite0", help="prior for a missing store (default efficientnet-lite0)")
+    p.add_argument(
+        "--prior", default="efficientnet-lite0", help="prior for a missing store (default efficientnet-lite0)"
+    )
     p.add_argument("--dim", type=int, default=256, help="target dim for a missing store")
     p.add_argument("--phase", default="fixed:0.5", help="RELA phase: fixed:<fraction> | adaptive | blend | off")
     p.add_argument("--arch", default="resnet50", help="a torchvision ResNet (lightly's benchmark: resnet50)")

@@ -89,14 +89,23 @@ def cmd_train(a: argparse.Namespace) -> int:
     if not dist_util.is_main():
         return 0
     sw = s["switch"]
-    print(f"run        {a.out}\n"
-          f"steps      {s['steps']} ({s['images_seen']} images), median {1000 * s['median_step_seconds']:.0f} ms/step\n"
-          f"seconds    training {s['train_seconds']:.1f} + conversion {s['conversion_seconds']:.1f} = {s['total_seconds']:.1f}"
-          f" (conversion {100 * s['conversion_seconds'] / max(s['total_seconds'], 1e-9):.1f}% of the run)\n"
-          f"phase      {s['phase']}\n"
-          f"switch     " + (f"step {sw['step']} (epoch {sw['epoch']}), rho {sw['rho']:.4f}"
-                             + (f", kNN {sw['knn_top1']:.4f}" if "knn_top1" in sw else "") if sw else "none") + "\n"
-          f"next       rela eval {a.out}")
+    print(
+        f"run        {a.out}\n"
+        f"steps      {s['steps']} ({s['images_seen']} images), median {1000 * s['median_step_seconds']:.0f} ms/step\n"
+        f"seconds    training {s['train_seconds']:.1f} + conversion {s['conversion_seconds']:.1f} "
+        f"= {s['total_seconds']:.1f}"
+        f" (conversion {100 * s['conversion_seconds'] / max(s['total_seconds'], 1e-9):.1f}% of the run)\n"
+        f"phase      {s['phase']}\n"
+        f"switch     "
+        + (
+            f"step {sw['step']} (epoch {sw['epoch']}), rho {sw['rho']:.4f}"
+            + (f", kNN {sw['knn_top1']:.4f}" if "knn_top1" in sw else "")
+            if sw
+            else "none"
+        )
+        + "\n"
+        f"next       rela eval {a.out}"
+    )
     return 0
 
 

@@ -117,8 +117,13 @@ def main() -> None:
     import rela.cli  # noqa: F401 - with it, every floor is loaded in this process
     import rela.training.train  # noqa: F401
 
-    outside = sorted(m for m, mod in sys.modules.items() if m.startswith("rela")
-                     and getattr(mod, "__file__", None) and Path(sys.prefix).resolve() not in Path(mod.__file__).resolve().parents)
+    outside = sorted(
+        m
+        for m, mod in sys.modules.items()
+        if m.startswith("rela")
+        and getattr(mod, "__file__", None)
+        and Path(sys.prefix).resolve() not in Path(mod.__file__).resolve().parents
+    )
     assert not outside, f"modules not loaded from the installed wheel: {outside}"
     print("wheel smoke: all steps passed")
 

@@ -115,7 +115,9 @@ def run(count: int, seed: int) -> dict:
             out, fit = [v.size for v in views], float(rng.choice([0.0, 1.0, 1.5]))  # full and scaled decodes
             first, errors = _ext.decode_resized_crops([data], boxes[None], flips[None], out, fit=fit)
             again, errors2 = _ext.decode_resized_crops([data], boxes[None], flips[None], out, fit=fit)
-            same = errors == errors2 and (errors[0] or all(np.array_equal(a, b) for a, b in zip(first, again, strict=True)))
+            same = errors == errors2 and (
+                errors[0] or all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+            )
             counts["nondeterministic"] += not same
             key = "rows" if which == "header" else "wrong_size_rows"
             if errors[0]:

@@ -90,7 +90,9 @@ def accepted_flags(cmd: str) -> set[str]:
 def test_every_flag_the_docs_show_exists_on_the_command_they_show_it_with():
     wrong = {cmd: sorted(flags - accepted_flags(cmd)) for cmd, flags in named_flags().items()
              if (cmd.startswith("rela ") or (REPO / cmd.split()[1]).exists())}
-    missing_scripts = [cmd for cmd in named_flags() if not cmd.startswith("rela ") and not (REPO / cmd.split()[1]).exists()]
+    missing_scripts = [
+        cmd for cmd in named_flags() if not cmd.startswith("rela ") and not (REPO / cmd.split()[1]).exists()
+    ]
     assert not missing_scripts, missing_scripts
     assert not {cmd: flags for cmd, flags in wrong.items() if flags}
 

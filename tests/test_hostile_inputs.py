@@ -218,7 +218,9 @@ def test_folder_oddities_are_refused_or_said(tmp_path):
 
     root = make_folder(tmp_path / "data", classes=2, per_class=3)
     (root / "class_0" / ".ipynb_checkpoints").mkdir()  # hidden folders are not data
-    Image.fromarray(smooth_image(np.random.default_rng(0), 20, 20)).save(root / "class_0" / ".ipynb_checkpoints" / "x.jpg")
+    Image.fromarray(smooth_image(np.random.default_rng(0), 20, 20)).save(
+        root / "class_0" / ".ipynb_checkpoints" / "x.jpg"
+    )
     Image.fromarray(smooth_image(np.random.default_rng(1), 20, 24)).save(root / "class_1" / "anim.gif")  # read
     (root / "class_1" / "notes.txt").write_text("not an image")
     with pytest.warns(RuntimeWarning, match=r"1 files in the class folders are not images .*class_1/notes.txt"):
@@ -489,7 +491,9 @@ def test_set_epoch_and_convert_refuse_out_of_range_values(tmp_path):
         convert(ds, "random:resnet18", tmp_path / "s", dim=4, num_workers=-1, progress=False)
 
 
-@pytest.mark.parametrize("skipped,needle", [([-1], r"lists \[-1\]"), ([1000], r"lists \[1000\]"), (["x"], "sample indices")])
+@pytest.mark.parametrize(
+    "skipped,needle", [([-1], r"lists \[-1\]"), ([1000], r"lists \[1000\]"), (["x"], "sample indices")]
+)
 def test_a_manifest_skipped_list_is_checked_when_the_store_opens(tmp_path, skipped, needle):
     import json
 

@@ -27,7 +27,10 @@ class ConvertOptions:
                                      "cores per rank; 0 for small or in-memory data)", flag="--workers", metavar="N",
                                      low=0, high=256)
     skip_corrupt: bool = option(False, "record undecodable samples as skipped instead of stopping")
-    exif_transpose: bool = option(False, "turn each image upright by its EXIF Orientation tag (phone photos); off, as in torchvision's ImageFolder")
+    exif_transpose: bool = option(
+        False,
+        "turn each image upright by its EXIF Orientation tag (phone photos); off, as in torchvision's ImageFolder",
+    )
     resume: bool = option(False, "require an interrupted conversion to resume (without it one resumes when found)")
     overwrite: bool = option(False, "replace whatever is at --out")
     keep_raw: bool = option(False, "keep raw prior features in OUT/.convert")

@@ -34,7 +34,11 @@ from rela.data.prior import Prior, _prior, sha256_file, sha256_state_dict
 from rela.data.prior_options import PriorOptions
 from rela.errors import PriorError
 
-EXTRAS = {"timm": ("timm", "timm"), "open_clip": ("open_clip", "open_clip_torch"), "hf": ("transformers", "transformers")}
+EXTRAS = {
+    "timm": ("timm", "timm"),
+    "open_clip": ("open_clip", "open_clip_torch"),
+    "hf": ("transformers", "transformers"),
+}
 
 
 def _library(kind: str):
@@ -205,7 +209,9 @@ def _open_clip_tag(oc, name: str, tag: str) -> dict:
     tags = oc.list_pretrained_tags_by_model(name)
     if tag:
         if tag not in tags:
-            raise PriorError(f"open_clip has no pretrained tag {tag!r} for {name!r} (it has: {', '.join(tags) or 'none'})")
+            raise PriorError(
+                f"open_clip has no pretrained tag {tag!r} for {name!r} (it has: {', '.join(tags) or 'none'})"
+            )
         return oc.get_pretrained_cfg(name, tag)
     keys = ("mean", "std", "interpolation", "resize_mode", "quick_gelu")
     cfgs = [oc.get_pretrained_cfg(name, t) for t in tags]

@@ -17,7 +17,9 @@ from rela.options import check_options, floats3, option, positive_int
 class PriorOptions:
     """What a prior spec may be given besides its name (also `rela convert`'s prior flags)."""
 
-    arch: str | None = option(None, "architecture for state_dict:<path> priors (torchvision name or efficientnet-lite0)")
+    arch: str | None = option(
+        None, "architecture for state_dict:<path> priors (torchvision name or efficientnet-lite0)"
+    )
     weights: str | Path | None = option(None, "local weights file for torchvision:, timm: and open_clip: priors")
     input_size: int | None = option(None, "prior input resolution (default: the prior's own)", type=positive_int,
                                     low=8, high=2048)

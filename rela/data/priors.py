@@ -9,7 +9,8 @@ Specs: `random:<arch>`, `torchvision:<arch>`, `efficientnet-lite0`, `torchscript
 `state_dict:<path>` (with `arch`), `student:<file>` (a run's backbone written by `rela export`),
 and from the ecosystem (`rela.data.library_priors`): `timm:<name>`, `open_clip:<name>[:<tag>]`,
 `hf:<dir>`.
-`<arch>` is any torchvision classification model name, or `efficientnet-lite0`. Each kind has one builder in `PRIORS` that returns a `Prior`; a new kind of
+`<arch>` is any torchvision classification model name, or `efficientnet-lite0`. Each kind has one
+builder in `PRIORS` that returns a `Prior`; a new kind of
 prior is one more function there.
 """
 

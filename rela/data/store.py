@@ -301,16 +301,23 @@ class TargetStore:
         lines = [
             f"store      {self.path}",
             f"dataset    {m['dataset'].get('kind')} n={m['n']} digest={m['dataset']['digest'][:16]}",
-            f"prior      {m['prior'].get('name')} ({m['prior'].get('arch')}) sha256={m['prior'].get('weights_sha256', '')[:16]}",
-            f"input      {m['preprocessing']['input_size']} px, mean={m['preprocessing']['mean']} std={m['preprocessing']['std']}",
+            f"prior      {m['prior'].get('name')} ({m['prior'].get('arch')}) "
+            f"sha256={m['prior'].get('weights_sha256', '')[:16]}",
+            f"input      {m['preprocessing']['input_size']} px, "
+            f"mean={m['preprocessing']['mean']} std={m['preprocessing']['std']}",
             f"targets    [{m['n']}, {m['dim']}] float16 from {m['raw_dim']}-d features, "
             f"explained variance {m['whitening']['explained_variance_ratio']:.3f}",
             f"skipped    {len(m['skipped'])}",
             f"stats      component mean in [{st['mean'].min():+.4f}, {st['mean'].max():+.4f}], "
             f"std in [{st['std'].min():.4f}, {st['std'].max():.4f}], NaN {st['nan']}, inf {st['inf']}",
             f"cost       {cost.get('seconds')} s ({cost.get('images_per_second')} img/s extraction"
-            + (f"; {cost['processes']} processes, {cost['process_seconds']} process-s" if cost.get("processes", 1) > 1 else "")
-            + (f"; prior on {cost['device']}" if "device" in cost else "") + ")",
+            + (
+                f"; {cost['processes']} processes, {cost['process_seconds']} process-s"
+                if cost.get("processes", 1) > 1
+                else ""
+            )
+            + (f"; prior on {cost['device']}" if "device" in cost else "")
+            + ")",
             f"created    {m['created']} by rela {m['library']['version']}",
         ]
         return "\n".join(lines)

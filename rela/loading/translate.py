@@ -133,7 +133,9 @@ def _translate(op, name: str, fields: dict):
 def as_views(views):
     """What `rela.Loader(views=...)` accepts beyond presets and ViewSpecs: a lightly multi-view
     transform or a torchvision Compose, translated; everything else is returned unchanged."""
-    if isinstance(views, (str, ViewSpec)) or (isinstance(views, (list, tuple)) and all(isinstance(v, ViewSpec) for v in views)):
+    if isinstance(views, (str, ViewSpec)) or (
+        isinstance(views, (list, tuple)) and all(isinstance(v, ViewSpec) for v in views)
+    ):
         return views
     inner = getattr(views, "transforms", None)
     if isinstance(inner, (list, tuple)) and inner and all(hasattr(v, "transform") for v in inner):

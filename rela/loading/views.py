@@ -234,7 +234,9 @@ def _override(specs: tuple[ViewSpec, ...], overrides: list[str], text: str) -> t
             parsed = (tuple(float(v) for v in value.split(":")) if isinstance(default, tuple)
                       else value.strip() if isinstance(default, str) else float(value))
         except ValueError:
-            raise RelaError(f"views {text!r}: {item!r} needs a number{'s separated by :' if isinstance(default, tuple) else ''}") from None
+            raise RelaError(
+                f"views {text!r}: {item!r} needs a number{'s separated by :' if isinstance(default, tuple) else ''}"
+            ) from None
         if isinstance(default, tuple) and len(parsed) != len(default):
             raise RelaError(f"views {text!r}: {key} takes {len(default)} numbers separated by ':', got {value!r}")
         for k in which:

@@ -328,8 +328,14 @@ class Accelerator(nn.Module):
         if self.mode == "off":
             return "off: no RELA"
         if self.switched:
-            at = f"step {self._switch_step}" + (f" of {total} ({100 * self._switch_step / total:.0f}%)" if total else "")
-            keep = "" if self.mode == "fixed" and self.fraction == 1 else "; --phase fixed:1 keeps RELA for the whole budget"
+            at = f"step {self._switch_step}" + (
+                f" of {total} ({100 * self._switch_step / total:.0f}%)" if total else ""
+            )
+            keep = (
+                ""
+                if self.mode == "fixed" and self.fraction == 1
+                else "; --phase fixed:1 keeps RELA for the whole budget"
+            )
             return f"{self.phase}: switched at {at} because {self.why()}{keep}"
         if self.mode == "fixed":
             return f"{self.phase}: RELA for the whole run"

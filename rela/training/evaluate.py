@@ -152,9 +152,16 @@ def lbfgs_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
         top1 = float(((test_x.double() @ w + b).argmax(1) == test_y).double().mean())
         train_top1 = float(((x @ w + b).argmax(1) == y).double().mean())
     iterations = int(opt.state[w]["n_iter"])  # LBFGS keeps its state under the first parameter
-    return {"top1": top1, "final": top1, "train_top1": train_top1, "loss": float(loss.detach()), "iterations": iterations,
-            "max_grad": grad, "converged": grad <= tol,
-            "protocol": {"probe": "lbfgs", "C": C, "max_iter": max_iter, "tol": tol, "standardize": standardize}}
+    return {
+        "top1": top1,
+        "final": top1,
+        "train_top1": train_top1,
+        "loss": float(loss.detach()),
+        "iterations": iterations,
+        "max_grad": grad,
+        "converged": grad <= tol,
+        "protocol": {"probe": "lbfgs", "C": C, "max_iter": max_iter, "tol": tol, "standardize": standardize},
+    }
 
 
 def adam_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -207,19 +214,43 @@ def evaluate_run(run: str | Path, *, probe: str = EvalOptions.probe, probe_epoch
     if test_name is None:
         raise RelaError(f"no test split known for {cfg.data!r}: pass --test-data")
     t0 = time.perf_counter()
-    train_x, train_y = extract_features(backbone, open_dataset(cfg.data if train_data is None else train_data, cfg.limit, cfg.exif_transpose),
-                                        cfg.image_size, progress=progress, desc="train features", device=device,
-                                        on_error=on_error)
-    test_x, test_y = extract_features(backbone, open_dataset(test_name, exif_transpose=cfg.exif_transpose), cfg.image_size,
-                                      progress=progress, desc="test features", device=device, on_error=on_error)
+    train_x, train_y = extract_features(
+        backbone,
+        open_dataset(cfg.data if train_data is None else train_data, cfg.limit, cfg.exif_transpose),
+        cfg.image_size,
+        progress=progress,
+        desc="train features",
+        device=device,
+        on_error=on_error,
+    )
+    test_x, test_y = extract_features(
+        backbone,
+        open_dataset(test_name, exif_transpose=cfg.exif_transpose),
+        cfg.image_size,
+        progress=progress,
+        desc="test features",
+        device=device,
+        on_error=on_error,
+    )
     options = {"C": C} if probe == "lbfgs" else {"epochs": probe_epochs, "seed": cfg.seed}
     result = linear_probe(train_x, train_y, test_x, test_y, probe=probe, **options)
     knn = knn_votes(train_x, train_y, test_x, test_y, k=k)
-    out = {"run": str(run), "epochs_trained": state["epoch"] + 1, "linear_top1": result["top1"],
-           "linear_final": result["final"], "knn_top1": knn["weighted"], "knn_majority_top1": knn["majority"],
-           "k": k, "probe": result["protocol"], "linear_curve": result.get("curve"),
-           "probe_converged": result.get("converged"), "probe_iterations": result.get("iterations"),
-           "test_data": test_name if isinstance(test_name, str) else open_dataset(test_name).kind, "train_samples": len(train_x), "test_samples": len(test_x),
-           "eval_seconds": time.perf_counter() - t0}
+    out = {
+        "run": str(run),
+        "epochs_trained": state["epoch"] + 1,
+        "linear_top1": result["top1"],
+        "linear_final": result["final"],
+        "knn_top1": knn["weighted"],
+        "knn_majority_top1": knn["majority"],
+        "k": k,
+        "probe": result["protocol"],
+        "linear_curve": result.get("curve"),
+        "probe_converged": result.get("converged"),
+        "probe_iterations": result.get("iterations"),
+        "test_data": test_name if isinstance(test_name, str) else open_dataset(test_name).kind,
+        "train_samples": len(train_x),
+        "test_samples": len(test_x),
+        "eval_seconds": time.perf_counter() - t0,
+    }
     (run / "eval.json").write_text(json.dumps(out, indent=1))
     return out

@@ -203,7 +203,9 @@ class RelaCallback(LoaderState):
     def _loader(self, trainer) -> Loader:
         loaders = rela_loaders(trainer)
         if len(loaders) != 1:
-            raise RelaError(f"RelaCallback trains with one rela.Loader as the training dataloader, found {len(loaders)}")
+            raise RelaError(
+                f"RelaCallback trains with one rela.Loader as the training dataloader, found {len(loaders)}"
+            )
         loader = loaders[0]
         if loader.batch_format == "tuple":
             raise RelaError("batch_format='tuple' carries no targets: use batch_format='lightly' (lightly's "

@@ -72,11 +72,20 @@ class TrainConfig:
     test_data: str | None = option(None, "test split for the switch probe and eval (default: fashion-mnist:test "
                                    "for fashion-mnist)")
     seed: int = option(0, "seed of the student's initial weights, the subsets and every view", low=0, high=2**63 - 1)
-    num_workers: int | None = option(None, "loader workers per rank (default: 0 for in-memory data, else 2, fewer "
-                                     "if the node has fewer cores per rank)", flag="--workers", metavar="N", low=0, high=256)
+    num_workers: int | None = option(
+        None,
+        "loader workers per rank (default: 0 for in-memory data, else 2, fewer if the node has fewer cores per rank)",
+        flag="--workers",
+        metavar="N",
+        low=0,
+        high=256,
+    )
     skip_corrupt: bool = option(False, "an undecodable image is replaced by the next decodable sample (each "
                                 "reported once an epoch; conversion records it as skipped) instead of stopping the run")
-    exif_transpose: bool = option(False, "turn each image upright by its EXIF Orientation tag (phone photos); off, as in torchvision's ImageFolder")
+    exif_transpose: bool = option(
+        False,
+        "turn each image upright by its EXIF Orientation tag (phone photos); off, as in torchvision's ImageFolder",
+    )
     backend: str = option("auto", "loader backend", choices=("auto", *choices.BACKENDS))
     scaled_decode: bool = option(True, "JPEG views: decode at 1/2 or 1/4 scale (DCT domain) where every view's crop "
                                  "still covers 1.5x its output (within ~0.5 grey levels of the full decode on real "
@@ -100,11 +109,14 @@ class TrainConfig:
     device: str = option("auto", "auto (cuda when available; under torchrun each rank's own GPU) | cpu | cuda[:N]",
                          pattern=choices.DEVICE_PATTERN, pattern_help=choices.DEVICE_FORMS)
     sync_bn: bool = option(False, "SyncBatchNorm across ranks under torchrun (CUDA only, as PyTorch's)")
-    switch_rule: str = option("evidence", "adaptive: evidence (switch once the RELA loss's measured trend over "
-                              "the last --switch-evidence steps could fall less than --switch-min-gain more in the "
-                              "steps left: a still-falling loss keeps RELA), scaled (rho from EMAs started at the first "
-                              "loss) or reference (the reference code's EMAs: fires only after 528+ steps)",
-                              choices=choices.SWITCH_RULES)
+    switch_rule: str = option(
+        "evidence",
+        "adaptive: evidence (switch once the RELA loss's measured trend over "
+        "the last --switch-evidence steps could fall less than --switch-min-gain more in the "
+        "steps left: a still-falling loss keeps RELA), scaled (rho from EMAs started at the first "
+        "loss) or reference (the reference code's EMAs: fires only after 528+ steps)",
+        choices=choices.SWITCH_RULES,
+    )
     switch_evidence: int = option(100, "evidence rule: the trend is measured over at least this many steps (and a "
                                   "tenth of the run); a run with fewer RELA steps keeps RELA throughout",
                                   type=positive_int, low=3)
@@ -112,14 +124,18 @@ class TrainConfig:
                                     "2 standard errors), would fall by less than this share of its level in the "
                                     "steps left",
                                     low=0, high=1, low_open=True, high_open=True)
-    switch_threshold: float = option(0.995, "scaled/reference rules and blend: switch once rho reaches this "
-                                     "(the reference's)")
+    switch_threshold: float = option(
+        0.995, "scaled/reference rules and blend: switch once rho reaches this (the reference's)"
+    )
     switch_window: str = option("0.2:1", "adaptive/blend: MIN:MAX share of the run's steps the RELA phase takes "
                                 "(never switch before MIN; switch at MAX at the latest; MAX 1: no forced switch)")
     handover: float = option(0.1, "after the switch the RELA weight falls linearly from 1 to 0 over this share of "
                              "the run's steps (0: a hard switch)")  # the best hand-over candidate (docs/benchmarks.md)
-    handover_floor: float = option(0.5, "the RELA weight falls to this instead of 0 and stays there: a residual RELA "
-                                   "term beside the method for the rest of the run (0: the method alone)")  # docs/training.md
+    handover_floor: float = option(
+        0.5,
+        "the RELA weight falls to this instead of 0 and stays there: a residual RELA "
+        "term beside the method for the rest of the run (0: the method alone)",
+    )  # docs/training.md
     handover_lr: float = option(1.0, "learning-rate factor at the switch, back to 1 over the hand-over window "
                                 "(1: no re-warm-up)")
     method_clock: str = option("switch", "the method's schedules (DINO's teacher temperature and frozen prototypes, "

@@ -267,11 +267,21 @@ class Trainer:
     # --- 3. checkpoints: what is saved, and restored from it -----------------------------------
     def _checkpoint_state(self, epoch: int) -> dict:
         return {
-            "epoch": epoch, "step": self.step, "config": asdict(self.cfg), "train_seconds": self.train_s,
-            "train_cpu_seconds": self.train_cpu_s, "images": self.images, "step_seconds": self.step_times, "switch": self.switch, "world_size": self.world,
-            "backbone": self.backbone.state_dict(), "method": self.method.state_dict(),
-            "optimizer": self.opt.state_dict(), "loader": self.loader.state_dict(),
-            "schedule": self.schedule.state_dict(), "scaler": self.precision.state_dict(),
+            "epoch": epoch,
+            "step": self.step,
+            "config": asdict(self.cfg),
+            "train_seconds": self.train_s,
+            "train_cpu_seconds": self.train_cpu_s,
+            "images": self.images,
+            "step_seconds": self.step_times,
+            "switch": self.switch,
+            "world_size": self.world,
+            "backbone": self.backbone.state_dict(),
+            "method": self.method.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "loader": self.loader.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.precision.state_dict(),
             "accelerator": self.acc.state_dict() if self.acc is not None else {},
         }
 
@@ -435,8 +445,13 @@ class Trainer:
             on_error = self.loader.on_error  # --skip-corrupt covers the probe's reads too
             tr = extract_features(self.backbone, self.dataset.head(min(len(self.dataset), 5000)), size, device=device,
                                   on_error=on_error)
-            te = extract_features(self.backbone, open_dataset(self.test_name, 2000, self.cfg.exif_transpose), size, device=device,
-                                  on_error=on_error)
+            te = extract_features(
+                self.backbone,
+                open_dataset(self.test_name, 2000, self.cfg.exif_transpose),
+                size,
+                device=device,
+                on_error=on_error,
+            )
             info["knn_top1"] = knn_accuracy(*tr, *te)
         (self.out / "switch.json").write_text(json.dumps(info, indent=1))
         return info

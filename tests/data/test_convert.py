@@ -37,8 +37,12 @@ def test_store_roundtrip_matches_direct_computation(store, npz_dataset):
 
     # Recompute in memory, float64 PCA via SVD, and compare up to per-component sign.
     prior = load_prior("random:resnet18", input_size=32)
-    feats = np.concatenate([prior(torch.stack([prior.preprocess(ds.load(i)) for i in range(s, min(s + 32, 300))])).numpy()
-                            for s in range(0, 300, 32)]).astype(np.float64)
+    feats = np.concatenate(
+        [
+            prior(torch.stack([prior.preprocess(ds.load(i)) for i in range(s, min(s + 32, 300))])).numpy()
+            for s in range(0, 300, 32)
+        ]
+    ).astype(np.float64)
     xc = feats - feats.mean(0)
     _, s, vt = np.linalg.svd(xc, full_matrices=False)
     ref = xc @ vt[:16].T / (s[:16] / np.sqrt(300))

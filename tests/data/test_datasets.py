@@ -163,7 +163,12 @@ def test_huge_declared_dimensions_are_refused(tmp_path):
         def chunk(tag, data):
             return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
         ihdr = struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)
-        p.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
+        p.write_bytes(
+            b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+            + chunk(b"IEND", b"")
+        )
 
     ds = _folder_with(tmp_path, "b_huge.png", write)
     with pytest.raises(CorruptImageError, match="exceeds"):
@@ -240,7 +245,9 @@ def test_any_map_style_dataset_is_accepted(tmp_path):
     other = torchvision.datasets.FakeData(size=24, image_size=(3, 20, 24), num_classes=3, random_offset=2)
     assert ds.fingerprint()["digest"] != open_dataset(other).fingerprint()["digest"]
     batch = next(iter(Loader(fake, 8, views="rela", image_size=16, num_workers=2)))
-    assert batch["views"][0].shape == (8, 3, 16, 16) and batch["label"].tolist() == [ds.label(i) for i in batch["index"].tolist()]
+    assert batch["views"][0].shape == (8, 3, 16, 16) and batch["label"].tolist() == [
+        ds.label(i) for i in batch["index"].tolist()
+    ]
     store = convert(fake, "random:resnet18", tmp_path / "s", dim=4, input_size=32, progress=False)
     assert store.manifest["n"] == 24
     next(iter(Loader(fake, 8, targets=store, image_size=16, num_workers=0)))  # the store matches its dataset

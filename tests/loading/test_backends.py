@@ -100,7 +100,9 @@ def test_dali_views_are_deterministic_and_resume_exactly(folder):
     rest = _epoch(resumed)
     assert len(rest) == len(full) - 1
     for a, b in zip(full[1:], rest, strict=True):
-        assert torch.equal(a["index"], b["index"]) and all(torch.equal(u, v) for u, v in zip(a["views"], b["views"], strict=True))
+        assert torch.equal(a["index"], b["index"]) and all(
+            torch.equal(u, v) for u, v in zip(a["views"], b["views"], strict=True)
+        )
 
 
 @pytest.mark.parametrize("backend", ["dali", "ffcv"])

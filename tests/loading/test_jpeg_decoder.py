@@ -31,7 +31,9 @@ def _views(ds, views, fast, monkeypatch, scaled_decode=True):
 
 
 @pytest.mark.parametrize("scaled_decode", [False, True])
-@pytest.mark.parametrize("views", [[ViewSpec(48, scale=(0.08, 1.0), flip=0.5)], list(byol_views(40, blur=True)), [eval_view(32)]])
+@pytest.mark.parametrize(
+    "views", [[ViewSpec(48, scale=(0.08, 1.0), flip=0.5)], list(byol_views(40, blur=True)), [eval_view(32)]]
+)
 def test_same_views_as_the_torchvision_path(photos, views, scaled_decode, monkeypatch):
     fast = _views(photos, views, True, monkeypatch, scaled_decode)
     slow = _views(photos, views, False, monkeypatch)
@@ -185,7 +187,8 @@ for size in (7, 8, 31, 96, 160, 224):
         flips = np.full((1, 1), flip, np.uint8)
         out.append(_ext.decode_resized_crops([buf.getvalue()], boxes, flips, size, fit=0.0)[0][0])
         f32 = [np.zeros((1, 3, size, size), np.float32)]
-        _ext.decode_resized_crops([buf.getvalue()], boxes, flips, size, outs=f32, scale=np.full((1, 3), 0.0174, np.float32),
+        _ext.decode_resized_crops([buf.getvalue()], boxes, flips, size, outs=f32,
+                                  scale=np.full((1, 3), 0.0174, np.float32),
                                   bias=np.full((1, 3), -2.1, np.float32), fit=0.0)
         out.append(f32[0])
 sys.stdout.buffer.write(b"".join(a.tobytes() for a in out))

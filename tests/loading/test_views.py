@@ -89,7 +89,12 @@ def test_batched_views_match_per_image_views(which):
     from rela.loading.backends.augment import augment, augment_batch
     from rela.loading.views import byol_views, eval_view, rela_view, sample_generator
 
-    spec = {"eval": eval_view(24), "rela": rela_view(24), "byol0": byol_views(24, blur=True)[0], "byol1": byol_views(24, blur=True)[1]}[which]
+    spec = {
+        "eval": eval_view(24),
+        "rela": rela_view(24),
+        "byol0": byol_views(24, blur=True)[0],
+        "byol1": byol_views(24, blur=True)[1],
+    }[which]
     rng = np.random.default_rng(0)
     imgs = torch.from_numpy(np.stack([smooth_image(rng, 40, 40) for _ in range(64)])).permute(0, 3, 1, 2)
     gens = [sample_generator(1, 2, i, 0) for i in range(64)]
@@ -126,9 +131,16 @@ def test_preset_overrides_set_every_knob():
     assert resolve_views("eval,crop=random", 16)[0].crop == "random"
     dino = resolve_views("dino,local_crops=2,local_size=12,1.solarize_p=0", 32)  # the dino preset's own arguments
     assert [v.size for v in dino] == [32, 32, 12, 12] and dino[1].solarize_p == 0 and dino[2].scale == (0.05, 0.4)
-    for bad, msg in (("byol,zoom=2", "key among"), ("byol,2.flip=0", "views 0..1"), ("byol,scale=0.2", "2 numbers"),
-                     ("byol,flip=often", "needs a number"), ("byol,scale=0:1", "crop scale"), ("byol,flip", "key=value"),
-                     ("byol,local_crops=6", "key among"), ("dino,local_crops=six", "whole number")):
+    for bad, msg in (
+        ("byol,zoom=2", "key among"),
+        ("byol,2.flip=0", "views 0..1"),
+        ("byol,scale=0.2", "2 numbers"),
+        ("byol,flip=often", "needs a number"),
+        ("byol,scale=0:1", "crop scale"),
+        ("byol,flip", "key=value"),
+        ("byol,local_crops=6", "key among"),
+        ("dino,local_crops=six", "whole number"),
+    ):
         with pytest.raises(RelaError, match=msg):
             resolve_views(bad, 32)
 

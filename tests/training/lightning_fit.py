@@ -52,7 +52,11 @@ def main() -> None:
     a.add_argument("--epochs", type=int, default=2)
     a.add_argument("--ckpt")
     a.add_argument("--every", type=int, default=0, help="checkpoint every N steps, all kept")
-    a.add_argument("--no-loader-state", action="store_true", help="a bare swap: no rela.LoaderState in the callbacks (the one every Trainer gets acts)")
+    a.add_argument(
+        "--no-loader-state",
+        action="store_true",
+        help="a bare swap: no rela.LoaderState in the callbacks (the one every Trainer gets acts)",
+    )
     args = a.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -104,7 +104,11 @@ def test_blend_holds_lambda_at_one_until_the_window_and_hands_over_at_its_end(ha
     if handover == 0:
         assert lams[59:] == [0.0] * 41
     else:  # from blend's last λ down to 0 over 10 steps, never up
-        assert all(a >= b for a, b in zip(lams[58:70], lams[59:71], strict=True)) and lams[59] < lams[58] and lams[68:] == [0.0] * 32
+        assert (
+            all(a >= b for a, b in zip(lams[58:70], lams[59:71], strict=True))
+            and lams[59] < lams[58]
+            and lams[68:] == [0.0] * 32
+        )
 
 
 def test_handover_lambda_falls_linearly_and_survives_a_resume():

@@ -196,8 +196,10 @@ def test_lightlys_byol_benchmark_with_rela_under_ddp(tmp_path):
     (stop,) = [v for k, v in last["callbacks"].items() if k.startswith("EarlyStopping")]
     assert stop["wait_count"] == 0 and torch.isfinite(stop["best_score"])  # it watched the real train_loss
     resumed = example(tmp_path / "resumed", "--ckpt-path", str(ckpt / "epoch=0-step=3.ckpt"))
-    key = lambda rs: sorted((r["step"], r["rela/loss"][:6], r["rela/lambda"], r["train_loss"][:6])  # noqa: E731
-                            for r in rs if int(r["step"]) >= 3 and (r["rela/loss"] or r["rela/lambda"] or r["train_loss"]))
+    def key(rs):
+        return sorted((r["step"], r["rela/loss"][:6], r["rela/lambda"], r["train_loss"][:6]) for r in rs
+                      if int(r["step"]) >= 3 and (r["rela/loss"] or r["rela/lambda"] or r["train_loss"]))
+
     assert key(resumed) == key(rows)
 
 

@@ -147,7 +147,9 @@ def test_a_student_the_bug_breaks_trains_contiguous_on_the_avx2_kernels(tmp_path
 def test_lr_factor_warms_up_then_follows_the_schedule():
     assert [lr_factor(s, 10, 2, "constant") for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
     cos = [lr_factor(s, 10, 2, "cosine") for s in range(10)]
-    assert cos[:3] == [0.5, 1.0, 1.0] and cos[-1] < 0.05 and all(a >= b for a, b in zip(cos[1:-1], cos[2:], strict=True))
+    assert (
+        cos[:3] == [0.5, 1.0, 1.0] and cos[-1] < 0.05 and all(a >= b for a, b in zip(cos[1:-1], cos[2:], strict=True))
+    )
 
 
 @pytest.mark.parametrize("optimizer,schedule", [("adamw", "cosine"), ("sgd", "cosine"), ("lars", "constant")])

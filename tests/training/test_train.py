@@ -206,9 +206,30 @@ def test_bad_arguments_are_refused(tiny, tmp_path):
 
 def test_cli_train_and_eval(tiny, tmp_path):
     run = tmp_path / "cli-run"
-    r = run_cli("train", "--data", tiny["data"], "--prior", tiny["store"], "--budget", "0.5", "--epochs", "2",
-                "--batch-size", "16", "--image-size", "16", "--width", "0.0625", "--test-data", tiny["data"], "--phase", "fixed:0.5",
-                "--out", str(run), "--quiet")
+    r = run_cli(
+        "train",
+        "--data",
+        tiny["data"],
+        "--prior",
+        tiny["store"],
+        "--budget",
+        "0.5",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--image-size",
+        "16",
+        "--width",
+        "0.0625",
+        "--test-data",
+        tiny["data"],
+        "--phase",
+        "fixed:0.5",
+        "--out",
+        str(run),
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     assert "switch     step 5" in r.stdout and "rela eval" in r.stdout
     assert "phase      fixed:0.5: switched at step 5 of 10 (50%) because fixed:0.5" in r.stdout
@@ -439,8 +460,10 @@ def test_cpu_seconds_count_the_threads_and_the_workers_that_ended():
     from rela._workers import cpu_seconds
 
     c0 = cpu_seconds()
-    subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass"],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass"],
+        check=True,
+    )
     c1 = cpu_seconds()
 
     def spin():

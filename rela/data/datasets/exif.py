@@ -26,9 +26,16 @@ def exif_orientation(data: bytes) -> int:
 
 def upright(image: np.ndarray, orientation: int) -> np.ndarray:
     """`image` (H×W×C) turned as EXIF orientation `orientation` asks, as PIL's exif_transpose."""
-    turned = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
-              5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1), 7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],
-              8: lambda a: np.rot90(a, 1)}[orientation](image)
+    turned = {
+        1: lambda a: a,
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.transpose(1, 0, 2),
+        6: lambda a: np.rot90(a, -1),
+        7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],
+        8: lambda a: np.rot90(a, 1),
+    }[orientation](image)
     return turned if orientation == 1 else np.ascontiguousarray(turned)
 
 

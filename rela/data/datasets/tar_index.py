@@ -156,7 +156,12 @@ def _index_plain_tar(shard: Path, size: int) -> list[tuple[str, str, int, int, i
             if len(hdr) < 512 or sum(hdr) - sum(hdr[148:156]) + 256 != _octal(hdr[148:156]):
                 return None
             kind = hdr[156:157]
-            if kind not in _PLAIN_TYPES and kind != b"5" or hdr[124] & 0x80 or (hdr[257:263] == b"ustar\0" and hdr[345]):
+            if (
+                kind not in _PLAIN_TYPES
+                and kind != b"5"
+                or hdr[124] & 0x80
+                or (hdr[257:263] == b"ustar\0" and hdr[345])
+            ):
                 return None
             length = _octal(hdr[124:136])
             data_at, pos = pos + 512, pos + 512 + -(-length // 512) * 512

@@ -46,7 +46,9 @@ class WebDataset(RelaDataset):
         self._sizes = np.concatenate([ix.sizes for _, ix in parts])
         self._labels = np.concatenate([ix.labels for _, ix in parts])
         if not self._keys:
-            raise DatasetError(f"no images in {len(self.shards)} shard(s) (looked for KEY{{{','.join(self.IMAGE_EXTENSIONS)}}})")
+            raise DatasetError(
+                f"no images in {len(self.shards)} shard(s) (looked for KEY{{{','.join(self.IMAGE_EXTENSIONS)}}})"
+            )
 
     def __len__(self) -> int:
         return len(self._keys)

@@ -237,7 +237,8 @@ class TorchBackend:
         if o.num_workers == 0:
             source = map(self.builder.build, tasks)
         elif o.worker_type == "thread":
-            keep_freed_memory()  # the batches are this process's allocations: reuse their pages (RELA_TUNE_MALLOC=0: don't)
+            # the batches are this process's allocations: reuse their pages (RELA_TUNE_MALLOC=0: don't)
+            keep_freed_memory()
             source = ThreadedBatches(self.builder.build, tasks, o.depth * o.num_workers, threads=o.num_workers)
         else:
             source = _workers.start(torch.utils.data.DataLoader(  # a Ctrl-C while forking is not lost
