@@ -51,12 +51,6 @@ class ArrayDataset(RelaDataset):
     def load(self, index: int) -> np.ndarray:
         return self.images[index]
 
-    def label(self, index: int) -> int:
-        return int(self._labels[index])
-
-    def labels(self) -> np.ndarray:
-        return self._labels.copy()
-
     def describe(self, index: int) -> str:
         return f"{self.name}[{index}]"
 
@@ -70,7 +64,7 @@ class ArrayDataset(RelaDataset):
         h.update(str(self.images.shape).encode())
         h.update(np.ascontiguousarray(self.images).tobytes())
         h.update(self._labels.tobytes())
-        return {"kind": self.kind, "n": len(self), "deep": deep, "digest": h.hexdigest(), **self.info()}
+        return self._fingerprint(h.hexdigest(), deep)
 
     def typical_side(self, samples: int = 16) -> int:
         return int(min(self.images.shape[1:3]))

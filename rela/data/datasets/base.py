@@ -34,6 +34,9 @@ class RelaDataset(ABC):
     kind: str = "dataset"
     in_memory: bool = False
     runs_user_code: bool = False
+    # Every label, in index order (int64; -1 for none), for the datasets that know them up front:
+    # `label` and `labels` read it. A dataset that reads labels lazily overrides both.
+    _labels: np.ndarray | None = None
 
     @abstractmethod
     def __len__(self) -> int: ...
@@ -42,8 +45,8 @@ class RelaDataset(ABC):
     def load(self, index: int) -> np.ndarray:
         """Decode sample `index` to a uint8 H×W×C array (C = 1 or 3); CorruptImageError if it can't."""
 
-    @abstractmethod
-    def label(self, index: int) -> int: ...
+    def label(self, index: int) -> int:
+        return int(self._labels[index])
 
     @abstractmethod
     def describe(self, index: int) -> str:
@@ -71,6 +74,8 @@ class RelaDataset(ABC):
         return {}
 
     def labels(self) -> np.ndarray:
+        if self._labels is not None:
+            return self._labels.copy()
         return np.fromiter((self.label(i) for i in range(len(self))), np.int64, len(self))
 
     def typical_side(self, samples: int = 16) -> int:
@@ -96,7 +101,12 @@ class RelaDataset(ABC):
             rec = self._record(i, deep)
             h.update(len(rec).to_bytes(8, "little"))
             h.update(rec)
-        return {"kind": self.kind, "n": len(self), "deep": deep, "digest": h.hexdigest(), **self.info()}
+        return self._fingerprint(h.hexdigest(), deep)
+
+    def _fingerprint(self, digest: str, deep: bool) -> dict:
+        """The fingerprint dict from a digest: what a store compares (kind, n, deep, digest) and the
+        descriptive `info()` beside it. Every dataset builds it here."""
+        return {"kind": self.kind, "n": len(self), "deep": deep, "digest": digest, **self.info()}
 
     def head(self, n: int) -> RelaDataset:
         """The first n samples, as a dataset of its own (with its own fingerprint)."""

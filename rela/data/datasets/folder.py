@@ -62,12 +62,6 @@ class ImageFolder(RelaDataset):
             reason = folder_scan.broken_link_reason(str(self.path(index))) or str(e)
             raise CorruptImageError(index, str(self.path(index)), reason) from None
 
-    def label(self, index: int) -> int:
-        return int(self._labels[index])
-
-    def labels(self) -> np.ndarray:
-        return self._labels.copy()
-
     def describe(self, index: int) -> str:
         return str(self.path(index))
 
@@ -84,7 +78,7 @@ class ImageFolder(RelaDataset):
         if self._scan.digest is None:
             self._scan.digest = super().fingerprint()["digest"]
             folder_scan.remember_digest(self.root, self._scan)
-        return {"kind": self.kind, "n": len(self), "deep": False, "digest": self._scan.digest, **self.info()}
+        return self._fingerprint(self._scan.digest, False)
 
     def info(self) -> dict:
         return {"root": str(self.root.resolve()), "classes": len(self.classes)}

@@ -180,7 +180,7 @@ class MapDataset(RelaDataset):
             for i in sorted(set(np.linspace(0, self.n - 1, min(16, self.n)).astype(int).tolist())):
                 rec = self._record(i, deep)
                 h.update(len(rec).to_bytes(8, "little") + rec)
-        return {"kind": self.kind, "n": self.n, "deep": deep, "digest": h.hexdigest(), **self.info()}
+        return self._fingerprint(h.hexdigest(), deep)
 
     def info(self) -> dict:
         return {"name": self.name, "fingerprint": self.user_fingerprint}

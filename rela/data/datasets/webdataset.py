@@ -76,12 +76,6 @@ class WebDataset(RelaDataset):
         except (OSError, ValueError) as e:
             raise CorruptImageError(index, self.describe(index), str(e)) from None
 
-    def label(self, index: int) -> int:
-        return int(self._labels[index])
-
-    def labels(self) -> np.ndarray:
-        return self._labels.copy()
-
     def describe(self, index: int) -> str:
         return f"{self.shards[self._shard[index]]}:{self._keys[index]}{self._exts[index]}"
 
