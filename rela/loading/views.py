@@ -27,8 +27,10 @@ only on the seed, the epoch and its index — never on worker count or global RN
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
@@ -169,11 +171,18 @@ def eval_view(size: int, **kw) -> ViewSpec:
     return ViewSpec(size, crop="center", **kw)
 
 
-def resolve_views(views: str | ViewSpec | Sequence[ViewSpec], size: int | None = None,
+def resolve_views(views: str | ViewSpec | Sequence[ViewSpec] | Callable[[int], Sequence[ViewSpec]],
+                  size: int | None = None,
                   mean=None, std=None) -> tuple[ViewSpec, ...]:
-    """Turn 'rela' / 'byol' / 'eval' (with an image size), a spec or a list of specs into a tuple."""
+    """Turn 'rela' / 'byol' / 'eval' (with an image size), a spec, a list of specs, or a function
+    of the image size that returns them (a method's own views) into a tuple."""
     if isinstance(views, ViewSpec):
         return (views,)
+    if inspect.isfunction(views) or inspect.ismethod(views) or isinstance(views, functools.partial):
+        if size is None:
+            raise RelaError(f"views={getattr(views, '__name__', views)!r} is a function of the image size: "
+                            "give image_size=...")
+        return resolve_views(views(size))
     if isinstance(views, str):
         if size is None:
             raise RelaError(f"views={views!r} needs an image size (image_size=...)")

@@ -189,3 +189,23 @@ def test_has_colour_is_derived_from_every_declared_colour_op():
         spec = replace(plain, **{name: 1.0})
         assert spec.has_colour, op
         assert not torch.equal(apply_view(spec, image, torch.Generator().manual_seed(0)), base), op  # it acts
+
+
+def test_a_method_carries_its_views_as_a_function_of_the_image_size():
+    # a method with new views defines them in its own module: no edit of the loading floor
+    from rela import Loader
+    from rela.data.datasets import ArrayDataset
+    from rela.training.methods.base import SSLMethod
+
+    class TwoScales(SSLMethod):
+        def views(self, size: int) -> tuple[ViewSpec, ViewSpec]:
+            return ViewSpec(size, flip=0.5), ViewSpec(size // 2, crop="center")
+
+    method = TwoScales()
+    assert resolve_views(method.views, 32) == (ViewSpec(32, flip=0.5), ViewSpec(16, crop="center"))
+    with pytest.raises(RelaError, match="function of the image size"):
+        resolve_views(method.views)
+    rng = np.random.default_rng(0)
+    ds = ArrayDataset(np.stack([smooth_image(rng, 40, 40) for _ in range(8)]), np.arange(8))
+    batch = next(iter(Loader(ds, 4, views=method.views, image_size=32, num_workers=0)))
+    assert [tuple(v.shape) for v in batch["views"]] == [(4, 3, 32, 32), (4, 3, 16, 16)]

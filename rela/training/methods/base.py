@@ -1,8 +1,10 @@
 """The interface every method implements, and the momentum teacher BYOL, MoCo and DINO share.
 
 A method is an `nn.Module` with:
-- `views`: the views of its phase — a preset name (e.g. `"byol"`, see `rela.loading.views`) or its own
-  `ViewSpec`s — used unless `--ssl-views` says otherwise,
+- `views`: the views of its phase — a preset name (e.g. `"byol"`, see `rela.loading.views`), its own
+  `ViewSpec`s, or a method `views(self, size)` returning them for the run's image size (as a lightly
+  method carries its transform: a method with new views needs no edit of the loading floor) — used
+  unless `--ssl-views` says otherwise,
 - `needs_labels`: True if its loss reads the labels (every sample must then have one),
 - a constructor `(backbone, feature_dim, <its options>)` that takes only what it declares: the
   trainer's settings (`momentum`, `cosine_momentum`, `classes`) reach the methods that declare them,
@@ -20,6 +22,7 @@ A method is an `nn.Module` with:
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -28,7 +31,7 @@ from rela.errors import RelaError
 
 
 class SSLMethod(nn.Module):
-    views: str | tuple = "byol"
+    views: str | tuple | Callable[[int], tuple] = "byol"
     needs_labels: bool = False
 
     def set_criterion(self, criterion: nn.Module) -> None:
