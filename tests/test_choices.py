@@ -19,7 +19,7 @@ def help_of(command: str) -> str:
 
 
 def test_registries_hold_exactly_the_declared_names():
-    from rela.data.priors import PRIORS
+    from rela import registry
     from rela.loading import backends
     from rela.loading.loader import BATCH_FORMATS, HANDOFFS
     from rela.loading.subset import POLICIES
@@ -27,8 +27,15 @@ def test_registries_hold_exactly_the_declared_names():
     from rela.training.optim import OPTIMIZERS, SCHEDULES
     from rela.training.precision import DTYPES
 
-    assert tuple(METHODS) == choices.METHODS and set(PRIORS) == set(choices.PRIOR_KINDS)
-    assert tuple(DTYPES) == choices.PRECISIONS and backends.NAMES == choices.BACKENDS
+    # the extension points' names are their registry tables' keys, and every entry's code loads
+    assert tuple(METHODS) == choices.METHODS == tuple(registry.METHODS)
+    assert choices.PRIOR_KINDS == tuple(registry.PRIORS)
+    assert backends.NAMES == choices.BACKENDS == tuple(registry.BACKENDS)
+    for table in (registry.METHODS, registry.PRIORS, registry.BACKENDS, registry.DATASETS, registry.VIEWS):
+        for name, entry in table.items():
+            if entry.available():
+                assert callable(entry.load()), name
+    assert tuple(DTYPES) == choices.PRECISIONS
     assert (POLICIES, HANDOFFS, BATCH_FORMATS, OPTIMIZERS, SCHEDULES) == (
         choices.POLICIES, choices.HANDOFFS, choices.BATCH_FORMATS, choices.OPTIMIZERS, choices.SCHEDULES)
     with pytest.raises(RuntimeError, match="declare a new name in both"):

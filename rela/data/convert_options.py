@@ -15,8 +15,7 @@ from rela.options import check_options, option, positive_int
 class ConvertOptions:
     """What a conversion is given besides its prior's options (`PriorOptions`)."""
 
-    data: str = option(None, "fashion-mnist[:train|:test], an image folder, an .npz, or WebDataset shards "
-                       "('shards/{000000..000009}.tar' or a glob)", required=True)
+    data: str = option(None, choices.DATA_FORMS, required=True)
     prior: str = option(None, choices.PRIOR_FORMS, required=True)
     out: str = option(None, "store directory to create", required=True)
     dim: int = option(256, "PCA components to keep", type=positive_int, low=1)

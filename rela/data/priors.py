@@ -10,7 +10,7 @@ Specs: `random:<arch>`, `torchvision:<arch>`, `efficientnet-lite0`, `torchscript
 and from the ecosystem (`rela.data.library_priors`): `timm:<name>`, `open_clip:<name>[:<tag>]`,
 `hf:<dir>`.
 `<arch>` is any torchvision classification model name, or `efficientnet-lite0`. Each kind has one
-builder in `PRIORS` that returns a `Prior`; a new kind of
+builder in `rela.registry.PRIORS` that returns a `Prior`; a new kind of
 prior is one more function there.
 """
 
@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rela import choices
-from rela.data import library_priors
+from rela import choices, registry
 from rela.data.prior import Prior, _prior, sha256_file, sha256_state_dict  # noqa: F401 (re-exported)
 from rela.data.prior_options import PriorOptions
 from rela.errors import PriorError
@@ -208,18 +207,18 @@ def _torchscript(rest: str, opts: PriorOptions) -> Prior:
 
 
 def load_prior(spec: str, **options) -> Prior:
-    """Build a prior from a spec `kind[:rest]` by the builder registered for `kind` (`PRIORS`);
+    """Build a prior from a spec `kind[:rest]` by the builder registered for `kind` (`rela.registry.PRIORS`);
     see the module docstring for the forms it takes. `options` are `PriorOptions` fields
     (arch, weights, input_size, resize, interpolation, mean, std, seed, trust_pickle)."""
     kind, _, rest = spec.partition(":")
-    builder = PRIORS.get(kind)
-    if builder is None or bool(rest) != (kind != "efficientnet-lite0"):
+    entry = registry.PRIORS.get(kind)
+    if entry is None or bool(rest) != (kind != "efficientnet-lite0"):
         raise PriorError(f"unknown prior {spec!r}: use {choices.PRIOR_FORMS} (state_dict: with --arch)")
     try:
         opts = PriorOptions(**options)
     except TypeError as e:
         raise PriorError(f"load_prior: {e}") from None
-    return builder(rest, opts)
+    return entry.load()(rest, opts)
 
 
 def _seeded_build(arch: str, seed: int) -> nn.Module:
@@ -315,9 +314,3 @@ def _student(rest: str, opts: PriorOptions) -> Prior:
              "weights_sha256": sha256_state_dict(model), "run": meta.get("run"), "method": meta.get("method")}
     return _prior(opts, model, int(meta["input_size"]), json.loads(meta["mean"]), json.loads(meta["std"]), ident)
 
-
-# A prior spec's kind → its builder (the text after the colon, the options) → Prior.
-PRIORS = {"efficientnet-lite0": _efficientnet_lite0, "random": _random, "torchvision": _torchvision,
-          "state_dict": _state_dict, "torchscript": _torchscript, "student": _student,
-          **library_priors.BUILDERS}
-choices.check_registry("PRIORS", PRIORS, choices.PRIOR_KINDS)

@@ -140,7 +140,7 @@ class Loader:
         drop_last: bool = True,
         num_workers: int | None = None,
         seed: int | None = None,
-        backend: str = "auto",
+        backend: str | type = "auto",
         device: str | torch.device = "cpu",
         pin_memory: bool = False,
         memory_format: torch.memory_format = torch.contiguous_format,
@@ -260,6 +260,8 @@ class Loader:
         torch backend — it needs no conversion step and replays crops exactly on resume. The
         measured trade-off against `ffcv` (faster on plain crops, crops not replayable) is in the
         loader tables of docs/benchmarks.md (`bench/loader.py`); choose `ffcv` explicitly to make it."""
+        if isinstance(backend, type):  # a Backend class of your own, as it is
+            return backend
         if backend == "auto":
             return "dali" if device.type == "cuda" and backends.available()["dali"] else "torch"
         backends.check(backend)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 import torch
 
+from rela import registry
 from rela.data.priors import IMAGENET_MEAN, IMAGENET_STD
 from rela.errors import RelaError
 
@@ -159,7 +160,6 @@ def dino_local_size(size: int) -> int:
     return max(8, round(size * 96 / 224))
 
 
-DINO_ARGS = ("local_crops", "local_size")  # the dino preset's own arguments: "dino,local_crops=6"
 
 
 def supervised_view(size: int, **kw) -> ViewSpec:
@@ -169,6 +169,26 @@ def supervised_view(size: int, **kw) -> ViewSpec:
 
 def eval_view(size: int, **kw) -> ViewSpec:
     return ViewSpec(size, crop="center", **kw)
+
+
+def rela_views(size: int, **kw) -> tuple[ViewSpec, ViewSpec]:
+    """The RELA phase's two views (`rela_view` twice)."""
+    return rela_view(size, **kw), rela_view(size, **kw)
+
+
+def supervised_views(size: int, **kw) -> tuple[ViewSpec]:
+    return (supervised_view(size, **kw),)
+
+
+def eval_views(size: int, **kw) -> tuple[ViewSpec]:
+    return (eval_view(size, **kw),)
+
+
+def preset_arguments(preset) -> tuple[str, ...]:
+    """A preset function's own arguments, set as `"name,arg=N"` (dino's `local_crops`,
+    `local_size`): its keyword parameters other than the size, `blur` and the ViewSpec fields."""
+    return tuple(name for name, p in inspect.signature(preset).parameters.items()
+                 if name not in ("size", "blur") and p.kind is p.POSITIONAL_OR_KEYWORD)
 
 
 def resolve_views(views: str | ViewSpec | Sequence[ViewSpec] | Callable[[int], Sequence[ViewSpec]],
@@ -192,16 +212,13 @@ def resolve_views(views: str | ViewSpec | Sequence[ViewSpec] | Callable[[int], S
         if std is not None:
             kw["std"] = tuple(std)
         name, *overrides = [part.strip() for part in views.split(",")]
-        # the dino preset's own arguments; another preset's override of these names is refused by _override
-        args, overrides = _preset_args(overrides, DINO_ARGS if name == "dino" else (), views)
-        presets = {"rela": lambda: (rela_view(size, **kw), rela_view(size, **kw)),
-                   "byol": lambda: byol_views(size, **kw), "simclr": lambda: simclr_views(size, **kw),
-                   "dino": lambda: dino_views(size, **kw, **args), "supervised": lambda: (supervised_view(size, **kw),),
-                   "eval": lambda: (eval_view(size, **kw),)}
-        if name not in presets:
-            raise RelaError(f"unknown views {name!r}: use one of {', '.join(presets)} (with ,key=value "
+        if name not in registry.VIEWS:
+            raise RelaError(f"unknown views {name!r}: use one of {', '.join(registry.VIEWS)} (with ,key=value "
                             "overrides) or ViewSpec objects")
-        return _override(presets[name](), [o for o in overrides if o], views)
+        preset = registry.VIEWS[name].load()
+        # the preset's own arguments; another preset's override of these names is refused by _override
+        args, overrides = _preset_args(overrides, preset_arguments(preset), views)
+        return _override(tuple(preset(size, **kw, **args)), [o for o in overrides if o], views)
     specs = tuple(views)
     if not specs or not all(isinstance(v, ViewSpec) for v in specs):
         raise RelaError("views must be 'rela', 'byol', 'eval', a ViewSpec or a non-empty list of ViewSpecs")

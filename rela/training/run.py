@@ -30,7 +30,7 @@ CHECKPOINT = "checkpoint.pt"
 class TrainConfig:
     """Everything a run is made of; `rela train`'s flags are these fields (rela.options)."""
 
-    data: str = option("fashion-mnist", "fashion-mnist[:train], an image folder, or an .npz")
+    data: str = option("fashion-mnist", choices.DATA_FORMS)
     out: str = option("runs/train", "run directory", required=True)
     prior: str | None = option("efficientnet-lite0", "a prior spec (efficientnet-lite0, random:<arch>, ...) "
                                "converted into RUN/store, or a STORE directory")  # None = no RELA

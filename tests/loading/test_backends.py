@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rela import Loader
+from rela import Loader, registry
 from rela.data.datasets import ArrayDataset, ImageFolder
 from rela.errors import CorruptImageError, RelaError
 from rela.loading.views import ViewSpec, byol_views, eval_view
@@ -24,6 +24,9 @@ def _cache(tmp_path, monkeypatch):
 def folder(tmp_path):
     return ImageFolder(make_folder(tmp_path / "imgs", classes=2, per_class=6))
 
+# every registered backend but the reference one (rela.registry.BACKENDS): a new backend joins these tests
+OTHERS = [name for name in registry.BACKENDS if name != "torch"]
+
 
 def _ramps(n: int = 96, size: int = 64) -> ArrayDataset:
     """R rises left → right and G top → bottom: a crop's extent and flip can be read off its pixels."""
@@ -36,7 +39,7 @@ def _epoch(loader):
     return list(loader)
 
 
-@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+@pytest.mark.parametrize("backend", OTHERS)
 def test_eval_view_pixels_match_the_torch_backend(folder, backend):
     need_backend(backend)
     ref = _epoch(Loader(folder, 4, views="eval", image_size=24, shuffle=False, drop_last=False, num_workers=1))
@@ -53,7 +56,7 @@ def test_eval_view_pixels_match_the_torch_backend(folder, backend):
         assert diff.mean() < (0.02 if backend == "dali" else 0.1), diff.mean()
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali", "ffcv"])
+@pytest.mark.parametrize("backend", list(registry.BACKENDS))
 def test_random_views_have_the_intended_statistics(backend):
     need_backend(backend)
     spec = ViewSpec(32, scale=(0.25, 1.0), flip=0.5, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -69,7 +72,7 @@ def test_random_views_have_the_intended_statistics(backend):
     assert 0.3 < flips.float().mean() < 0.7, flips.float().mean()
 
 
-@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+@pytest.mark.parametrize("backend", OTHERS)
 def test_same_batch_structure_and_targets(tmp_path, folder, backend):
     need_backend(backend)
     from rela import convert
@@ -105,7 +108,7 @@ def test_dali_views_are_deterministic_and_resume_exactly(folder):
         )
 
 
-@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+@pytest.mark.parametrize("backend", OTHERS)
 def test_set_views_takes_effect_at_the_next_batch(backend):
     need_backend(backend)
     loader = Loader(_ramps(48), 8, views="rela", image_size=16, num_workers=1, backend=backend)
@@ -116,7 +119,7 @@ def test_set_views_takes_effect_at_the_next_batch(backend):
     assert rest and all(len(b["views"]) == 1 and b["views"][0].shape[-1] == 12 for b in rest)
 
 
-@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+@pytest.mark.parametrize("backend", OTHERS)
 def test_corrupt_images_raise_or_are_skipped(tmp_path, backend):
     need_backend(backend)
     root = make_folder(tmp_path / "bad", classes=1, per_class=12)
@@ -223,7 +226,7 @@ class _Photos(torch.utils.data.Dataset):
         return Image.fromarray(self.images[i]), i % 2
 
 
-@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+@pytest.mark.parametrize("backend", OTHERS)
 @pytest.mark.parametrize("kind", ["map-dataset", "webdataset"])
 def test_dataset_objects_and_shards_through_every_backend(tmp_path, backend, kind):
     """A dataset object and WebDataset shards give the torch backend's batches."""

@@ -21,6 +21,15 @@ class ArrayDataset(RelaDataset):
     kind = "array"
     in_memory = True  # decoding is a memory copy: no need for decode workers
 
+    @classmethod
+    def claims(cls, spec) -> bool:
+        """An `.npz` file with `images` (and `labels`)."""
+        return isinstance(spec, (str, Path)) and str(spec).endswith(".npz")
+
+    @classmethod
+    def from_spec(cls, spec) -> ArrayDataset:
+        return _open_npz(Path(spec))
+
     def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, name: str = "array") -> None:
         images = np.asarray(images)
         if images.ndim == 3:
@@ -79,6 +88,15 @@ class FashionMNIST(ArrayDataset):
     kind = "fashion-mnist"
     CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+    @classmethod
+    def claims(cls, spec) -> bool:
+        """`fashion-mnist`, `fashion-mnist:train` or `fashion-mnist:test` (Debian's files)."""
+        return isinstance(spec, str) and (spec == "fashion-mnist" or spec.startswith("fashion-mnist:"))
+
+    @classmethod
+    def from_spec(cls, spec) -> FashionMNIST:
+        return cls(spec.partition(":")[2] or "train")
 
     def __init__(self, split: str = "train", root: str | Path | None = None) -> None:
         root = Path(root or os.environ.get("RELA_FASHION_MNIST", FASHION_MNIST_ROOT))

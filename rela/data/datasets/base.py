@@ -38,6 +38,17 @@ class RelaDataset(ABC):
     # `label` and `labels` read it. A dataset that reads labels lazily overrides both.
     _labels: np.ndarray | None = None
 
+    @classmethod
+    def claims(cls, spec) -> bool:
+        """Whether `open_dataset(spec)` opens `spec` as this format (`rela.registry.DATASETS` asks
+        each format in turn); a RelaDataset object is taken as it is."""
+        return isinstance(spec, RelaDataset)
+
+    @classmethod
+    def from_spec(cls, spec) -> RelaDataset:
+        """The dataset `spec` names, once this format claimed it."""
+        return spec if isinstance(spec, RelaDataset) else cls(spec)
+
     @abstractmethod
     def __len__(self) -> int: ...
 

@@ -23,6 +23,11 @@ class ImageFolder(RelaDataset):
 
     kind = "image-folder"
 
+    @classmethod
+    def claims(cls, spec) -> bool:
+        """Any other path: a folder of images (asked last)."""
+        return isinstance(spec, (str, Path))
+
     def __init__(self, root: str | Path, cache: bool = True) -> None:
         self.root = Path(root)
         if not self.root.exists():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
+from pathlib import Path
 
 import numpy as np
 
@@ -31,6 +32,11 @@ class MapDataset(RelaDataset):
 
     kind = "map-dataset"
     runs_user_code = True  # the dataset's own __getitem__ (and transform) per sample
+
+    @classmethod
+    def claims(cls, spec) -> bool:
+        """Any object with `__getitem__` that is not a path (torchvision's, Hugging Face `datasets`')."""
+        return not isinstance(spec, (str, Path, RelaDataset)) and hasattr(spec, "__getitem__")
 
     def __init__(self, dataset, image_key: str | None = None, label_key: str | None = None,
                  fingerprint: str | None = None, as_is: bool = False) -> None:

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from rela.data.datasets.arrays import FashionMNIST, _open_npz
+from rela import registry
 from rela.data.datasets.base import RelaDataset
 from rela.data.datasets.exif import ExifTransposed
-from rela.data.datasets.folder import ImageFolder
-from rela.data.datasets.map import MapDataset
-from rela.data.datasets.webdataset import WebDataset
+from rela.errors import DatasetError
 
 
 def open_dataset(spec, limit: int | None = None, exif_transpose: bool = False) -> RelaDataset:
@@ -22,18 +18,11 @@ def open_dataset(spec, limit: int | None = None, exif_transpose: bool = False) -
 
 
 def _open(spec, limit: int | None) -> RelaDataset:
-    if isinstance(spec, RelaDataset):
-        ds = spec
-    elif isinstance(spec, (list, tuple)) or str(spec).endswith(".tar") or (".tar" in str(spec) and "{" in str(spec)):
-        ds = WebDataset(spec)
-    elif not isinstance(spec, (str, Path)) and hasattr(spec, "__getitem__"):
-        ds = MapDataset(spec)
-    else:
-        s = str(spec)
-        if s == "fashion-mnist" or s.startswith("fashion-mnist:"):
-            ds = FashionMNIST(s.partition(":")[2] or "train")
-        elif s.endswith(".npz"):
-            ds = _open_npz(Path(s))
-        else:
-            ds = ImageFolder(s)
-    return ds.head(limit) if limit else ds
+    """The first format in `rela.registry.DATASETS` that claims `spec` opens it."""
+    for entry in registry.DATASETS.values():
+        fmt = entry.load()
+        if fmt.claims(spec):
+            ds = fmt.from_spec(spec)
+            return ds.head(limit) if limit else ds
+    raise DatasetError(f"no dataset format takes {spec!r}: give a path, fashion-mnist[:split], shards or a "
+                       "map-style dataset (rela.registry.DATASETS lists the formats)")

@@ -27,6 +27,12 @@ class WebDataset(RelaDataset):
     kind = "webdataset"
     IMAGE_EXTENSIONS = IMAGE_EXTENSIONS
 
+    @classmethod
+    def claims(cls, spec) -> bool:
+        """A list of shards, a `.tar` path or glob, or a brace range (`shards/{000000..000009}.tar`)."""
+        s = str(spec)
+        return isinstance(spec, (list, tuple)) or s.endswith(".tar") or (".tar" in s and "{" in s)
+
     def __init__(self, shards) -> None:
         self.shards = _expand_shards(shards)
         parts, self._cache_keys = [], []

@@ -16,8 +16,6 @@ own batches on the device (`finish_on_device`), so the loader has no backend-spe
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -25,7 +23,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from rela import choices
+from rela import choices, registry
 from rela.data.datasets import RelaDataset, jpeg_header
 from rela.data.store import TargetStore
 from rela.errors import CorruptImageError, RelaError
@@ -239,32 +237,22 @@ class SampleRules:
 
 
 def available() -> dict[str, bool]:
-    """Which backends can run here (without importing the heavy libraries)."""
-    return {
-        "torch": True,
-        "dali": importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None,
-        "ffcv": importlib.util.find_spec("ffcv") is not None,
-    }
-
-
-# name → (module, class). The torch backend's module is not called `torch`: a submodule of that
-# name would replace this package's `torch` (the library) once imported.
-_CLASSES = {"torch": ("torch_backend", "TorchBackend"), "dali": ("dali", "DaliBackend"),
-            "ffcv": ("ffcv", "FfcvBackend")}
-_INSTALL = {"dali": "pip install nvidia-dali-cuda130 (or rela-accel[dali])",
-            "ffcv": "FFCV's system libraries, then pip install ffcv numba (scripts/setup.sh does both)"}
+    """Which registered backends can run here (without importing the heavy libraries)."""
+    return {name: entry.available() for name, entry in registry.BACKENDS.items()}
 
 
 def check(name: str) -> None:
     """Refuse a backend that does not exist or is not installed here, saying how to get it."""
     if name not in NAMES:
-        raise RelaError(f"unknown backend {name!r}; choose one of {('auto', *NAMES)}")
-    if not available()[name]:
-        raise RelaError(f"backend {name!r} is not installed here: {_INSTALL[name]}")
+        raise RelaError(f"unknown backend {name!r}; choose one of {('auto', *NAMES)} or pass a Backend class")
+    if not registry.BACKENDS[name].available():
+        raise RelaError(f"backend {name!r} is not installed here: {registry.BACKENDS[name].install}")
 
 
-def create(name: str, rules: SampleRules, options: Options) -> Backend:
-    """The backend called `name` (its module is imported only now: DALI and FFCV are heavy)."""
+def create(name: str | type[Backend], rules: SampleRules, options: Options) -> Backend:
+    """The backend called `name` (its module is imported only now: DALI and FFCV are heavy), or
+    `name` itself when it is a `Backend` class of your own."""
+    if isinstance(name, type):
+        return name(rules, options)
     check(name)
-    module, cls = _CLASSES[name]
-    return getattr(importlib.import_module(f"rela.loading.backends.{module}"), cls)(rules, options)
+    return registry.BACKENDS[name].load()(rules, options)

@@ -1,6 +1,7 @@
 """The methods the RELA phase hands over to, one module each, on lightly's heads and losses:
 `byol`, `simclr`, `moco` (v2), `barlowtwins`, `vicreg`, `dino`, `supervised`. Adding a method is
-one module with an `SSLMethod` subclass (`base`) and one line in `METHODS`."""
+one module with an `SSLMethod` subclass (`base`) and one line in `rela.registry.METHODS`; a class
+is also taken as it is (`build_method(MyMethod, ...)`)."""
 
 from __future__ import annotations
 
@@ -8,20 +9,12 @@ import inspect
 
 from torch import nn
 
-from rela import choices
+from rela import choices, registry
 from rela.errors import RelaError
-from rela.training.methods.barlowtwins import BarlowTwins
 from rela.training.methods.base import MomentumTeacher, SSLMethod
-from rela.training.methods.byol import BYOL
-from rela.training.methods.dino import DINO
-from rela.training.methods.moco import MoCo
-from rela.training.methods.simclr import SimCLR
-from rela.training.methods.supervised import Supervised
-from rela.training.methods.vicreg import VICReg
 
-METHODS: dict[str, type[SSLMethod]] = {"byol": BYOL, "simclr": SimCLR, "moco": MoCo, "barlowtwins": BarlowTwins,
-                                       "vicreg": VICReg, "dino": DINO, "supervised": Supervised}
-choices.check_registry("METHODS", METHODS, choices.METHODS)
+METHODS: dict[str, type[SSLMethod]] = {name: entry.load() for name, entry in registry.METHODS.items()}
+globals().update({cls.__name__: cls for cls in METHODS.values()})  # rela.training.methods.BYOL, ...
 NAMES = choices.METHODS
 __all__ = ["METHODS", "MomentumTeacher", "SSLMethod", "build_method", *(c.__name__ for c in METHODS.values())]
 
@@ -30,27 +23,38 @@ __all__ = ["METHODS", "MomentumTeacher", "SSLMethod", "build_method", *(c.__name
 CONTEXT = ("momentum", "cosine_momentum", "classes", "image_size", "local_crops", "local_size")
 
 
-def build_method(name: str, backbone: nn.Module, feature_dim: int, options: str | None = None,
-                 **kw) -> SSLMethod:
-    """The method `name` for `backbone`. Of the trainer's settings (`CONTEXT`) it gets those it
-    declares; every other keyword and `options` (the user's `--method-options`, see
-    `parse_options`) must name its own options, or this fails listing them."""
+def method_class(name: str | type[SSLMethod]) -> type[SSLMethod]:
+    """The class registered as `name` (`rela.registry.METHODS`), or `name` itself when it is an
+    `SSLMethod` subclass (a method of your own, used without registering it)."""
+    if isinstance(name, type) and issubclass(name, SSLMethod):
+        return name
     if name not in METHODS:
-        raise RelaError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
-    declared = inspect.signature(METHODS[name].__init__).parameters
-    given = {**kw, **parse_options(name, options)}
+        raise RelaError(f"unknown method {name!r}; available: {', '.join(METHODS)} (or an SSLMethod subclass)")
+    return METHODS[name]
+
+
+def build_method(name: str | type[SSLMethod], backbone: nn.Module, feature_dim: int, options: str | None = None,
+                 **kw) -> SSLMethod:
+    """The method `name` (a registered name or an `SSLMethod` subclass) for `backbone`. Of the
+    trainer's settings (`CONTEXT`) it gets those it declares; every other keyword and `options`
+    (the user's `--method-options`, see `parse_options`) must name its own options, or this fails
+    listing them."""
+    cls = method_class(name)
+    name = getattr(name, "__name__", name)
+    declared = inspect.signature(cls.__init__).parameters
+    given = {**kw, **parse_options(cls, options)}
     unknown = [k for k in given if k not in declared and k not in CONTEXT]
     if unknown:
-        takes = ", ".join(f"{k}={p.default!r}" for k, p in method_parameters(name).items()) or "no options"
+        takes = ", ".join(f"{k}={p.default!r}" for k, p in method_parameters(cls).items()) or "no options"
         raise RelaError(f"{name} has no option {', '.join(unknown)}: it takes {takes}")
-    return METHODS[name](backbone, feature_dim, **{k: v for k, v in given.items() if k in declared})
+    return cls(backbone, feature_dim, **{k: v for k, v in given.items() if k in declared})
 
 
 def method_parameters(name: str) -> dict[str, inspect.Parameter]:
     """The constructor options of method `name` a user may set: not the backbone or its width, the
     class count (from the data), or what has its own flag (--momentum, --cosine-momentum,
     --image-size, --local-crops, --local-size)."""
-    params = inspect.signature(METHODS[name].__init__).parameters
+    params = inspect.signature(method_class(name).__init__).parameters
     return {k: p for k, p in params.items() if k not in _NOT_OPTIONS and p.kind is p.POSITIONAL_OR_KEYWORD}
 
 
