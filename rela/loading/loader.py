@@ -45,6 +45,7 @@ from rela.data.datasets import MapDataset, RelaDataset, open_dataset
 from rela.data.store import TargetStore
 from rela.errors import CorruptImageError, RelaError, RelaWarning
 from rela.loading import backends
+from rela.loading.batching import Batching
 from rela.loading.subset import Subset
 from rela.loading.translate import as_views
 from rela.loading.views import ViewSpec, resolve_views
@@ -162,14 +163,28 @@ class Loader:
         # seed=None follows the user's seed (seed_everything / torch.manual_seed); see _agree_on_seed
         self._seed_given = self._seed_agreed = seed is not None
         seed = int(seed) if seed is not None else torch.initial_seed() % 2**63
-        self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
-        self.batch_format, self.on_error, self.timeout = batch_format, on_error, timeout
+        self.shuffle, self.seed, self.batch_format, self.on_error = shuffle, seed, batch_format, on_error
+        self.batching = Batching(batch_size, drop_last)  # the one owner of the batches and their count
         self._open_data(dataset, targets, views, image_size, mean, std, backend, exif_transpose)
-        self.worker_type = self._pick_worker_type(worker_type)
-        self._draw_subset(subset, policy, torch.device(device))
-        self.scaled_decode = bool(scaled_decode)  # JPEG: DCT-domain 1/2, 1/4 where every view still fits
-        self._start_backend(backend, handoff, num_workers, pin_memory, memory_format, prefetch_factor,
-                            persistent_workers)
+        device = torch.device(device)
+        self._draw_subset(subset, policy, device)
+        if persistent_workers:
+            warnings.warn("rela.Loader: persistent_workers is not supported yet; workers start at each "
+                          "epoch (cheap with fork) and views switch without restarting them",
+                          RelaWarning, stacklevel=2)
+        if num_workers is None:
+            num_workers = 0 if self.dataset.in_memory else min(2, dist_util.cpu_share())
+        # How the backend runs, decided once: every setting in one frozen object, read from there.
+        self.options = backends.Options(
+            batch_size=batch_size, drop_last=drop_last, num_workers=num_workers,
+            worker_type=self._pick_worker_type(worker_type),
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            pin_memory=pin_memory and device.type == "cuda", timeout=timeout, device=device,
+            handoff=handoff, memory_format=memory_format, scaled_decode=bool(scaled_decode))
+        # a uint8 / device-colour hand-off is the torch backend's (checked in _check_arguments)
+        self.backend = "torch" if handoff != "float32" else self._pick_backend(backend, device)
+        self._rules = backends.SampleRules(self.dataset, self.targets, self.seed, self.on_error)
+        self._backend = backends.create(self.backend, self._rules, self.options)
         self._rank, self._world_size = rank, world_size  # None: the process group's, when it is asked
         self.epoch = self._resume_batch = self._consumed = 0
         self._order_cache: tuple[int, np.ndarray] | None = None
@@ -205,31 +220,16 @@ class Loader:
             valid = self.targets.valid_mask() if self.targets is not None else None
             self.subset = Subset(len(self.dataset), 1.0 if subset is None else float(subset), policy,
                                  seed=self.seed, valid=valid)
-        self.device = device
         if self.subset.policy == "scored" and device.type == "cuda":
             self.subset.to(device)  # scores updated where the losses are; weights to the host per epoch
 
-    def _start_backend(self, backend: str, handoff: str, num_workers, pin_memory: bool, memory_format,
-                       prefetch_factor, persistent_workers: bool) -> None:
-        """The backend that builds the batches, and how it runs."""
-        if num_workers is None:
-            num_workers = 0 if self.dataset.in_memory else min(2, dist_util.cpu_share())
-        self.num_workers = num_workers
-        # a uint8 / device-colour hand-off is the torch backend's (checked in _check_arguments)
-        self.backend = "torch" if handoff != "float32" else self._pick_backend(backend, self.device)
-        self.pin_memory = pin_memory and self.device.type == "cuda"
-        self.memory_format = memory_format  # torch.channels_last: views handed over N×C×H×W in NHWC order
-        self.handoff = handoff  # "uint8": 4x less host→device traffic; normalisation runs on the device
-        self.prefetch_factor = prefetch_factor if num_workers > 0 else None
-        if persistent_workers:
-            warnings.warn("rela.Loader: persistent_workers is not supported yet; workers start at each "
-                          "epoch (cheap with fork) and views switch without restarting them",
-                          RelaWarning, stacklevel=3)
-        self._rules = backends.SampleRules(self.dataset, self.targets, self.seed, self.on_error)
-        options = backends.Options(self.batch_size, self.drop_last, num_workers, self.worker_type,
-                                   self.prefetch_factor, self.pin_memory, self.timeout, self.device, handoff,
-                                   memory_format, self.scaled_decode)
-        self._backend = backends.create(self.backend, self._rules, options)
+    # The settings users read back, from the one object that holds them.
+    batch_size = property(lambda self: self.options.batch_size)
+    drop_last = property(lambda self: self.options.drop_last)
+    num_workers = property(lambda self: self.options.num_workers)
+    worker_type = property(lambda self: self.options.worker_type)
+    scaled_decode = property(lambda self: self.options.scaled_decode)
+    device = property(lambda self: self.options.device)
 
     def _pick_worker_type(self, worker_type: str) -> str:
         """`auto`: threads when every per-sample step is rela's own code, which releases the GIL
@@ -297,13 +297,10 @@ class Loader:
         return self._order_cache[1]
 
     def _rank_batches(self, epoch: int) -> list[np.ndarray]:
-        mine = Subset.shard(self._epoch_order(epoch), self.rank, self.world_size, self.batch_size, self.drop_last)
-        cut = len(mine) // self.batch_size * self.batch_size if self.drop_last else len(mine)
-        return [mine[s:s + self.batch_size] for s in range(0, cut, self.batch_size)]
+        return self.batching.batches(self._epoch_order(epoch), self.rank, self.world_size)
 
     def __len__(self) -> int:
-        per_rank = self.subset.size // self.world_size
-        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+        return self.batching.count(self.subset.size, self.world_size)
 
     @property
     def sampler(self) -> Loader:
@@ -446,7 +443,7 @@ class Loader:
     def _to_device(self, built: backends.Built) -> dict:
         """Views to the device (non-blocking from pinned memory), the backend's device stage, then
         the memory format there (a GPU-side copy, off the host)."""
-        nb, fmt = self.pin_memory, self.memory_format
+        nb, fmt = self.options.pin_memory, self.options.memory_format
         views = [v.to(self.device, non_blocking=nb) for v in built.views]
         views = self._backend.finish_on_device(built, views, self._views)
         batch = built.user_batch([v.contiguous(memory_format=fmt) for v in views])

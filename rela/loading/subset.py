@@ -103,21 +103,6 @@ class Subset:
         update_scores(self.score, self.seen, torch.as_tensor(index).to(device),
                       torch.as_tensor(loss).to(device, torch.float32), self.momentum)
 
-    @staticmethod
-    def shard(order: np.ndarray, rank: int, world: int, batch_size: int, drop_last: bool) -> np.ndarray:
-        """This rank's disjoint share of an epoch's order, equally long on every rank.
-
-        The order is cut to a multiple of `world` (and of `world · batch_size` with drop_last) so
-        every rank runs the same number of batches; the few samples cut are the order's last ones,
-        which differ every epoch.
-        """
-        if not 0 <= rank < world:
-            raise RelaError(f"rank {rank} out of range for world size {world}")
-        per_rank = len(order) // world
-        if drop_last:
-            per_rank = per_rank // batch_size * batch_size
-        return order[rank::world][:per_rank]
-
     def state_dict(self) -> dict:
         return {"n": self.n, "ratio": self.ratio, "policy": self.policy, "seed": self.seed,
                 "score": self.score.clone(), "seen": self.seen.clone()}

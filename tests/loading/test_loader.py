@@ -11,6 +11,7 @@ from rela import Loader, Subset, convert, open_dataset
 from rela.data.datasets import ArrayDataset, ImageFolder
 from rela.errors import CorruptImageError, RelaError, StoreMismatchError
 from rela.loading.backends.augment import apply_view
+from rela.loading.batching import Batching
 from rela.loading.views import eval_view, sample_generator
 from tests.conftest import make_folder, smooth_image
 
@@ -96,7 +97,7 @@ def test_subset_is_fresh_each_epoch_and_sized(arrays):
 def test_shards_are_disjoint_and_equal():
     order = Subset(1003, 0.5, seed=1).epoch_indices(0)
     for world, bs, drop in [(2, 8, True), (3, 5, False), (4, 7, True)]:
-        shards = [Subset.shard(order, r, world, bs, drop) for r in range(world)]
+        shards = [Batching(bs, drop).shard(order, r, world) for r in range(world)]
         assert len({len(s) for s in shards}) == 1
         flat = np.concatenate(shards)
         assert len(np.unique(flat)) == len(flat)
@@ -450,3 +451,16 @@ def test_threaded_batches_keep_task_order_bound_their_lead_and_raise_in_order():
     time.sleep(0.1)
     assert not any(t.name.startswith("rela-loader") and t.is_alive() for t in threading.enumerate())
     assert list(ThreadedBatches(lambda t: t, iter(range(7)), depth=2, threads=3)) == list(range(7))
+
+
+def test_len_is_the_count_of_the_batches_the_loader_yields():
+    # one owner (Batching) cuts the shards, forms the batches and answers len(): they cannot disagree
+    rng = np.random.default_rng(0)
+    from rela.data.datasets import ArrayDataset
+
+    ds = ArrayDataset(rng.integers(0, 255, (37, 10, 10, 3), dtype=np.uint8), np.zeros(37, np.int64))
+    for bs, drop, world in [(4, True, 1), (4, False, 1), (5, True, 2), (5, False, 3), (64, False, 2)]:
+        for rank in range(world):
+            loader = Loader(ds, bs, views="eval", image_size=8, num_workers=0, drop_last=drop, rank=rank,
+                            world_size=world, subset=0.7)
+            assert len(list(loader)) == len(loader), (bs, drop, world, rank)

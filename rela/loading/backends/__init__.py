@@ -73,7 +73,8 @@ class Tasks:
 
 @dataclass(frozen=True)
 class Options:
-    """How the loader asks a backend to run."""
+    """How the loader asks a backend to run: built once, by keyword, when the loader is made, and
+    read from here (the loader's `batch_size`, `num_workers`, `worker_type`, ... are this object's)."""
 
     batch_size: int
     drop_last: bool = True
