@@ -7,8 +7,10 @@ import dataclasses
 import errno
 import json
 import sys
+from pathlib import Path
 
 from rela.data.convert_options import ConvertOptions
+from rela.data.pack_options import PackOptions
 from rela.data.prior_options import PriorOptions
 from rela.errors import RelaError, RelaWarning
 from rela.options import add_arguments, from_args, positive_int
@@ -32,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(c, ConvertOptions)
     add_arguments(c.add_argument_group("prior options"), PriorOptions)
     c.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    k = sub.add_parser("pack", help="write a dataset as WebDataset tar shards (KEY.jpg + KEY.cls)",
+                       description="Write any dataset rela opens as WebDataset shards, in its order with its labels: "
+                       "JPEGs keep their bytes (unless --max-side shrinks them), other images are encoded at "
+                       "--quality. Killed runs resume after their last finished shard; the same data and options "
+                       "give the same bytes. Read them back with --data 'OUT/*.tar'.")
+    add_arguments(k, PackOptions)
+    k.add_argument("--quiet", action="store_true", help="no progress bars")
 
     i = sub.add_parser("info", help="print a store's manifest and target statistics",
                        description="Print a target store's manifest and per-component statistics.")
@@ -136,6 +146,19 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pack(a: argparse.Namespace) -> int:
+    from rela.data.pack import JOURNAL, pack
+
+    o = dataclasses.asdict(from_args(PackOptions, a))
+    shards = pack(o.pop("data"), o.pop("out"), **o, progress=not a.quiet)
+    journal = json.loads((shards[0].parent / JOURNAL).read_text()) if shards else {"samples": 0, "skipped": {}}
+    size = sum(s.stat().st_size for s in shards) / 2**20
+    print(f"wrote    {len(shards)} shards, {journal['samples']} samples, {size:.1f} MB in {a.out}"
+          + (f" ({len(journal['skipped'])} undecodable left out, listed in {JOURNAL})" if journal["skipped"] else ""))
+    print(f"use it   rela train --data '{Path(a.out) / '*.tar'}' ...")
+    return 0
+
+
 def cmd_convert(a: argparse.Namespace) -> int:
     from rela.data.convert import convert
 
@@ -220,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 signal.signal(signal.SIGTERM, _on_sigterm)
             joined = dist_util.init(args.device)
-        code = {"convert": cmd_convert, "info": cmd_info, "train": cmd_train, "eval": cmd_eval,
+        code = {"convert": cmd_convert, "pack": cmd_pack, "info": cmd_info, "train": cmd_train, "eval": cmd_eval,
                 "export": cmd_export}[args.command](args)
     except RelaError as e:
         rank, world = dist_util.rank_world() if dist_util else (0, 1)

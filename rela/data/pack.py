@@ -1,0 +1,163 @@
+"""`rela pack`: a dataset written as WebDataset tar shards, resumably.
+
+Sample i becomes `KEY.jpg`, plus `KEY.cls` (its class index) when it has a label; KEY is i as 8
+digits. The shards read back (`rela.Loader("OUT/*.tar")`) in the dataset's order with its labels.
+A JPEG keeps its bytes unless `max_side` asks to shrink it: no second lossy pass, and the same
+pixels as the source. Any other image, and a JPEG over `max_side` (resized with Lanczos to it, as
+FFCV's writer's `max_resolution`), is encoded at `quality`. Tar headers are fixed (mtime 0, mode
+0644, no owner), so the same data and options give the same bytes.
+
+Each shard is written whole under a temporary name and renamed. `OUT/pack.json` records each
+finished shard (its samples, size and sha256) and the skipped samples. A killed pack, rerun with the
+same arguments, resumes after its last finished shard and writes what an uninterrupted one writes.
+A JPEG kept as it is is checked by libjpeg's header read, not decoded: one broken past its header
+is packed, and fails when read (skippable there with `on_error="skip"`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from rela.data.datasets import RelaDataset, jpeg_header, open_dataset
+from rela.data.pack_options import PackOptions
+from rela.data.store import atomic_write_bytes
+from rela.errors import CorruptImageError, RelaError
+from rela.faults import crashpoint
+
+JOURNAL = "pack.json"
+
+
+def pack(data, out: str | Path, *, limit: int | None = PackOptions.limit, shard_mb: float = PackOptions.shard_mb,
+         max_side: int | None = PackOptions.max_side, quality: int = PackOptions.quality,
+         skip_corrupt: bool = PackOptions.skip_corrupt, overwrite: bool = PackOptions.overwrite,
+         progress: bool = True) -> list[Path]:
+    """Write `data` (anything `open_dataset` opens) as shards in `out`; returns the shard paths."""
+    from tqdm.auto import tqdm
+
+    PackOptions(data=str(data), out=str(out), limit=limit, shard_mb=shard_mb, max_side=max_side, quality=quality)
+    ds = open_dataset(data, limit)
+    out = Path(out)
+    identity = {"dataset": {k: v for k, v in ds.fingerprint().items() if k in ("kind", "n", "deep", "digest")},
+                "limit": limit, "shard_mb": shard_mb, "max_side": max_side, "quality": quality}
+    state = _start(out, identity, overwrite)
+    if state.get("complete"):
+        return [out / s["name"] for s in state["shards"]]
+    shards, skipped = state["shards"], state["skipped"]
+    start = shards[-1]["stop"] if shards else 0
+    skipped = {k: v for k, v in skipped.items() if int(k) < start}  # what a finished shard already recorded
+    writer = _Shard(out, len(shards), start)
+    for i in tqdm(range(start, len(ds)), initial=start, total=len(ds), unit="img", desc="pack", disable=not progress):
+        try:
+            payload = encode_sample(ds, i, max_side, quality)
+        except CorruptImageError as e:
+            if not skip_corrupt:
+                raise e.with_remedy("Fix or remove the file, or pass --skip-corrupt (skip_corrupt=True) to leave "
+                                    "it out") from None
+            skipped[str(i)] = f"{ds.describe(i)}: {e.reason}"
+            continue
+        writer.add(f"{i:08d}", payload, ds.label(i))
+        if writer.size >= shard_mb * 2**20:
+            shards.append(writer.finish(i + 1))
+            _save(out, identity, shards, skipped, complete=False)
+            crashpoint("shard-written")
+            writer = _Shard(out, len(shards), i + 1)
+    if writer.members:
+        shards.append(writer.finish(len(ds)))
+    _save(out, identity, shards, skipped, complete=True)
+    return [out / s["name"] for s in shards]
+
+
+def encode_sample(ds: RelaDataset, index: int, max_side: int | None, quality: int) -> bytes:
+    """Sample `index` as JPEG bytes: its own when it is a JPEG within `max_side`, else encoded."""
+    stored = ds.encoded(index, (".jpg", ".jpeg"))
+    if stored is not None:
+        try:
+            width, height = jpeg_header(stored[0])
+        except ValueError as e:
+            raise CorruptImageError(index, ds.describe(index), str(e)) from None
+        if max_side is None or max(width, height) <= max_side:
+            return bytes(stored[0])
+    from PIL import Image
+
+    image = ds.load(index)  # uint8 H×W×C, C = 1 or 3; CorruptImageError when it can't be decoded
+    pil = Image.fromarray(image[..., 0] if image.shape[2] == 1 else image)
+    if max_side is not None and max(pil.size) > max_side:
+        scale = max_side / max(pil.size)
+        pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))),
+                         Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    pil.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+class _Shard:
+    """One tar shard being written, in memory, then renamed into place whole."""
+
+    def __init__(self, out: Path, number: int, start: int) -> None:
+        self.path, self.start = out / f"{number:06d}.tar", start
+        self.buf = io.BytesIO()
+        self.tar = tarfile.open(fileobj=self.buf, mode="w", format=tarfile.USTAR_FORMAT)
+        self.members = 0
+
+    @property
+    def size(self) -> int:
+        return self.buf.tell()
+
+    def add(self, key: str, jpeg: bytes, label: int) -> None:
+        self._member(f"{key}.jpg", jpeg)
+        if label >= 0:
+            self._member(f"{key}.cls", str(label).encode())
+        self.members += 1
+
+    def _member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def finish(self, stop: int) -> dict:
+        self.tar.close()
+        data = self.buf.getvalue()
+        atomic_write_bytes(self.path, data)
+        return {"name": self.path.name, "start": self.start, "stop": stop, "samples": self.members,
+                "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _start(out: Path, identity: dict, overwrite: bool) -> dict:
+    """The journal to continue from: a fresh one, or the finished shards of this very pack (each
+    checked against its recorded size and hash; the first that does not match and those after it
+    are written again)."""
+    journal = out / JOURNAL
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    fresh = {"shards": [], "skipped": {}}
+    if not out.exists() or not any(out.iterdir()):
+        out.mkdir(parents=True, exist_ok=True)
+        return fresh
+    try:
+        state = json.loads(journal.read_text())
+    except (OSError, ValueError):
+        state = None
+    if state is None or state.get("identity") != identity:
+        raise RelaError(f"{out} holds something other than this pack (other data or options): pass --overwrite "
+                        "(overwrite=True) to replace it, or choose another --out")
+    good = []
+    for shard in state["shards"]:
+        path = out / shard["name"]
+        if not path.is_file() or path.stat().st_size != shard["bytes"] or \
+                hashlib.sha256(path.read_bytes()).hexdigest() != shard["sha256"]:
+            break
+        good.append(shard)
+    return {**state, "shards": good, "complete": state.get("complete") and len(good) == len(state["shards"])}
+
+
+def _save(out: Path, identity: dict, shards: list[dict], skipped: dict, complete: bool) -> None:
+    state = {"identity": identity, "shards": shards, "skipped": skipped, "complete": complete,
+             "samples": int(np.sum([s["samples"] for s in shards])) if shards else 0}
+    atomic_write_bytes(out / JOURNAL, json.dumps(state, indent=1).encode())
