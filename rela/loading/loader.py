@@ -45,7 +45,6 @@ from rela.data.datasets import MapDataset, RelaDataset, open_dataset
 from rela.data.store import TargetStore
 from rela.errors import CorruptImageError, RelaError, RelaWarning
 from rela.loading import backends
-from rela.loading.batching import Batching
 from rela.loading.subset import Subset
 from rela.loading.translate import as_views
 from rela.loading.views import ViewSpec, resolve_views
@@ -164,7 +163,6 @@ class Loader:
         self._seed_given = self._seed_agreed = seed is not None
         seed = int(seed) if seed is not None else torch.initial_seed() % 2**63
         self.shuffle, self.seed, self.batch_format, self.on_error = shuffle, seed, batch_format, on_error
-        self.batching = Batching(batch_size, drop_last)  # the one owner of the batches and their count
         self._open_data(dataset, targets, views, image_size, mean, std, backend, exif_transpose)
         device = torch.device(device)
         self._draw_subset(subset, policy, device)
@@ -230,6 +228,7 @@ class Loader:
     worker_type = property(lambda self: self.options.worker_type)
     scaled_decode = property(lambda self: self.options.scaled_decode)
     device = property(lambda self: self.options.device)
+    batching = property(lambda self: self.options.batching)  # the one owner of the batches and their count
 
     def _pick_worker_type(self, worker_type: str) -> str:
         """`auto`: threads when every per-sample step is rela's own code, which releases the GIL

@@ -27,6 +27,7 @@ from rela import choices, registry
 from rela.data.datasets import RelaDataset, jpeg_header
 from rela.data.store import TargetStore
 from rela.errors import CorruptImageError, RelaError
+from rela.loading.batching import Batching
 from rela.loading.views import ViewSpec, sample_generator
 
 NAMES = choices.BACKENDS
@@ -87,6 +88,11 @@ class Options:
     handoff: str = "float32"  # torch backend: what crosses to the device (rela.loading.loader.HANDOFFS)
     memory_format: torch.memory_format = torch.contiguous_format  # how the loader hands views over
     scaled_decode: bool = True  # rela's JPEG decoder: 1/2 or 1/4 DCT scale where every view still fits
+
+    @property
+    def batching(self) -> Batching:
+        """How an epoch's order becomes a rank's batches, and how many (`len(loader)`)."""
+        return Batching(self.batch_size, self.drop_last)
 
     @property
     def decode_threads(self) -> int:
