@@ -96,11 +96,6 @@ VIEWS = {
 }
 
 
-def load(table: dict[str, Entry], name: str):
-    """The code registered as `name` in `table` (imported now)."""
-    return table[name].load()
-
-
 def forms(table: dict[str, Entry]) -> str:
     """How the table's entries are written, for --help: "a | b | c"."""
     return " | ".join(entry.form for entry in table.values() if entry.form)

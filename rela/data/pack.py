@@ -23,8 +23,6 @@ import shutil
 import tarfile
 from pathlib import Path
 
-import numpy as np
-
 from rela.data.datasets import RelaDataset, jpeg_header, open_dataset
 from rela.data.pack_options import PackOptions
 from rela.data.store import atomic_write_bytes
@@ -159,5 +157,5 @@ def _start(out: Path, identity: dict, overwrite: bool) -> dict:
 
 def _save(out: Path, identity: dict, shards: list[dict], skipped: dict, complete: bool) -> None:
     state = {"identity": identity, "shards": shards, "skipped": skipped, "complete": complete,
-             "samples": int(np.sum([s["samples"] for s in shards])) if shards else 0}
+             "samples": sum(s["samples"] for s in shards)}
     atomic_write_bytes(out / JOURNAL, json.dumps(state, indent=1).encode())

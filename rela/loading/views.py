@@ -160,8 +160,6 @@ def dino_local_size(size: int) -> int:
     return max(8, round(size * 96 / 224))
 
 
-
-
 def supervised_view(size: int, **kw) -> ViewSpec:
     """Supervised training's one view: RandomResizedCrop 0.08–1 and flip (torchvision's recipe)."""
     return ViewSpec(size, scale=(0.08, 1.0), flip=0.5, **kw)
@@ -186,7 +184,8 @@ def eval_views(size: int, **kw) -> tuple[ViewSpec]:
 
 def preset_arguments(preset) -> tuple[str, ...]:
     """A preset function's own arguments, set as `"name,arg=N"` (dino's `local_crops`,
-    `local_size`): its keyword parameters other than the size, `blur` and the ViewSpec fields."""
+    `local_size`): its named parameters other than `size` and `blur` (the ViewSpec fields it passes
+    on arrive through `**kw`, not as named parameters)."""
     return tuple(name for name, p in inspect.signature(preset).parameters.items()
                  if name not in ("size", "blur") and p.kind is p.POSITIONAL_OR_KEYWORD)
 
