@@ -28,7 +28,6 @@ the number of workers, a resumed run replays the same remaining batches, and eve
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -45,6 +44,7 @@ from rela.data.datasets import MapDataset, RelaDataset, open_dataset
 from rela.data.store import TargetStore
 from rela.errors import CorruptImageError, RelaError, RelaWarning
 from rela.loading import backends
+from rela.loading.options import Options, check_choice, check_count
 from rela.loading.subset import Subset
 from rela.loading.translate import as_views
 from rela.loading.views import ViewSpec, resolve_views
@@ -60,9 +60,6 @@ AS_IS = "as-is"  # views=: the dataset's own transform makes the views (MapDatas
 # handoff=: what crosses to the device. float32: finished views; uint8: coloured crops, normalised
 # there; device-colour: plain crops and each row's colour choices, coloured and normalised there.
 HANDOFFS = choices.HANDOFFS
-# worker_type=: "auto" (threads when every per-sample step is rela's own code, processes when the
-# user's Python runs per sample), "thread" or "process" (see Loader._pick_worker_type)
-WORKER_TYPES = ("auto", "thread", "process")
 
 _UNSUPPORTED = {
     "sampler": "rela.Loader draws its own order from seed + epoch; use shuffle=, subset= and seed=",
@@ -75,50 +72,22 @@ _UNSUPPORTED = {
 }
 
 
-def _check_arguments(dataloader_kwargs: dict, batch_size: int, on_error: str, worker_type: str, batch_format: str,
-                     handoff: str, backend: str, views) -> None:
-    """What can be refused before anything is opened."""
+def _check_arguments(dataloader_kwargs: dict, on_error: str, batch_format: str, handoff: str, backend,
+                     views, rank, world_size) -> None:
+    """What the loader itself takes (the backend's settings are checked by `Options`), refused
+    before anything is opened."""
     for key in dataloader_kwargs:
         why = _UNSUPPORTED.get(key)
         raise TypeError(f"rela.Loader does not take {key}=: {why}" if why
                         else f"rela.Loader got an unexpected argument {key!r}")
-    _count("batch_size", batch_size, 1)
-    for name, value, allowed in (("on_error", on_error, ("raise", "skip")),
-                                 ("worker_type", worker_type, WORKER_TYPES),
-                                 ("batch_format", batch_format, BATCH_FORMATS), ("handoff", handoff, HANDOFFS)):
-        if value not in allowed:
-            raise RelaError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+    check_choice("on_error", on_error, ("raise", "skip"))
+    check_choice("batch_format", batch_format, BATCH_FORMATS)
     as_is = isinstance(views, str) and views == AS_IS
     if handoff != "float32" and (backend not in ("auto", "torch") or as_is):
         raise RelaError(f"handoff={handoff!r} is the torch backend's (with rela's views): DALI and FFCV "
                         "normalise in their own pipelines")
-
-
-def _count(name: str, value, low: int, high: int | None = None, optional: bool = False) -> None:
-    """An integer argument (not a bool, not a float) in [low, high]; None passes when optional."""
-    if value is None and optional:
-        return
-    ok = isinstance(value, int | np.integer) and not isinstance(value, bool)
-    if not ok or value < low or (high is not None and value > high):
-        allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise RelaError(f"{name} must be an integer {allowed}{' or None' if optional else ''}, got {value!r}")
-
-
-_MAX_WORKERS = 256  # as rela train's and rela convert's --workers
-
-
-def _check_numbers(num_workers, prefetch_factor, timeout, rank, world_size) -> None:
-    """The counts and times DataLoader would take: refused in one line here, never a hang or a
-    traceback from deep inside (a negative thread count once waited forever)."""
-    _count("num_workers", num_workers, 0, _MAX_WORKERS, optional=True)
-    if num_workers and num_workers > 4 * (os.cpu_count() or 1):
-        warnings.warn(f"rela.Loader: num_workers={num_workers} on {os.cpu_count()} cores: each worker holds batches "
-                      "in memory, and more than a few per core only adds switching", RelaWarning, stacklevel=3)
-    _count("prefetch_factor", prefetch_factor, 1, optional=True)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not (0 <= timeout < math.inf):
-        raise RelaError(f"timeout must be a number of seconds >= 0 (0: wait forever), got {timeout!r}")
-    _count("world_size", world_size, 1, optional=True)
-    _count("rank", rank, 0, None if world_size is None else world_size - 1, optional=True)
+    check_count("world_size", world_size, 1, optional=True)
+    check_count("rank", rank, 0, None if world_size is None else world_size - 1, optional=True)
 
 
 class Loader:
@@ -157,15 +126,18 @@ class Loader:
         timeout: float = 0,
         **dataloader_kwargs,
     ) -> None:
-        _check_arguments(dataloader_kwargs, batch_size, on_error, worker_type, batch_format, handoff, backend, views)
-        _check_numbers(num_workers, prefetch_factor, timeout, rank, world_size)
+        # every backend setting, checked here before anything is opened; `auto` / None resolved below
+        options = Options(batch_size=batch_size, drop_last=drop_last, num_workers=num_workers,
+                          worker_type=worker_type, prefetch_factor=prefetch_factor, pin_memory=pin_memory,
+                          timeout=timeout, device=device, handoff=handoff, memory_format=memory_format,
+                          scaled_decode=scaled_decode)
+        _check_arguments(dataloader_kwargs, on_error, batch_format, handoff, backend, views, rank, world_size)
         # seed=None follows the user's seed (seed_everything / torch.manual_seed); see _agree_on_seed
         self._seed_given = self._seed_agreed = seed is not None
         seed = int(seed) if seed is not None else torch.initial_seed() % 2**63
         self.shuffle, self.seed, self.batch_format, self.on_error = shuffle, seed, batch_format, on_error
         self._open_data(dataset, targets, views, image_size, mean, std, backend, exif_transpose)
-        device = torch.device(device)
-        self._draw_subset(subset, policy, device)
+        self._draw_subset(subset, policy, options.device)
         if persistent_workers:
             warnings.warn("rela.Loader: persistent_workers is not supported yet; workers start at each "
                           "epoch (cheap with fork) and views switch without restarting them",
@@ -173,14 +145,9 @@ class Loader:
         if num_workers is None:
             num_workers = 0 if self.dataset.in_memory else min(2, dist_util.cpu_share())
         # How the backend runs, decided once: every setting in one frozen object, read from there.
-        self.options = backends.Options(
-            batch_size=batch_size, drop_last=drop_last, num_workers=num_workers,
-            worker_type=self._pick_worker_type(worker_type),
-            prefetch_factor=prefetch_factor if num_workers > 0 else None,
-            pin_memory=pin_memory and device.type == "cuda", timeout=timeout, device=device,
-            handoff=handoff, memory_format=memory_format, scaled_decode=bool(scaled_decode))
+        self.options = options.resolved(self._pick_worker_type(worker_type), num_workers)
         # a uint8 / device-colour hand-off is the torch backend's (checked in _check_arguments)
-        self.backend = "torch" if handoff != "float32" else self._pick_backend(backend, device)
+        self.backend = "torch" if handoff != "float32" else self._pick_backend(backend, self.options.device)
         self._rules = backends.SampleRules(self.dataset, self.targets, self.seed, self.on_error)
         self._backend = backends.create(self.backend, self._rules, self.options)
         self._rank, self._world_size = rank, world_size  # None: the process group's, when it is asked
@@ -309,7 +276,7 @@ class Loader:
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch (and so the subset and order). Called each epoch, as with DistributedSampler."""
-        _count("epoch", epoch, 0)
+        check_count("epoch", epoch, 0)
         if epoch != self.epoch:
             self._resume_batch = 0
         self.epoch = int(epoch)

@@ -290,6 +290,28 @@ def test_auto_worker_type_is_threads_for_rela_code_and_processes_for_user_code(t
         Loader(folder, 4, image_size=16, worker_type="fibre")
 
 
+def test_options_check_themselves_and_the_loader_reads_its_settings_from_them():
+    """The backend's settings have one holder, which refuses bad values wherever it is built."""
+    import dataclasses
+
+    from rela.loading.options import Options
+
+    for bad, needle in (({"batch_size": 0}, "batch_size must be"), ({"batch_size": 2, "num_workers": 300},
+                        "num_workers must be"), ({"batch_size": 2, "handoff": "int8"}, "handoff must be one of"),
+                        ({"batch_size": 2, "timeout": float("inf")}, "timeout must be")):
+        with pytest.raises(RelaError, match=needle):
+            Options(**bad)
+    opts = Options(batch_size=4, num_workers=None, worker_type="auto", prefetch_factor=3, pin_memory=True)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.batch_size = 8
+    done = opts.resolved("thread", 0)
+    assert (done.worker_type, done.num_workers, done.prefetch_factor, done.pin_memory) == ("thread", 0, None, False)
+    loader = Loader(ArrayDataset(np.zeros((8, 8, 8, 3), np.uint8), np.zeros(8, np.int64)), 4, image_size=8,
+                    num_workers=0, drop_last=False)
+    assert (loader.batch_size, loader.drop_last, loader.num_workers) == (4, False, 0)
+    assert loader.batching == Batching(4, False) and len(loader) == loader.batching.count(8, 1) == 2
+
+
 def test_thread_workers_raise_errors_and_stop(tmp_path):
     loader = Loader(_broken_folder(tmp_path), 4, image_size=16, shuffle=False, num_workers=2, worker_type="thread")
     with pytest.raises(CorruptImageError, match="img_005.jpg"):

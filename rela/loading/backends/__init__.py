@@ -27,7 +27,7 @@ from rela import choices, registry
 from rela.data.datasets import RelaDataset, jpeg_header
 from rela.data.store import TargetStore
 from rela.errors import CorruptImageError, RelaError
-from rela.loading.batching import Batching
+from rela.loading.options import Options  # noqa: F401 (backends read it from here)
 from rela.loading.views import ViewSpec, sample_generator
 
 NAMES = choices.BACKENDS
@@ -70,41 +70,6 @@ class Tasks:
         """The sample indices of batches `number`, `number + 1`, ... of this pass, for backends that
         must know the order ahead (FFCV reads a whole pass's order at once)."""
         return self.batches[number:]
-
-
-@dataclass(frozen=True)
-class Options:
-    """How the loader asks a backend to run: built once, by keyword, when the loader is made, and
-    read from here (the loader's `batch_size`, `num_workers`, `worker_type`, ... are this object's)."""
-
-    batch_size: int
-    drop_last: bool = True
-    num_workers: int = 0
-    worker_type: str = "process"  # torch backend: "process" or "thread"
-    prefetch_factor: int | None = 2
-    pin_memory: bool = False
-    timeout: float = 0
-    device: torch.device = torch.device("cpu")
-    handoff: str = "float32"  # torch backend: what crosses to the device (rela.loading.loader.HANDOFFS)
-    memory_format: torch.memory_format = torch.contiguous_format  # how the loader hands views over
-    scaled_decode: bool = True  # rela's JPEG decoder: 1/2 or 1/4 DCT scale where every view still fits
-
-    @property
-    def batching(self) -> Batching:
-        """How an epoch's order becomes a rank's batches, and how many (`len(loader)`)."""
-        return Batching(self.batch_size, self.drop_last)
-
-    @property
-    def decode_threads(self) -> int:
-        """C++ threads that split one batch, for a backend that builds one batch at a time in its
-        feeder thread (the DALI and FFCV fallbacks): the workers' share when they are threads.
-        The torch backend's thread workers each build whole batches instead (one C++ thread each)."""
-        return max(1, self.num_workers) if self.worker_type == "thread" else 1
-
-    @property
-    def depth(self) -> int:
-        """Batches a feeder thread builds ahead (per thread, for thread workers)."""
-        return max(2, self.prefetch_factor or 2)
 
 
 @dataclass
