@@ -68,7 +68,12 @@ class ViewSpec:
     def has_colour(self) -> bool:
         """Whether any colour op may run on this view (else its crops are final pixels): any field
         declared a colour op's probability is non-zero. A new op declares its role, and is counted."""
-        return any(getattr(self, f.name) for f in fields(self) if f.metadata["role"] == "colour")
+        return bool(self.colour_ops)
+
+    @property
+    def colour_ops(self) -> tuple[str, ...]:
+        """The colour ops this view may run ("jitter" or a `ColourParams` op), by their declared role."""
+        return tuple(f.metadata["op"] for f in fields(self) if f.metadata["role"] == "colour" and getattr(self, f.name))
 
     def __post_init__(self) -> None:
         """Every field checked once, here: a view that passes draws finite, in-range numbers."""
@@ -324,9 +329,10 @@ class ColourParams:
 
     Adding an op touches three source files: a field here and its draw in `colour_params`; its
     slot, layout entry and function in csrc/views.cpp (`rela._C.colour_layout()` exports the slots
-    and `rela._ext.pack_colour` fills them by name); its reference in `augment.colour_reference`.
-    tests/loading/test_colour_kernel.py then fails until the batched device path
-    (`augment.BATCHED_OPS`) and DALI (`dali.DALI_OPS`) implement it too."""
+    and `rela._ext.pack_colour` fills them by name); its reference in `augment.colour_reference`
+    and the batched device path beside it (`augment.BATCHED_OPS`). tests/loading/test_colour_kernel.py
+    fails until all three have it. DALI's pipeline is an optional fourth: a view with an op outside
+    `dali.DALI_OPS` is built by the torch builder (the same draws), correct but not DALI-fast."""
 
     brightness: float = 1.0
     contrast: float = 1.0

@@ -1,6 +1,7 @@
 """The dali and ffcv backends against the torch one: same batches, same eval pixels, intended
 random-view statistics, determinism, view switching, bad input, no leaked threads."""
 
+import dataclasses
 import os
 import threading
 
@@ -83,6 +84,21 @@ def test_same_batch_structure_and_targets(tmp_path, folder, backend):
     assert len(b["views"]) == 2 and all(v.shape == (4, 3, 16, 16) for v in b["views"])
     assert torch.equal(b["target"], torch.from_numpy(store[b["index"].numpy()]))
     assert torch.equal(b["label"], torch.tensor([folder.label(i) for i in b["index"].tolist()]))
+
+
+def test_dali_builds_views_with_a_colour_op_it_lacks_through_rela_s_kernel(folder, monkeypatch):
+    """An op added to ColourParams before DALI implements it: DALI's batches of such views are
+    the torch backend's, pixel for pixel (the same draws), not silently missing the op."""
+    need_backend("dali")
+    from rela.loading.backends import dali
+
+    monkeypatch.setattr(dali, "DALI_OPS", ("gray", "sigma"))  # as if solarize were new
+    views = [dataclasses.replace(v, solarize_p=1.0) for v in byol_views(16)]
+    assert not dali.runs_in_dali(tuple(views)) and dali.runs_in_dali(tuple(byol_views(16)[:1]))
+    kw = dict(views=views, num_workers=1, seed=3, shuffle=False)
+    ours = next(iter(Loader(folder, 4, backend="dali", **kw)))
+    ref = next(iter(Loader(folder, 4, backend="torch", **kw)))
+    assert all(torch.equal(a, b) for a, b in zip(ours["views"], ref["views"], strict=True))
 
 
 def test_dali_views_are_deterministic_and_resume_exactly(folder):

@@ -136,13 +136,14 @@ def test_the_loader_gives_torchvisions_views_on_jpegs(tmp_path, monkeypatch):
 
 def test_every_colour_op_is_implemented_everywhere():
     """A ColourParams op that one implementation lacks fails here, not in a user's run: the C++
-    kernel's exported slots, the batched device path and DALI's pipeline each name the ops they do."""
+    kernel's exported slots and the batched device path each name the ops they do. DALI's pipeline
+    names its own too; one it lacks is built by the torch builder (test_backends), so it may lag."""
     from rela.loading.backends import augment, dali
 
     layout = _ext._C.colour_layout()
     ops = set(ColourParams.ops())
     assert set(layout["jitter"]) == set(JITTER) and set(layout["slots"]) == ops
-    assert set(augment.BATCHED_OPS) == ops and set(dali.DALI_OPS) == ops
+    assert set(augment.BATCHED_OPS) == ops and set(dali.DALI_OPS) <= ops
     p = ColourParams(order=("hue", "brightness"), hue=0.25, brightness=1.5, gray=True, sigma=0.7, solarize=True)
     packed = _ext.pack_colour(p)
     assert len(packed) == layout["size"] and packed[layout["jitter_count"]] == 2

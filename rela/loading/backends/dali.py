@@ -72,6 +72,13 @@ def _pipeline(views: tuple[ViewSpec, ...], kind: str, batch_size: int, threads: 
 DALI_OPS = ("gray", "sigma", "solarize")  # the ColourParams ops the pipeline applies (gray: saturation 0)
 
 
+def runs_in_dali(views: tuple[ViewSpec, ...]) -> bool:
+    """Whether the pipeline implements every colour op these views may run; a batch whose views
+    need one it lacks is built by the torch builder (the same draws, rela's colour kernel), so an op
+    added to `ColourParams` is correct here before DALI implements it."""
+    return all(op == "jitter" or op in DALI_OPS for spec in views for op in spec.colour_ops)
+
+
 def _inputs(spec: ViewSpec) -> tuple[str, ...]:
     """The per-sample arguments a view's pipeline takes (DALI prunes, and refuses, unused ones)."""
     names = ["roi_start", "roi_end", "flip"]
@@ -143,6 +150,8 @@ class DaliBackend:
 
     def _run(self, task: Task) -> Built:
         """One batch through DALI (on the producer thread only)."""
+        if not runs_in_dali(task.views):
+            return self.fallback.build(task)
         kind, rows, data, hw = self._sources(task)
         if not rows:
             return self.fallback.build(task)
