@@ -147,15 +147,16 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_pack(a: argparse.Namespace) -> int:
-    from rela.data.pack import JOURNAL, pack
+    from rela.data.pack import journal, pack
 
     o = dataclasses.asdict(from_args(PackOptions, a))
     shards = pack(o.pop("data"), o.pop("out"), **o, progress=not a.quiet)
-    journal = json.loads((shards[0].parent / JOURNAL).read_text()) if shards else {"samples": 0, "skipped": {}}
-    size = sum(s.stat().st_size for s in shards) / 2**20
-    print(f"wrote    {len(shards)} shards, {journal['samples']} samples, {size:.1f} MB in {a.out}"
-          + (f" ({len(journal['skipped'])} undecodable left out, listed in {JOURNAL})" if journal["skipped"] else ""))
-    print(f"use it   rela train --data '{Path(a.out) / '*.tar'}' ...")
+    done = journal(a.out)
+    size = sum(s["bytes"] for s in done["shards"]) / 2**20
+    print(f"wrote    {len(shards)} shards, {done['samples']} samples, {size:.1f} MB in {a.out}"
+          + (f" ({len(done['skipped'])} undecodable left out, listed in pack.json)" if done["skipped"] else ""))
+    where = f"{a.out.rstrip('/')}/" if a.out.startswith("s3://") else f"{Path(a.out) / '*.tar'}"
+    print(f"use it   rela train --data '{where}' ...")
     return 0
 
 

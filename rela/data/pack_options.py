@@ -13,7 +13,8 @@ class PackOptions:
     """How a dataset is written as WebDataset shards."""
 
     data: str = option(None, choices.DATA_FORMS, required=True)
-    out: str = option(None, "folder to write the shards (000000.tar, ...) and pack.json into", required=True)
+    out: str = option(None, "folder or s3://bucket/prefix to write the shards (000000.tar, ...), their indexes "
+                      "and pack.json into", required=True)
     limit: int | None = option(None, "pack only the first N samples", type=positive_int)
     shard_mb: float = option(256.0, "start a new shard once one holds this many MB (WebDataset's advice: "
                              "100 MB-1 GB)", type=float, low=0.0, low_open=True)

@@ -502,7 +502,7 @@ def test_the_plain_tar_reader_indexes_as_tarfile_does(tmp_path, monkeypatch):
     fast = {n: tar_index._index_plain_tar(p, p.stat().st_size) for n, p in paths.items()}
     with monkeypatch.context() as m:
         m.setattr(tar_index, "_index_plain_tar", lambda *a: None)  # tarfile alone
-        ref = {n: tar_index._index_shard(p, p.stat().st_size) for n, p in paths.items()}
+        ref = {n: tar_index._read_headers(p, p.stat().st_size) for n, p in paths.items()}
     assert fast["plain"] == ref["plain"][0] and ref["plain"][1] is None
     assert [label for *_, label in fast["plain"]] == [-1, 2, -1, -2, -2]
     assert fast["fancy"] is None and len(ref["fancy"][0]) == 7

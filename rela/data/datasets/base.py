@@ -9,6 +9,7 @@ uint8 HWC numpy arrays (C = 1 or 3) so every backend and prior can share them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -75,6 +76,11 @@ class RelaDataset(ABC):
         if path is None or (suffixes is not None and path.suffix.lower() not in suffixes):
             return None
         return path.read_bytes(), path.suffix.lower()
+
+    def fetched(self, indices) -> contextlib.AbstractContextManager:
+        """A block within which the samples `indices` read fast: a remote dataset reads them
+        concurrently ahead (one batch's worth); a local one needs nothing."""
+        return contextlib.nullcontext()
 
     @abstractmethod
     def _record(self, index: int, deep: bool) -> bytes:
@@ -150,6 +156,12 @@ class _Head(RelaDataset):
 
     def path(self, index: int) -> Path | None:
         return self.base.path(self._check(index))
+
+    def encoded(self, index: int, suffixes: tuple[str, ...] | None = None) -> tuple[bytes, str] | None:
+        return self.base.encoded(self._check(index), suffixes)
+
+    def fetched(self, indices) -> contextlib.AbstractContextManager:
+        return self.base.fetched([self._check(int(i)) for i in indices])
 
     def _record(self, index: int, deep: bool) -> bytes:
         return self.base._record(index, deep)

@@ -26,9 +26,29 @@ class _ShardIndex:
     offsets: np.ndarray  # int64 data offset of the image member
     sizes: np.ndarray  # int64
     labels: np.ndarray  # int64; -1 without a .cls member, _BAD_LABEL for an unreadable one
+    shard_bytes: int | None = None  # the size of the shard it describes, where known
 
 
-def _shard_index(shard: Path) -> tuple[_ShardIndex, str | None, str]:
+def index_to_bytes(ix: _ShardIndex, truncated: str | None) -> bytes:
+    """An index as rela stores it (an .npz of flat arrays, no pickles): the local cache's entries
+    and the `.index` objects `rela pack` writes beside its shards."""
+    buf = io.BytesIO()
+    meta = {"truncated": truncated, "shard_bytes": ix.shard_bytes}
+    np.savez(buf, keys=_join(ix.keys), exts=_join(ix.exts), offsets=ix.offsets, sizes=ix.sizes, labels=ix.labels,
+             meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+    return buf.getvalue()
+
+
+def index_from_bytes(data: bytes) -> tuple[_ShardIndex, str | None]:
+    """`index_to_bytes`'s inverse; ValueError / KeyError for anything else."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        meta = json.loads(z["meta"].tobytes())
+        ix = _ShardIndex(_unjoin(z["keys"]), _unjoin(z["exts"]), z["offsets"], z["sizes"], z["labels"],
+                         meta.get("shard_bytes"))
+    return ix, meta["truncated"]
+
+
+def shard_index(shard: Path) -> tuple[_ShardIndex, str | None, str]:
     """Each sample's key, image suffix, data offset, size and label in one shard, why the shard is
     truncated (None when whole), and the cache key; cached as arrays. A truncated shard keeps the
     members it holds: one cut short fails when read (a corrupt sample, skippable), the rest are
@@ -39,21 +59,14 @@ def _shard_index(shard: Path) -> tuple[_ShardIndex, str | None, str]:
     cached = None if folder is None else folder / f"{key}.npz"
     try:
         if cached is not None:
-            with np.load(cached, allow_pickle=False) as z:
-                meta = json.loads(z["meta"].tobytes())
-                ix = _ShardIndex(_unjoin(z["keys"]), _unjoin(z["exts"]), z["offsets"], z["sizes"], z["labels"])
+            ix, truncated = index_from_bytes(cached.read_bytes())
             if _index_is_sound(ix, st.st_size):
-                return ix, meta["truncated"], key
+                return ix, truncated, key
     except (OSError, ValueError, KeyError):
         pass  # not indexed yet, or an unreadable cache entry: index the shard
-    index, truncated = _index_shard(shard, st.st_size)
-    ix = _ShardIndex([k for k, *_ in index], [r[1] for r in index], np.array([r[2] for r in index], np.int64),
-                     np.array([r[3] for r in index], np.int64), np.array([r[4] for r in index], np.int64))
-    buf = io.BytesIO()
-    np.savez(buf, keys=_join(ix.keys), exts=_join(ix.exts), offsets=ix.offsets, sizes=ix.sizes, labels=ix.labels,
-             meta=np.frombuffer(json.dumps({"truncated": truncated}).encode(), np.uint8))
+    ix, truncated = _index_shard(shard, st.st_size)
     if cached is not None:
-        atomic_write_bytes(cached, buf.getvalue(), durable=False)
+        atomic_write_bytes(cached, index_to_bytes(ix, truncated), durable=False)
     return ix, truncated, key
 
 
@@ -75,9 +88,16 @@ def _unjoin(blob: np.ndarray) -> list[str]:
     return blob.tobytes().decode("utf-8", "surrogateescape").split("\0") if blob.size else []
 
 
-def _index_shard(shard: Path, size: int) -> tuple[list[tuple[str, str, int, int, int]], str | None]:
-    """Read the tar headers: (key, image suffix, data offset, size, label) per sample, and why the
-    shard is truncated."""
+def _index_shard(shard: Path, size: int) -> tuple[_ShardIndex, str | None]:
+    """Read the tar headers of a local shard: its index, and why it is truncated (None: whole)."""
+    rows, truncated = _read_headers(shard, size)
+    ix = _ShardIndex([r[0] for r in rows], [r[1] for r in rows], np.array([r[2] for r in rows], np.int64),
+                     np.array([r[3] for r in rows], np.int64), np.array([r[4] for r in rows], np.int64), size)
+    return ix, truncated
+
+
+def _read_headers(shard: Path, size: int) -> tuple[list[tuple[str, str, int, int, int]], str | None]:
+    """(key, image suffix, data offset, size, label) per sample, and why the shard is truncated."""
     import tarfile
 
     with open(shard, "rb") as f:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import numpy as np
 from rela.data import folder_scan
 from rela.data.datasets.base import RelaDataset
 from rela.data.datasets.decode import decode_bytes
-from rela.data.datasets.tar_index import _BAD_LABEL, IMAGE_EXTENSIONS, _shard_index
+from rela.data.datasets.remote_shards import Prefetcher, RemoteShard
+from rela.data.datasets.tar_index import _BAD_LABEL, IMAGE_EXTENSIONS, shard_index
+from rela.data.object_store import ObjectURL, is_remote
 from rela.data.store import atomic_write_bytes
 from rela.errors import CorruptImageError, DatasetError, RelaWarning
 
@@ -29,15 +32,17 @@ class WebDataset(RelaDataset):
 
     @classmethod
     def claims(cls, spec) -> bool:
-        """A list of shards, a `.tar` path or glob, or a brace range (`shards/{000000..000009}.tar`)."""
+        """A list of shards, a `.tar` path or glob, a brace range (`shards/{000000..000009}.tar`),
+        or any `s3://` URL (a prefix means every .tar under it)."""
         s = str(spec)
-        return isinstance(spec, (list, tuple)) or s.endswith(".tar") or (".tar" in s and "{" in s)
+        return isinstance(spec, (list, tuple)) or s.endswith(".tar") or (".tar" in s and "{" in s) or is_remote(s)
 
     def __init__(self, shards) -> None:
         self.shards = _expand_shards(shards)
+        self._prefetch = Prefetcher()
         parts, self._cache_keys = [], []
         for k, shard in enumerate(self.shards):
-            index, truncated, cache_key = _shard_index(shard)
+            index, truncated, cache_key = shard.index() if isinstance(shard, RemoteShard) else shard_index(shard)
             parts.append((k, index))
             self._cache_keys.append(cache_key)
             if truncated:
@@ -70,7 +75,11 @@ class WebDataset(RelaDataset):
 
     def _read(self, index: int) -> bytes:
         """Sample `index`'s member bytes as the shard holds them (fewer when the shard is truncated)."""
-        with open(self.shards[self._shard[index]], "rb") as f:
+        shard = self.shards[self._shard[index]]
+        if isinstance(shard, RemoteShard):
+            data = self._prefetch.take(index)
+            return data if data is not None else shard.read(int(self._offsets[index]), int(self._sizes[index]))
+        with open(shard, "rb") as f:
             f.seek(int(self._offsets[index]))
             return f.read(int(self._sizes[index]))
 
@@ -81,6 +90,13 @@ class WebDataset(RelaDataset):
             return decode_bytes(self.encoded(index)[0])
         except (OSError, ValueError) as e:
             raise CorruptImageError(index, self.describe(index), str(e)) from None
+
+    def fetched(self, indices):
+        """Remote shards: the members of `indices` read concurrently for the block (see
+        `RemoteShard`); local shards are read when decoded."""
+        reads = {int(i): (shard, int(self._offsets[i]), int(self._sizes[i])) for i in indices
+                 if isinstance(shard := self.shards[self._shard[i]], RemoteShard)}
+        return self._prefetch.fetched(reads)
 
     def describe(self, index: int) -> str:
         return f"{self.shards[self._shard[index]]}:{self._keys[index]}{self._exts[index]}"
@@ -111,14 +127,14 @@ class WebDataset(RelaDataset):
         return fp
 
     def info(self) -> dict:
-        return {"shards": len(self.shards), "first_shard": str(self.shards[0].resolve())}
+        first = self.shards[0]
+        return {"shards": len(self.shards), "first_shard": str(first if isinstance(first, RemoteShard)
+                                                                  else first.resolve())}
 
 
-def _expand_shards(spec) -> list[Path]:
-    """A list of shard paths, or one string with `{000000..000009}` ranges and/or glob patterns."""
-    import glob
-    import re
-
+def _expand_shards(spec) -> list[Path | RemoteShard]:
+    """A list of shard paths or URLs, or one string with `{000000..000009}` ranges and/or glob
+    patterns; an `s3://` prefix with neither means every `.tar` under it."""
     if isinstance(spec, (list, tuple)):
         names = [str(x) for x in spec]
     else:
@@ -127,13 +143,37 @@ def _expand_shards(spec) -> list[Path]:
             s = pending.pop(0)
             m = re.search(r"\{(\d+)\.\.(\d+)\}", s)
             if m is None:
-                names += sorted(glob.glob(s)) if any(c in s for c in "*?[") else [s]
+                names += _glob(s) if any(c in s for c in "*?[") or (is_remote(s) and not s.endswith(".tar")) else [s]
                 continue
             lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
             pending += [s[:m.start()] + f"{i:0{width}d}" + s[m.end():] for i in range(lo, hi + 1)]
+    if names and all(is_remote(n) for n in names):
+        return [RemoteShard(n) for n in names]  # each is asked for (HEAD) only when its index is not cached
+    if any(is_remote(n) for n in names):
+        raise DatasetError(f"{spec}: mixes s3:// shards with local ones; give one or the other")
     paths = [Path(n) for n in names]
     missing = [str(p) for p in paths if not p.is_file()]
     if not paths or missing:
         raise DatasetError(f"shards not found: {', '.join(missing[:3]) or spec}"
                            + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
     return paths
+
+
+def _glob(pattern: str) -> list[str]:
+    """Local files or S3 objects matching a glob (an S3 prefix alone: its .tar objects)."""
+    import fnmatch
+    import glob
+
+    if not is_remote(pattern):
+        return sorted(glob.glob(pattern))
+    from rela.data import object_store
+
+    if not any(c in pattern for c in "*?["):
+        pattern = pattern.rstrip("/") + "/*.tar"
+    url = ObjectURL.parse(pattern)
+    prefix = re.split(r"[*?\[]", url.key, maxsplit=1)[0]
+    keys = object_store.list_keys(ObjectURL(url.bucket, prefix))
+    found = [f"s3://{url.bucket}/{k}" for k in keys if fnmatch.fnmatchcase(k, url.key)]
+    if not found:
+        raise DatasetError(f"no objects match {pattern} at {object_store.endpoint()}")
+    return found

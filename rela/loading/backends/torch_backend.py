@@ -63,7 +63,8 @@ class TorchBuilder(torch.utils.data.Dataset):
             if getattr(self.rules.dataset, "as_is", False):
                 built = self.stack_items(task)
             else:
-                built = self.finish(self.decode(task))
+                with self.rules.dataset.fetched(task.indices):  # remote members: read concurrently
+                    built = self.finish(self.decode(task))
         except RelaError as e:  # a value, not raised: see Built.error
             built = Built.failed(e, task.version)
         return shm_ring.attach(built)  # in a worker process: the shared buffers it leased
