@@ -142,7 +142,9 @@ class _Shard:
         with tempfile.TemporaryDirectory(prefix="rela-pack-") as tmp:  # indexed as a reader would index it
             path = Path(tmp) / self.name
             path.write_bytes(data)
-            index = index_to_bytes(*_index_shard(path, len(data)))
+            ix, truncated = _index_shard(path, len(data))
+        ix.shard_md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()  # what S3 reports as a PUT's ETag
+        index = index_to_bytes(ix, truncated)
         etag = out.write(self.name, data)
         out.write(self.name + INDEX_SUFFIX, index)
         return {"name": self.name, "start": self.start, "stop": stop, "samples": self.members,

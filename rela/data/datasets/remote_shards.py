@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rela.data import folder_scan, object_store
-from rela.data.datasets.tar_index import _index_shard, _ShardIndex, index_from_bytes, index_to_bytes
+from rela.data.datasets.tar_index import _index_is_sound, _index_shard, _ShardIndex, index_from_bytes, index_to_bytes
 from rela.data.object_store import ObjectStoreError, ObjectURL
 from rela.data.store import atomic_write_bytes
 
@@ -91,16 +91,32 @@ class RemoteShard:
             return None
 
     def _beside(self, size: int) -> tuple[_ShardIndex, str | None] | None:
-        """The index `rela pack` wrote beside the shard, if it describes a shard of this size."""
+        """The index `rela pack` wrote beside the shard, if it describes this very shard: by the
+        MD5 it records where the ETag is one (a single-part upload), else by the tar headers of its
+        first and last members, read back (a replaced shard with a stale index beside it is
+        re-indexed, not misread)."""
         try:
             ix, truncated = index_from_bytes(object_store.read(self.url.sibling(self.name + INDEX_SUFFIX)))
         except object_store.ObjectNotFound:
             return None
         except (ValueError, KeyError):
             return None  # not an index rela wrote: index the shard itself
-        from rela.data.datasets.tar_index import _index_is_sound
+        if not _index_is_sound(ix, size) or ix.shard_bytes not in (None, size):
+            return None
+        md5 = self.etag.strip('"')
+        if ix.shard_md5 and len(md5) == 32 and "-" not in md5:
+            return (ix, truncated) if md5 == ix.shard_md5 else None
+        return (ix, truncated) if self._headers_match(ix) else None
 
-        return (ix, truncated) if _index_is_sound(ix, size) and ix.shard_bytes in (None, size) else None
+    def _headers_match(self, ix: _ShardIndex) -> bool:
+        """Whether the first and last indexed members' tar headers name what the index says."""
+        for k in {0, len(ix.keys) - 1} if ix.keys else ():
+            start = int(ix.offsets[k]) - 512
+            header = object_store.read(self.url, start, 512, self.etag) if start >= 0 else b""
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            if name.rpartition(".")[0] != ix.keys[k] or "." + name.rpartition(".")[2].lower() != ix.exts[k]:
+                return False
+        return True
 
     def _download(self, size: int) -> tuple[_ShardIndex, str | None]:
         """Index the shard itself: once, from a temporary local copy."""

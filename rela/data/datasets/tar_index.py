@@ -27,13 +27,14 @@ class _ShardIndex:
     sizes: np.ndarray  # int64
     labels: np.ndarray  # int64; -1 without a .cls member, _BAD_LABEL for an unreadable one
     shard_bytes: int | None = None  # the size of the shard it describes, where known
+    shard_md5: str | None = None  # its MD5 (an S3 ETag of a single-part upload), where known
 
 
 def index_to_bytes(ix: _ShardIndex, truncated: str | None) -> bytes:
     """An index as rela stores it (an .npz of flat arrays, no pickles): the local cache's entries
     and the `.index` objects `rela pack` writes beside its shards."""
     buf = io.BytesIO()
-    meta = {"truncated": truncated, "shard_bytes": ix.shard_bytes}
+    meta = {"truncated": truncated, "shard_bytes": ix.shard_bytes, "shard_md5": ix.shard_md5}
     np.savez(buf, keys=_join(ix.keys), exts=_join(ix.exts), offsets=ix.offsets, sizes=ix.sizes, labels=ix.labels,
              meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
     return buf.getvalue()
@@ -44,7 +45,7 @@ def index_from_bytes(data: bytes) -> tuple[_ShardIndex, str | None]:
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         meta = json.loads(z["meta"].tobytes())
         ix = _ShardIndex(_unjoin(z["keys"]), _unjoin(z["exts"]), z["offsets"], z["sizes"], z["labels"],
-                         meta.get("shard_bytes"))
+                         meta.get("shard_bytes"), meta.get("shard_md5"))
     return ix, meta["truncated"]
 
 
