@@ -4,6 +4,10 @@ and the faults a cluster meets (a restarting server, a deleted shard, a wrong ke
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,7 +21,7 @@ from rela.data.datasets import open_dataset
 from rela.data.object_store import ObjectStoreError
 from rela.data.pack import pack
 from rela.errors import CorruptImageError
-from tests.conftest import jpeg_bytes, make_folder, run_cli, write_shard
+from tests.conftest import REPO, jpeg_bytes, make_folder, run_cli, write_shard
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -234,3 +238,33 @@ def test_pack_to_s3_then_convert_and_train_from_it_on_the_command_line(s3, tmp_p
     bad = run_cli("train", "--data", f"s3://{bucket}/{prefix}/nothing-here/", "--out", str(tmp_path / "r2"),
                   "--quiet", env=server.env)
     assert bad.returncode != 0 and "no objects match" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _ranks(out) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_torchrun_and_lightning_ddp_ranks_read_disjoint_equal_shares_from_s3_as_from_disk(s3, source, tmp_path):
+    server, bucket, prefix = s3
+    _, shards, n = source
+    _upload(server, bucket, shards, prefix)
+    runs = {}
+    for name, spec in (("s3", _spec(bucket, n, prefix)), ("disk", str(shards / "*.tar"))):
+        out = tmp_path / f"torchrun-{name}"
+        out.mkdir()
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                            str(REPO / "tests" / "data" / "ddp_read.py"), spec, str(out)], capture_output=True,
+                           text=True, timeout=300, env={**os.environ, **server.env})
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = _ranks(out)
+    assert runs["s3"] == runs["disk"]  # the same indices and pixels on each rank
+    shares = [set(sum((ix for ix, _ in rank["seen"]), [])) for rank in runs["s3"]]
+    assert runs["s3"][0]["len"] == runs["s3"][1]["len"] == 5 and not shares[0] & shares[1]
+    assert len(shares[0] | shares[1]) == 40
+    out = tmp_path / "lightning"
+    r = subprocess.run([sys.executable, str(REPO / "tests" / "training" / "lightning_fit.py"), str(out), "--devices",
+                        "2", "--epochs", "1", "--data", _spec(bucket, n, prefix)], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, **server.env})
+    assert r.returncode == 0, r.stderr[-3000:]
+    lit = [set(sum((s["index"] for s in rank["seen"]), [])) for rank in _ranks(out)]
+    assert len(lit[0]) == len(lit[1]) == 20 and not lit[0] & lit[1]

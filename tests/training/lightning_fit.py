@@ -4,6 +4,7 @@ modules: the loader is built before fit() creates the process group, and configu
 reads trainer.estimated_stepping_batches for its schedule. Each rank writes what it trained on.
 
     python tests/training/lightning_fit.py OUT --devices 2 --epochs 2 [--ckpt PATH] [--every 2] [--no-loader-state]
+                                           [--data SPEC]   (shards, an s3:// prefix, ...: else 64 arrays)
 """
 
 import argparse
@@ -30,9 +31,10 @@ class Model(L.LightningModule):
         self.out, self.seen = out, []
 
     def training_step(self, batch, batch_idx):
-        (x0, _x1), y = batch  # lightly's loop body, unchanged
+        (x0, _x1), y = batch[0], batch[1]  # lightly's loop body, unchanged
         self.seen.append({"epoch": self.current_epoch, "batch": batch_idx, "labels": y.tolist(),
-                          "pixels": zlib.crc32(x0.numpy().tobytes())})
+                          "pixels": zlib.crc32(x0.numpy().tobytes()),
+                          **({"index": batch[2]["index"].tolist()} if len(batch) == 3 else {})})
         return torch.nn.functional.cross_entropy(self.net(x0.flatten(1)), y % 4)
 
     def configure_optimizers(self):
@@ -52,6 +54,7 @@ def main() -> None:
     a.add_argument("--epochs", type=int, default=2)
     a.add_argument("--ckpt")
     a.add_argument("--every", type=int, default=0, help="checkpoint every N steps, all kept")
+    a.add_argument("--data", help="a dataset spec rela opens (batches then carry their indices)")
     a.add_argument(
         "--no-loader-state",
         action="store_true",
@@ -63,7 +66,8 @@ def main() -> None:
     L.seed_everything(7)
     rng = np.random.default_rng(0)
     dataset = ArrayDataset(rng.integers(0, 255, (64, 10, 10, 3), dtype=np.uint8), np.arange(64))
-    loader = rela.Loader(dataset, 4, views="byol", image_size=8, num_workers=0, batch_format="tuple")
+    loader = rela.Loader(args.data or dataset, 4, views="byol", image_size=8, num_workers=0,
+                         batch_format="lightly" if args.data else "tuple")
     callbacks = [] if args.no_loader_state else [rela.LoaderState()]
     if args.every:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=args.every,
