@@ -176,10 +176,10 @@ class SeaweedS3:
     """`weed server -s3` on 127.0.0.1 with one access key, its data in `root`; `stop`/`start`
     keep the data (a restart mid-epoch), `env` is what a client needs to reach it."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, volume_mb: int = 64) -> None:
         import shutil
 
-        self.weed = shutil.which("weed")
+        self.weed, self.volume_mb = shutil.which("weed"), volume_mb
         self.root, self.proc = root, None
         (root / "data").mkdir(parents=True, exist_ok=True)
         import json
@@ -204,7 +204,7 @@ class SeaweedS3:
              f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", "-s3",
              f"-s3.port={s3}", f"-s3.config={self.root / 's3.json'}", "-s3.port.iceberg=0", "-s3.port.lance=0",
              "-volume.max=8", "-volume.preStopSeconds=0",
-             "-master.volumeSizeLimitMB=64", "-metricsPort=0"],
+             f"-master.volumeSizeLimitMB={self.volume_mb}", "-metricsPort=0"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
@@ -303,5 +303,6 @@ def s3(s3_server, monkeypatch):
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("RELA_S3_RETRY_SECONDS", "60")
     object_store._clients.clear()  # a client made before this environment was set
-    yield s3_server, "rela", f"t{next(_PREFIXES)}"
+    # unique across test processes too: they share RELA_CACHE, where remote indexes are kept by URL
+    yield s3_server, "rela", f"t{os.getpid()}-{next(_PREFIXES)}"
     object_store._clients.clear()

@@ -75,8 +75,9 @@ def test_s3_gives_the_batches_of_the_same_shards_on_disk(s3, source, worker_type
     _same(local, listed)
 
 
-def test_a_warm_open_asks_the_store_nothing_and_an_unindexed_shard_is_indexed_once(s3, source):
+def test_a_warm_open_asks_the_store_nothing_and_an_unindexed_shard_is_indexed_once(s3, source, monkeypatch):
     server, bucket, prefix = s3
+    monkeypatch.setenv("RELA_S3_CACHE_GB", "0")  # every member by range: no local copies
     _, shards, n = source
     _upload(server, bucket, shards, prefix, index=False)  # shards another tool wrote: no .index beside them
     cold = open_dataset(_spec(bucket, n, prefix))
@@ -91,6 +92,26 @@ def test_a_warm_open_asks_the_store_nothing_and_an_unindexed_shard_is_indexed_on
     assert sent == [] and len(warm) == len(local)
     warm.load(3)
     assert len(sent) == 1  # one ranged GET for one sample
+
+
+def test_whole_shard_copies_land_locally_and_then_an_epoch_asks_nothing(s3, source):
+    server, bucket, prefix = s3
+    _, shards, n = source
+    _upload(server, bucket, shards, prefix)
+    kw = dict(views="byol", image_size=24, seed=2, num_workers=2)
+    loader = Loader(_spec(bucket, n, prefix), 6, **kw)
+    first = _epoch(loader)  # ranged reads, while each shard is copied in the background
+    copies = loader.dataset.shards[0].copies
+    deadline = time.monotonic() + 30
+    while not all(copies.path(s).exists() for s in loader.dataset.shards) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(copies.path(s).read_bytes() == (shards / s.name).read_bytes() for s in loader.dataset.shards)
+    sent: list = []
+    _requests(sent)
+    again = _epoch(Loader(_spec(bucket, n, prefix), 6, **kw))  # a new open and epoch: all local
+    assert sent == []
+    _same(first, again)
+    _same(_epoch(Loader(str(shards / "*.tar"), 6, **kw)), again)
 
 
 def test_ddp_ranks_read_disjoint_equal_shares_and_resume_mid_epoch_exactly(s3, source):

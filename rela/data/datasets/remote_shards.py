@@ -21,8 +21,10 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,7 +43,9 @@ class RemoteShard:
     def __init__(self, url: str) -> None:
         self.url = ObjectURL.parse(url)
         self.name = self.url.name
-        self.etag = ""
+        self.etag, self.size = "", 0
+        self.copies: LocalCopies | None = None  # whole-shard copies on local disk, when the data fits
+        self.where = f"{object_store.endpoint()} {self.url}"  # what the local caches key on (with the ETag)
 
     def __str__(self) -> str:
         return str(self.url)
@@ -49,14 +53,15 @@ class RemoteShard:
     def index(self) -> tuple[_ShardIndex, str | None, str]:
         """(index, why truncated or None, cache key), from the cheapest source that has it."""
         folder = folder_scan.cache_dir("wds", "WebDataset shard indexes")
-        seen = None if folder is None else folder / f"remote-{_digest(str(self.url))}.json"
+        seen = None if folder is None else folder / f"remote-{_digest(self.where)}.json"
         try:
-            self.etag = json.loads(seen.read_text())["etag"]
+            known = json.loads(seen.read_text())
+            self.etag, self.size = known["etag"], int(known["size"])
             return (*self._cached(folder), self._key())
         except (OSError, ValueError, KeyError, TypeError):
             pass  # not seen yet, or its cached index is gone: ask the store
         head = object_store.head(self.url)
-        self.etag = head.etag
+        self.etag, self.size = head.etag, head.size
         found = self._cached(folder) if folder is not None else None
         if found is None:
             found = self._beside(head.size) or self._download(head.size)
@@ -67,6 +72,12 @@ class RemoteShard:
         return (*found, self._key())
 
     def read(self, offset: int, size: int) -> bytes:
+        """A member's bytes: from the local copy once it is there, else by a ranged GET."""
+        local = self.copies.get(self) if self.copies is not None else None
+        if local is not None:
+            with open(local, "rb") as f:
+                f.seek(offset)
+                return f.read(size)
         try:
             return object_store.read(self.url, offset, size, self.etag)
         except ObjectStoreError:
@@ -77,10 +88,10 @@ class RemoteShard:
         folder = folder_scan.cache_dir("wds", "WebDataset shard indexes")
         if folder is not None:
             with contextlib.suppress(OSError):
-                (folder / f"remote-{_digest(str(self.url))}.json").unlink()
+                (folder / f"remote-{_digest(self.where)}.json").unlink()
 
     def _key(self) -> str:
-        return "remote-" + _digest(f"v1\t{self.url}\t{self.etag}")
+        return "remote-" + _digest(f"v1\t{self.where}\t{self.etag}")
 
     def _cached(self, folder: Path | None) -> tuple[_ShardIndex, str | None] | None:
         if folder is None:
@@ -125,6 +136,100 @@ class RemoteShard:
             object_store.download(self.url, path, self.etag)
             index, truncated = _index_shard(path, size)
         return index, truncated
+
+
+class LocalCopies:
+    """Whole shards copied to local disk in the background, one GET each, the first time a member
+    of theirs is read; until a copy lands its members are read by range. Ranged GETs cost the
+    client ~1.8 ms of CPU each through boto3 (bench/remote.py), a whole-shard GET next to nothing
+    per member: the copies are what lets an epoch from S3 run at local speed with the same
+    sample-level shuffle. Used when the shards fit the budget (`budget_bytes`); kept under
+    $RELA_CACHE/s3 by (URL, ETag), so the next run starts local. Processes share the copies
+    (a lock file per shard: one copies, the others read by range meanwhile)."""
+
+    STALE_LOCK_S = 600  # a lock older than this is a killed copier's: taken over
+
+    def __init__(self, folder: Path, threads: int = 4) -> None:
+        self.folder, self.threads = folder, threads
+        self._started: set[str] = set()
+        self._lock = threading.Lock()
+        self._pools: dict[int, ThreadPoolExecutor] = {}
+
+    def __getstate__(self) -> dict:
+        return {"folder": self.folder, "threads": self.threads}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["folder"], state["threads"])
+
+    def path(self, shard: RemoteShard) -> Path:
+        return self.folder / (_digest(f"{shard.where} {shard.etag}") + ".tar")
+
+    def get(self, shard: RemoteShard) -> Path | None:
+        """The local copy if it is complete; else None, and its copy started (once)."""
+        path = self.path(shard)
+        if path.exists():
+            return path
+        with self._lock:
+            if path.name in self._started:
+                return None
+            self._started.add(path.name)
+            pid = os.getpid()
+            if pid not in self._pools:
+                self._pools.clear()  # a forked worker: the parent's threads did not come along
+                self._pools[pid] = ThreadPoolExecutor(self.threads, thread_name_prefix="rela-s3-copy")
+            self._pools[pid].submit(self._copy, shard, path)
+        return None
+
+    def _copy(self, shard: RemoteShard, path: Path) -> None:
+        lock = path.with_suffix(".lock")
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            try:
+                if time.time() - lock.stat().st_mtime < self.STALE_LOCK_S:
+                    return  # another process copies it
+                lock.unlink()
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            except OSError:
+                return
+        os.close(fd)
+        part = path.with_suffix(f".part{os.getpid()}")
+        try:
+            object_store.download(shard.url, part, shard.etag)
+            if part.stat().st_size == shard.size:
+                os.replace(part, path)
+        except (ObjectStoreError, OSError):
+            pass  # the ranged reads go on, and say what is wrong if anything is
+        finally:
+            with contextlib.suppress(OSError):
+                part.unlink()
+            with contextlib.suppress(OSError):
+                lock.unlink()
+            with self._lock:
+                if not path.exists():
+                    self._started.discard(path.name)  # a later read tries again
+
+    @staticmethod
+    def budget_bytes() -> int:
+        """How much of the local disk the copies may take: RELA_S3_CACHE_GB (0: no copies, read
+        every member by range), else half the free space where they go."""
+        given = os.environ.get("RELA_S3_CACHE_GB")
+        if given is not None:
+            return int(float(given) * 2**30)
+        folder = folder_scan.cache_root()
+        try:
+            return shutil.disk_usage(folder if folder.exists() else folder.parent).free // 2
+        except OSError:
+            return 0
+
+    @classmethod
+    def for_shards(cls, shards: list[RemoteShard]) -> LocalCopies | None:
+        """Copies for these shards if they fit the budget (and the cache folder is usable)."""
+        total = sum(s.size for s in shards)
+        if not shards or total > cls.budget_bytes():
+            return None
+        folder = folder_scan.cache_dir("s3", "local copies of S3 shards")
+        return None if folder is None else cls(folder)
 
 
 def _digest(text: str) -> str:

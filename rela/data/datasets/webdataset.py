@@ -13,7 +13,7 @@ import numpy as np
 from rela.data import folder_scan
 from rela.data.datasets.base import RelaDataset
 from rela.data.datasets.decode import decode_bytes
-from rela.data.datasets.remote_shards import Prefetcher, RemoteShard
+from rela.data.datasets.remote_shards import LocalCopies, Prefetcher, RemoteShard
 from rela.data.datasets.tar_index import _BAD_LABEL, IMAGE_EXTENSIONS, shard_index
 from rela.data.object_store import ObjectURL, is_remote
 from rela.data.store import atomic_write_bytes
@@ -49,6 +49,10 @@ class WebDataset(RelaDataset):
                 warnings.warn(f"{shard} is truncated: {truncated}. Its {len(index.keys)} indexed samples are used (one "
                               "cut short fails when read, like a corrupt image) and the rest of it is lost; re-create "
                               "the shard", RelaWarning, stacklevel=2)
+        remote = [s for s in self.shards if isinstance(s, RemoteShard)]
+        copies = LocalCopies.for_shards(remote)
+        for shard in remote:
+            shard.copies = copies
         # one flat column per field: 1.28M tuples cost seconds to build and hundreds of MB to hold
         self._shard = np.concatenate([np.full(len(ix.keys), k, np.int32) for k, ix in parts])
         self._keys = [key for _, ix in parts for key in ix.keys]
