@@ -45,6 +45,7 @@ class RemoteShard:
         self.name = self.url.name
         self.etag, self.size = "", 0
         self.copies: LocalCopies | None = None  # whole-shard copies on local disk, when the data fits
+        self._local: Path | None = None
         self.where = f"{object_store.endpoint()} {self.url}"  # what the local caches key on (with the ETag)
 
     def __str__(self) -> str:
@@ -71,9 +72,15 @@ class RemoteShard:
             atomic_write_bytes(seen, json.dumps({"etag": self.etag, "size": head.size}).encode(), durable=False)
         return (*found, self._key())
 
+    def local_copy(self) -> Path | None:
+        """The shard's complete local copy, once there is one (remembered: no stat per member)."""
+        if self._local is None and self.copies is not None:
+            self._local = self.copies.get(self)
+        return self._local
+
     def read(self, offset: int, size: int) -> bytes:
         """A member's bytes: from the local copy once it is there, else by a ranged GET."""
-        local = self.copies.get(self) if self.copies is not None else None
+        local = self.local_copy()
         if local is not None:
             with open(local, "rb") as f:
                 f.seek(offset)
@@ -83,6 +90,9 @@ class RemoteShard:
         except ObjectStoreError:
             self.forget()  # changed or deleted: the next open asks the store again
             raise
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_local": None}
 
     def forget(self) -> None:
         folder = folder_scan.cache_dir("wds", "WebDataset shard indexes")

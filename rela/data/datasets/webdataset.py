@@ -41,8 +41,8 @@ class WebDataset(RelaDataset):
         self.shards = _expand_shards(shards)
         self._prefetch = Prefetcher()
         parts, self._cache_keys = [], []
-        for k, shard in enumerate(self.shards):
-            index, truncated, cache_key = shard.index() if isinstance(shard, RemoteShard) else shard_index(shard)
+        for k, (shard, (index, truncated, cache_key)) in enumerate(zip(self.shards, _indexes(self.shards),
+                                                                       strict=True)):
             parts.append((k, index))
             self._cache_keys.append(cache_key)
             if truncated:
@@ -99,7 +99,7 @@ class WebDataset(RelaDataset):
         """Remote shards: the members of `indices` read concurrently for the block (see
         `RemoteShard`); local shards are read when decoded."""
         reads = {int(i): (shard, int(self._offsets[i]), int(self._sizes[i])) for i in indices
-                 if isinstance(shard := self.shards[self._shard[i]], RemoteShard)}
+                 if isinstance(shard := self.shards[self._shard[i]], RemoteShard) and shard.local_copy() is None}
         return self._prefetch.fetched(reads)
 
     def describe(self, index: int) -> str:
@@ -134,6 +134,17 @@ class WebDataset(RelaDataset):
         first = self.shards[0]
         return {"shards": len(self.shards), "first_shard": str(first if isinstance(first, RemoteShard)
                                                                   else first.resolve())}
+
+
+def _indexes(shards: list) -> list:
+    """Each shard's (index, truncated, cache key), in order; remote ones asked for 16 at a time (a
+    cold open is a HEAD and a GET per shard: in turn, 1,000 shards would take a minute)."""
+    if not any(isinstance(s, RemoteShard) for s in shards):
+        return [shard_index(s) for s in shards]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(lambda s: s.index() if isinstance(s, RemoteShard) else shard_index(s), shards))
 
 
 def _expand_shards(spec) -> list[Path | RemoteShard]:
