@@ -79,7 +79,7 @@ BACKENDS = {
 DATASETS = {  # asked in this order: the first that claims a spec opens it
     "dataset": Entry("rela.data.datasets.base:RelaDataset"),  # a RelaDataset object, as it is
     "webdataset": Entry("rela.data.datasets.webdataset:WebDataset",
-                        form="WebDataset shards ('shards/{000000..000009}.tar' or a glob)"),
+                        form="WebDataset shards ('shards/{000000..000009}.tar', a glob, or s3://bucket/prefix/)"),
     "map": Entry("rela.data.datasets.map:MapDataset"),  # an object (Python API): no command-line form
     "fashion-mnist": Entry("rela.data.datasets.arrays:FashionMNIST", form="fashion-mnist[:train|:test]"),
     "npz": Entry("rela.data.datasets.arrays:ArrayDataset", form="an .npz"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -248,6 +249,17 @@ def test_pack_to_s3_then_convert_and_train_from_it_on_the_command_line(s3, tmp_p
     assert len(tars) > 1 and all(k + ".index" in keys for k in tars) and f"{prefix}/packed/pack.json" in keys
     again = run_cli("pack", "--data", str(folder), "--out", out, "--shard-mb", "0.01", "--quiet", env=server.env)
     assert again.returncode == 0, again.stderr  # finished: nothing written twice
+    killed = f"s3://{bucket}/{prefix}/killed"
+    args = ("pack", "--data", str(folder), "--out", killed, "--shard-mb", "0.01", "--quiet")
+    assert run_cli(*args, env={**server.env, "RELA_CRASH_AT": "shard-written:2"}).returncode == -signal.SIGKILL
+    assert run_cli(*args, env=server.env).returncode == 0  # resumed after its second shard
+
+    def objects(under):
+        c = server.client()
+        return {o["Key"].rsplit("/", 1)[1]: c.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in
+                c.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/{under}/")["Contents"]}
+
+    assert objects("killed") == objects("packed")  # what an uninterrupted pack wrote, byte for byte
     store = tmp_path / "store"
     r = run_cli("convert", "--data", out + "/", "--prior", "random:resnet18", "--dim", "4", "--input-size", "32",
                 "--out", str(store), "--quiet", env=server.env)
