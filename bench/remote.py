@@ -20,7 +20,8 @@ Access patterns (one table): the same bytes read as (a) whole shards streamed wi
 (b) every member by its own ranged GET, 32 in flight — with and without the injected delay.
 
 Peers, from the same endpoint in the same rounds (bench/remote_peers.py, each from its own virtual
-environment under bench/venvs/, made here on first use: their pins conflict with rela's):
+environment under $RELA_BENCH_VENVS, default ~/.cache/rela-bench-venvs, made here on first use:
+their pins conflict with rela's):
 webdataset's own loader over the same shards, LitData over its optimized chunks, Mosaic Streaming
 over MDS, each at its authors' recommended settings. A peer that cannot be installed or run
 here is a row that says why.
@@ -51,6 +52,8 @@ from bench._common import cpu_seconds, device_line  # noqa: E402
 from bench.loader import MEAN, STD, build_jpegs  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
+# the peers' virtual environments: outside the checkout (their site-packages are not the project's files)
+VENVS = Path(os.environ.get("RELA_BENCH_VENVS", Path.home() / ".cache" / "rela-bench-venvs"))
 BUCKET = "rela"  # the server's one bucket (SeaweedFS gives each bucket volumes of its own)
 
 
@@ -83,7 +86,7 @@ PEER_PACKAGES = {"webdataset": ["webdataset"], "litdata": ["litdata"], "mosaic":
 def peer_python(peer: str) -> Path:
     """The peer's own virtual environment (system site packages: the same torch, torchvision and
     lightly as rela's rows), made on first use."""
-    venv = ROOT / "bench" / "venvs" / peer
+    venv = VENVS / peer
     py = venv / "bin" / "python"
     if not py.exists():
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
@@ -222,7 +225,7 @@ def main() -> None:
     args = a.parse_args()
     print(device_line())
     print("S3: SeaweedFS on 127.0.0.1 (loopback: no network latency but for the +N ms rows); its CPU is not counted")
-    print("peers: each from its own venv (bench/venvs/); LitData's obstore client is given allow_http for this "
+    print(f"peers: each from its own venv ({VENVS}); LitData's obstore client is given allow_http for this "
           "http:// endpoint (it omits it)")
     shards = pack_shards(args.images)
     server = start_server(shards)

@@ -1,5 +1,5 @@
 """The streaming loaders users pick for object storage, run by bench/remote.py from their own virtual
-environments (bench/venvs/<peer>, made with --system-site-packages so torch, torchvision and lightly
+environments ($RELA_BENCH_VENVS/<peer>, made with --system-site-packages so torch, torchvision and lightly
 are the ones rela's rows use; the peer's own pins stay in its venv).
 
 Each reads the same images from the same S3 endpoint with its authors' recommended settings and
