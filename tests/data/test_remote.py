@@ -63,14 +63,21 @@ def _requests(counter: list):
     object_store.client().meta.events.register("before-send.s3", lambda **_: counter.append(1))
 
 
-@pytest.mark.parametrize("worker_type", ["thread", "process"])
-def test_s3_gives_the_batches_of_the_same_shards_on_disk(s3, source, worker_type):
+@pytest.fixture
+def uploaded(s3, source):
+    """The source shards (with their indexes) in this test's prefix: (server, bucket, prefix, shards, spec)."""
     server, bucket, prefix = s3
     _, shards, n = source
     _upload(server, bucket, shards, prefix)
+    return server, bucket, prefix, shards, _spec(bucket, n, prefix)
+
+
+@pytest.mark.parametrize("worker_type", ["thread", "process"])
+def test_s3_gives_the_batches_of_the_same_shards_on_disk(uploaded, worker_type):
+    server, bucket, prefix, shards, spec = uploaded
     kw = dict(views="byol", image_size=24, seed=7, num_workers=2, worker_type=worker_type)
     local = _epoch(Loader(str(shards / "*.tar"), 6, **kw))
-    remote = _epoch(Loader(_spec(bucket, n, prefix), 6, **kw))
+    remote = _epoch(Loader(spec, 6, **kw))
     _same(local, remote)
     listed = _epoch(Loader(f"s3://{bucket}/{prefix}/", 6, **kw))  # a prefix: every .tar under it
     _same(local, listed)
@@ -95,12 +102,10 @@ def test_a_warm_open_asks_the_store_nothing_and_an_unindexed_shard_is_indexed_on
     assert len(sent) == 1  # one ranged GET for one sample
 
 
-def test_whole_shard_copies_land_locally_and_then_an_epoch_asks_nothing(s3, source):
-    server, bucket, prefix = s3
-    _, shards, n = source
-    _upload(server, bucket, shards, prefix)
+def test_whole_shard_copies_land_locally_and_then_an_epoch_asks_nothing(uploaded):
+    server, bucket, prefix, shards, spec = uploaded
     kw = dict(views="byol", image_size=24, seed=2, num_workers=2)
-    loader = Loader(_spec(bucket, n, prefix), 6, **kw)
+    loader = Loader(spec, 6, **kw)
     first = _epoch(loader)  # ranged reads, while each shard is copied in the background
     copies = loader.dataset.shards[0].copies
     deadline = time.monotonic() + 30
@@ -109,17 +114,14 @@ def test_whole_shard_copies_land_locally_and_then_an_epoch_asks_nothing(s3, sour
     assert all(copies.path(s).read_bytes() == (shards / s.name).read_bytes() for s in loader.dataset.shards)
     sent: list = []
     _requests(sent)
-    again = _epoch(Loader(_spec(bucket, n, prefix), 6, **kw))  # a new open and epoch: all local
+    again = _epoch(Loader(spec, 6, **kw))  # a new open and epoch: all local
     assert sent == []
     _same(first, again)
     _same(_epoch(Loader(str(shards / "*.tar"), 6, **kw)), again)
 
 
-def test_ddp_ranks_read_disjoint_equal_shares_and_resume_mid_epoch_exactly(s3, source):
-    server, bucket, prefix = s3
-    _, shards, n = source
-    _upload(server, bucket, shards, prefix)
-    spec = _spec(bucket, n, prefix)
+def test_ddp_ranks_read_disjoint_equal_shares_and_resume_mid_epoch_exactly(uploaded):
+    server, bucket, prefix, shards, spec = uploaded
     kw = dict(views="rela", image_size=16, seed=3, num_workers=2)
     ranks = [_epoch(Loader(spec, 4, rank=r, world_size=2, **kw)) for r in (0, 1)]
     local = [_epoch(Loader(str(shards / "*.tar"), 4, rank=r, world_size=2, **kw)) for r in (0, 1)]
@@ -155,11 +157,8 @@ def test_a_corrupt_member_is_skipped_as_on_disk(s3, tmp_path):
     assert [i for i, *_ in remote.skipped] == [i for i, *_ in local.skipped] == [5]
 
 
-def test_an_epoch_survives_a_server_restart_with_the_same_batches(s3, source):
-    server, bucket, prefix = s3
-    _, shards, n = source
-    _upload(server, bucket, shards, prefix)
-    spec = _spec(bucket, n, prefix)
+def test_an_epoch_survives_a_server_restart_with_the_same_batches(uploaded):
+    server, bucket, prefix, shards, spec = uploaded
     kw = dict(views="byol", image_size=16, seed=5, num_workers=2)
     undisturbed = _epoch(Loader(spec, 4, **kw))
     it = iter(Loader(spec, 4, **kw))
@@ -184,11 +183,8 @@ def _one_line(err: Exception, *needles: str) -> None:
         assert needle in text, text
 
 
-def test_a_deleted_shard_a_replaced_one_a_wrong_key_and_no_bucket_are_one_clear_line(s3, source, monkeypatch):
-    server, bucket, prefix = s3
-    _, shards, n = source
-    _upload(server, bucket, shards, prefix)
-    spec = _spec(bucket, n, prefix)
+def test_a_deleted_shard_a_replaced_one_a_wrong_key_and_no_bucket_are_one_clear_line(uploaded, monkeypatch):
+    server, bucket, prefix, shards, spec = uploaded
     loader = Loader(spec, 4, image_size=16, num_workers=0, shuffle=False)
     server.client().delete_object(Bucket=bucket, Key=f"{prefix}/000000.tar")
     with pytest.raises(ObjectStoreError) as e:
@@ -223,12 +219,10 @@ def test_reads_give_up_after_the_retry_budget_with_the_endpoint_named(s3, source
     _one_line(e.value, "still failing after", "http://127.0.0.1:9", "RELA_S3_RETRY_SECONDS")
 
 
-def test_memory_stays_flat_over_five_epochs(s3, source):
+def test_memory_stays_flat_over_five_epochs(uploaded):
     psutil = pytest.importorskip("psutil")
-    server, bucket, prefix = s3
-    _, shards, n = source
-    _upload(server, bucket, shards, prefix)
-    loader = Loader(_spec(bucket, n, prefix), 4, views="byol", image_size=32, num_workers=2, worker_type="thread")
+    *_, spec = uploaded
+    loader = Loader(spec, 4, views="byol", image_size=32, num_workers=2, worker_type="thread")
     rss = []
     for epoch in range(5):
         loader.set_epoch(epoch)
@@ -277,16 +271,14 @@ def _ranks(out) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
-def test_torchrun_and_lightning_ddp_ranks_read_disjoint_equal_shares_from_s3_as_from_disk(s3, source, tmp_path):
-    server, bucket, prefix = s3
-    _, shards, n = source
-    _upload(server, bucket, shards, prefix)
+def test_torchrun_and_lightning_ddp_ranks_read_disjoint_equal_shares_from_s3_as_from_disk(uploaded, tmp_path):
+    server, bucket, prefix, shards, spec = uploaded
     runs = {}
-    for name, spec in (("s3", _spec(bucket, n, prefix)), ("disk", str(shards / "*.tar"))):
+    for name, data in (("s3", spec), ("disk", str(shards / "*.tar"))):
         out = tmp_path / f"torchrun-{name}"
         out.mkdir()
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                            str(REPO / "tests" / "data" / "ddp_read.py"), spec, str(out)], capture_output=True,
+                            str(REPO / "tests" / "data" / "ddp_read.py"), data, str(out)], capture_output=True,
                            text=True, timeout=300, env={**os.environ, **server.env})
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = _ranks(out)
@@ -296,7 +288,7 @@ def test_torchrun_and_lightning_ddp_ranks_read_disjoint_equal_shares_from_s3_as_
     assert len(shares[0] | shares[1]) == 40
     out = tmp_path / "lightning"
     r = subprocess.run([sys.executable, str(REPO / "tests" / "training" / "lightning_fit.py"), str(out), "--devices",
-                        "2", "--epochs", "1", "--data", _spec(bucket, n, prefix)], capture_output=True, text=True,
+                        "2", "--epochs", "1", "--data", spec], capture_output=True, text=True,
                        timeout=300, env={**os.environ, **server.env})
     assert r.returncode == 0, r.stderr[-3000:]
     lit = [set(sum((s["index"] for s in rank["seen"]), [])) for rank in _ranks(out)]
