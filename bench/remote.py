@@ -140,7 +140,7 @@ def one_row(spec: str, kind: str, workers: int, delay_ms: float) -> dict:
 
     os.environ["RELA_S3_DELAY_MS"] = str(delay_ms)
     os.environ["RELA_CACHE"] = tempfile.mkdtemp(prefix="rela-bench-cache-")
-    object_store._clients.clear()  # a client with this row's delay
+    object_store.reset_client()  # a client with this row's delay
     res: dict = {}
     t0, c0 = time.perf_counter(), cpu_seconds()
     loader = Loader(spec, 64, views=views(kind), num_workers=workers, drop_last=False, seed=0)
@@ -198,7 +198,7 @@ def access_patterns(shards: Path, delay_ms: float) -> list[dict]:
     os.environ["RELA_CACHE"] = tempfile.mkdtemp(prefix="rela-bench-cache-")
     for delay in (0.0, delay_ms):
         os.environ["RELA_S3_DELAY_MS"] = str(delay)
-        object_store._clients.clear()
+        object_store.reset_client()
         ds = open_dataset(f"s3://{BUCKET}/shards/")
         names = sorted(p.name for p in shards.glob("*.tar"))
         t = time.perf_counter()

@@ -302,7 +302,7 @@ def s3(s3_server, monkeypatch):
     for k, v in s3_server.env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("RELA_S3_RETRY_SECONDS", "60")
-    object_store._clients.clear()  # a client made before this environment was set
+    object_store.reset_client()  # a client made before this environment was set
     # unique across test processes too: they share RELA_CACHE, where remote indexes are kept by URL
     yield s3_server, "rela", f"t{os.getpid()}-{next(_PREFIXES)}"
-    object_store._clients.clear()
+    object_store.reset_client()

@@ -72,18 +72,39 @@ class ObjectURL:
         return ObjectURL(self.bucket, self.key.rpartition("/")[0] + "/" + name if "/" in self.key else name)
 
 
-_clients: dict[int, object] = {}
-_lock = threading.Lock()
+class PerProcess:
+    """One object per process, made on first use: a forked worker gets its own, never the parent's
+    (a client's sockets, a thread pool's threads, do not survive a fork). Shared by that process's
+    threads."""
+
+    def __init__(self, make) -> None:
+        self._make, self._lock, self._made = make, threading.Lock(), {}
+
+    def get(self):
+        pid = os.getpid()
+        with self._lock:
+            if pid not in self._made:
+                self._made.clear()  # a forked child: the parent's object is not ours
+                self._made[pid] = self._make()
+            return self._made[pid]
+
+    def reset(self) -> None:
+        """Make it afresh at the next `get` (after the environment it reads has changed)."""
+        with self._lock:
+            self._made.clear()
+
+
+_client = PerProcess(lambda: _make_client())
 
 
 def client():
-    """This process's S3 client (made on first use after a fork), from boto3's standard chain."""
-    pid = os.getpid()
-    with _lock:
-        if pid not in _clients:
-            _clients.clear()  # a forked child: the parent's client (and its sockets) is not ours
-            _clients[pid] = _make_client()
-        return _clients[pid]
+    """This process's S3 client, from boto3's standard chain and `AWS_ENDPOINT_URL`."""
+    return _client.get()
+
+
+def reset_client() -> None:
+    """A new client at the next request: for credentials or an endpoint set after the first one."""
+    _client.reset()
 
 
 def _make_client():
@@ -172,15 +193,6 @@ def head(url: ObjectURL) -> Head:
             raise BucketNotFound(f"{url}: bucket {url.bucket!r} does not exist at {endpoint()}") from None
         raise
     return Head(int(r["ContentLength"]), r["ETag"])
-
-
-def exists(url: ObjectURL) -> bool:
-    """Whether the object is there (a missing bucket is an error, not an absent object)."""
-    try:
-        head(url)
-        return True
-    except ObjectNotFound:
-        return False
 
 
 def read(url: ObjectURL, offset: int = 0, size: int | None = None, etag: str | None = None) -> bytes:

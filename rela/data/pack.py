@@ -139,14 +139,9 @@ class _Shard:
     def finish(self, out: _Out, stop: int) -> dict:
         self.tar.close()
         data = self.buf.getvalue()
-        with tempfile.TemporaryDirectory(prefix="rela-pack-") as tmp:  # indexed as a reader would index it
-            path = Path(tmp) / self.name
-            path.write_bytes(data)
-            ix, truncated = _index_shard(path, len(data))
+        etag, (ix, truncated) = out.write_shard(self.name, data)
         ix.shard_md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()  # what S3 reports as a PUT's ETag
-        index = index_to_bytes(ix, truncated)
-        etag = out.write(self.name, data)
-        out.write(self.name + INDEX_SUFFIX, index)
+        out.write(self.name + INDEX_SUFFIX, index_to_bytes(ix, truncated))
         return {"name": self.name, "start": self.start, "stop": stop, "samples": self.members,
                 "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), **({"etag": etag} if etag else {})}
 
@@ -183,6 +178,11 @@ class _Out:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.path / name, data)
         return None
+
+    def write_shard(self, name: str, data: bytes) -> tuple[str | None, tuple]:
+        """Write a shard; its ETag (None here) and its member index, read back as a reader would."""
+        self.write(name, data)
+        return None, _index_shard(self.path / name, len(data))
 
     def holds(self, shard: dict) -> bool:
         """Whether the finished shard the journal records is there, whole and unchanged."""
@@ -221,6 +221,14 @@ class _RemoteOut(_Out):
 
     def write(self, name: str, data: bytes) -> str | None:
         return object_store.write(self._url(name), data)
+
+    def write_shard(self, name: str, data: bytes) -> tuple[str | None, tuple]:
+        """Upload a shard; its ETag and its member index (indexed from a temporary local copy)."""
+        with tempfile.TemporaryDirectory(prefix="rela-pack-") as tmp:
+            path = Path(tmp) / name
+            path.write_bytes(data)
+            index = _index_shard(path, len(data))
+        return self.write(name, data), index
 
     def holds(self, shard: dict) -> bool:
         """By size and ETag (the store's checksum of what was PUT): no shard is read back."""

@@ -102,6 +102,16 @@ def test_a_warm_open_asks_the_store_nothing_and_an_unindexed_shard_is_indexed_on
     assert len(sent) == 1  # one ranged GET for one sample
 
 
+def test_s3_shards_open_and_read_with_caching_off(uploaded, monkeypatch):
+    """No usable cache folder (rela warns and caches nothing): indexes come from the store each time."""
+    from rela.data import folder_scan
+
+    server, bucket, prefix, shards, spec = uploaded
+    monkeypatch.setattr(folder_scan, "cache_dir", lambda *a, **k: None)
+    remote, local = open_dataset(spec), open_dataset(str(shards / "*.tar"))
+    assert len(remote) == len(local) and np.array_equal(remote.load(7), local.load(7))
+
+
 def test_whole_shard_copies_land_locally_and_then_an_epoch_asks_nothing(uploaded):
     server, bucket, prefix, shards, spec = uploaded
     kw = dict(views="byol", image_size=24, seed=2, num_workers=2)
@@ -201,7 +211,7 @@ def test_a_deleted_shard_a_replaced_one_a_wrong_key_and_no_bucket_are_one_clear_
         open_dataset(f"s3://no-such-bucket-{prefix}/x/{{000000..000001}}.tar")
     _one_line(e.value, "bucket 'no-such-bucket", "does not exist")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
-    object_store._clients.clear()
+    object_store.reset_client()
     with pytest.raises(ObjectStoreError) as e:
         open_dataset(f"s3://{bucket}/{prefix}/")
     _one_line(e.value, "access denied", "AWS_ACCESS_KEY_ID")
@@ -211,7 +221,7 @@ def test_reads_give_up_after_the_retry_budget_with_the_endpoint_named(s3, source
     server, bucket, prefix = s3
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: connection refused
     monkeypatch.setenv("RELA_S3_RETRY_SECONDS", "1.5")
-    object_store._clients.clear()
+    object_store.reset_client()
     start = time.monotonic()
     with pytest.raises(ObjectStoreError) as e:
         open_dataset(f"s3://{bucket}/{prefix}/{{000000..000001}}.tar")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from rela.data import folder_scan, object_store
 from rela.data.datasets.tar_index import _index_is_sound, _index_shard, _ShardIndex, index_from_bytes, index_to_bytes
-from rela.data.object_store import ObjectStoreError, ObjectURL
+from rela.data.object_store import ObjectStoreError, ObjectURL, PerProcess
 from rela.data.store import atomic_write_bytes
 
 INDEX_SUFFIX = ".index"  # rela pack's member index beside each shard: 000000.tar.index
@@ -55,12 +55,14 @@ class RemoteShard:
         """(index, why truncated or None, cache key), from the cheapest source that has it."""
         folder = folder_scan.cache_dir("wds", "WebDataset shard indexes")
         seen = None if folder is None else folder / f"remote-{_digest(self.where)}.json"
-        try:
-            known = json.loads(seen.read_text())
-            self.etag, self.size = known["etag"], int(known["size"])
-            return (*self._cached(folder), self._key())
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # not seen yet, or its cached index is gone: ask the store
+        if seen is not None:
+            try:
+                known = json.loads(seen.read_text())
+                self.etag, self.size = known["etag"], int(known["size"])
+                if (found := self._cached(folder)) is not None:
+                    return (*found, self._key())
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # not seen yet: ask the store
         head = object_store.head(self.url)
         self.etag, self.size = head.etag, head.size
         found = self._cached(folder) if folder is not None else None
@@ -163,7 +165,7 @@ class LocalCopies:
         self.folder, self.threads = folder, threads
         self._started: set[str] = set()
         self._lock = threading.Lock()
-        self._pools: dict[int, ThreadPoolExecutor] = {}
+        self._pool = PerProcess(lambda: ThreadPoolExecutor(threads, thread_name_prefix="rela-s3-copy"))
 
     def __getstate__(self) -> dict:
         return {"folder": self.folder, "threads": self.threads}
@@ -183,11 +185,7 @@ class LocalCopies:
             if path.name in self._started:
                 return None
             self._started.add(path.name)
-            pid = os.getpid()
-            if pid not in self._pools:
-                self._pools.clear()  # a forked worker: the parent's threads did not come along
-                self._pools[pid] = ThreadPoolExecutor(self.threads, thread_name_prefix="rela-s3-copy")
-            self._pools[pid].submit(self._copy, shard, path)
+        self._pool.get().submit(self._copy, shard, path)
         return None
 
     def _copy(self, shard: RemoteShard, path: Path) -> None:
@@ -252,22 +250,13 @@ class Prefetcher:
 
     def __init__(self) -> None:
         self._local = threading.local()
-        self._pools: dict[int, ThreadPoolExecutor] = {}
-        self._lock = threading.Lock()
-
-    def _pool(self) -> ThreadPoolExecutor:
-        pid = os.getpid()
-        with self._lock:
-            if pid not in self._pools:
-                self._pools.clear()  # a forked worker: the parent's threads did not come along
-                self._pools[pid] = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="rela-s3")
-            return self._pools[pid]
+        self._pool = PerProcess(lambda: ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="rela-s3"))
 
     @contextlib.contextmanager
     def fetched(self, reads: dict[int, tuple[RemoteShard, int, int]]):
         """`reads`: sample index → (shard, offset, size). Within the block, `take(i)` returns the
         bytes already read (or raises what reading them raised)."""
-        pool = self._pool()
+        pool = self._pool.get()
         futures = {i: pool.submit(shard.read, offset, size) for i, (shard, offset, size) in reads.items()}
         self._local.held = futures
         try:

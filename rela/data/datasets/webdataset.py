@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rela.data import folder_scan
+from rela.data import folder_scan, object_store
 from rela.data.datasets.base import RelaDataset
 from rela.data.datasets.decode import decode_bytes
 from rela.data.datasets.remote_shards import LocalCopies, Prefetcher, RemoteShard
@@ -139,12 +139,12 @@ class WebDataset(RelaDataset):
 def _indexes(shards: list) -> list:
     """Each shard's (index, truncated, cache key), in order; remote ones asked for 16 at a time (a
     cold open is a HEAD and a GET per shard: in turn, 1,000 shards would take a minute)."""
-    if not any(isinstance(s, RemoteShard) for s in shards):
+    if not any(isinstance(s, RemoteShard) for s in shards):  # _expand_shards gives all local or all remote
         return [shard_index(s) for s in shards]
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(16) as pool:
-        return list(pool.map(lambda s: s.index() if isinstance(s, RemoteShard) else shard_index(s), shards))
+        return list(pool.map(RemoteShard.index, shards))
 
 
 def _expand_shards(spec) -> list[Path | RemoteShard]:
@@ -181,8 +181,6 @@ def _glob(pattern: str) -> list[str]:
 
     if not is_remote(pattern):
         return sorted(glob.glob(pattern))
-    from rela.data import object_store
-
     if not any(c in pattern for c in "*?["):
         pattern = pattern.rstrip("/") + "/*.tar"
     url = ObjectURL.parse(pattern)
