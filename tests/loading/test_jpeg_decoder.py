@@ -173,7 +173,7 @@ def test_decoder_writes_into_given_rows(photos):
 
 _RESAMPLE_SCRIPT = """
 import io, sys
-import numpy as np, skimage.data
+import numpy as np, skimage.data, torch
 from PIL import Image
 from rela import _ext
 rng = np.random.default_rng(0)
@@ -186,11 +186,14 @@ for size in (7, 8, 31, 96, 160, 224):
         boxes = np.array([[[int(rng.integers(0, 512 - side)), int(rng.integers(0, 512 - side)), side, side]]], np.int32)
         flips = np.full((1, 1), flip, np.uint8)
         out.append(_ext.decode_resized_crops([buf.getvalue()], boxes, flips, size, fit=0.0)[0][0])
-        f32 = [np.zeros((1, 3, size, size), np.float32)]
-        _ext.decode_resized_crops([buf.getvalue()], boxes, flips, size, outs=f32,
-                                  scale=np.full((1, 3), 0.0174, np.float32),
-                                  bias=np.full((1, 3), -2.1, np.float32), fit=0.0)
-        out.append(f32[0])
+        # numpy's buffer (16-byte aligned) and torch's (64: whole-line non-temporal stores where
+        # the size is a multiple of 16) must hold the same numbers
+        for f32 in ([np.zeros((1, 3, size, size), np.float32)], [torch.zeros(1, 3, size, size).numpy()]):
+            _ext.decode_resized_crops([buf.getvalue()], boxes, flips, size, outs=f32,
+                                      scale=np.full((1, 3), 0.0174, np.float32),
+                                      bias=np.full((1, 3), -2.1, np.float32), fit=0.0)
+            out.append(f32[0])
+        assert np.array_equal(out[-1], out[-2])
 sys.stdout.buffer.write(b"".join(a.tobytes() for a in out))
 """
 
@@ -207,3 +210,73 @@ def test_the_resamplers_vector_and_scalar_stores_write_the_same_bytes():
                            env={**os.environ, "RELA_SCALAR": scalar}) for scalar in ("0", "1")]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
     assert len(runs[0].stdout) > 100_000 and runs[0].stdout == runs[1].stdout
+
+
+def _coeffs(in0: float, in1: float, insize: int, outsize: int) -> tuple[list[int], list[np.ndarray]]:
+    """csrc/jpeg.cpp's make_coeffs in float64, weights rounded to float32 as it stores them."""
+    scale = (in1 - in0) / outsize
+    filterscale = max(scale, 1.0)
+    starts, weights = [], []
+    for xx in range(outsize):
+        center = in0 + (xx + 0.5) * scale
+        lo, hi = max(int(center - filterscale + 0.5), 0), min(int(center + filterscale + 0.5), insize)
+        k = np.array([max(0.0, 1.0 - abs((x + lo - center + 0.5) / filterscale)) for x in range(hi - lo)])
+        starts.append(lo)
+        weights.append((k / k.sum() if k.sum() > 0 else k).astype(np.float32))
+    return starts, weights
+
+
+def _resample_reference(src: np.ndarray, h: int, out: int, flip: bool, scale=None, bias=None) -> np.ndarray:
+    """The resampler's float32 expression, one operation at a time: rows [0, h) of `src` (H x W x 3)
+    to out x out, vertical sums in tap order, then horizontal sums in tap order, rounded half to
+    even, clamped, mirrored; uint8, or x * scale + bias in float32."""
+    w = src.shape[1]
+    vs, vw = _coeffs(0.0, float(h), h, out)
+    hs, hw = _coeffs(0.0, float(w), w, out)
+    rows = np.zeros((out, w, 3), np.float32)
+    for yy in range(out):
+        for i, wt in enumerate(vw[yy]):
+            rows[yy] = rows[yy] + wt * src[vs[yy] + i].astype(np.float32)
+    cols = np.zeros((out, out, 3), np.float32)
+    for xx in range(out):
+        for i, wt in enumerate(hw[xx]):
+            cols[:, xx] = cols[:, xx] + wt * rows[:, hs[xx] + i]
+    px = np.clip(np.rint(cols), 0, 255).transpose(2, 0, 1)[:, :, ::-1 if flip else 1]
+    if scale is None:
+        return px.astype(np.uint8)
+    return (px * scale[:, None, None]).astype(np.float32) + bias[:, None, None]
+
+
+def test_the_resampler_computes_its_stated_float32_expression_exactly():
+    # Every output value is one float32 expression (csrc/jpeg.cpp: vertical then horizontal sums in
+    # tap order, round half to even): however the passes are tiled, vectorised or stored, the pixels
+    # are these, byte for byte. Boxes start at the top-left and span the full width, so the decoded
+    # region is rows of the full decode (its pixels: an identity resample, exact).
+    import io
+
+    import skimage.data
+
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.coffee()).save(buf, "JPEG", quality=90)  # 600 x 400
+    jpeg = buf.getvalue()
+    H, W = 400, 600
+    # the decoded pixels: a square box resampled to its own size is the identity (weights 1 and 0).
+    # Each square is a cropped decode, whose chroma upsampling differs from the full frame's next to
+    # the crop's inner edge, so the seam is at W / 2, a hundred columns from either crop edge.
+    def square(left: int) -> np.ndarray:
+        box = np.array([[[0, left, H, H]]], np.int32)
+        return _ext.decode_resized_crops([jpeg], box, np.zeros((1, 1), np.uint8), [H], fit=0.0)[0][0][0]
+
+    seam = W // 2
+    src = np.concatenate([square(0)[:, :, :seam], square(W - H)[:, :, seam - (W - H):]], axis=2).transpose(1, 2, 0)
+    assert src.shape == (H, W, 3)
+    rng = np.random.default_rng(3)
+    scale, bias = np.float32([0.0171, 0.0175, 0.0174]), np.float32([-2.118, -2.036, -1.804])
+    for out in (7, 16, 96, 160, 224, 250):
+        h, flip = int(rng.integers(out // 2 + 1, H + 1)), bool(rng.integers(0, 2))
+        box, flips = np.array([[[0, 0, h, W]]], np.int32), np.full((1, 1), flip, np.uint8)
+        u8 = _ext.decode_resized_crops([jpeg], box, flips, [out], fit=0.0)[0][0][0]
+        assert np.array_equal(u8, _resample_reference(src, h, out, flip)), out
+        f32 = torch.zeros(1, 3, out, out).numpy()  # 64-byte aligned: the streamed stores where out % 16 == 0
+        _ext.decode_resized_crops([jpeg], box, flips, [out], outs=[f32], scale=scale[None], bias=bias[None], fit=0.0)
+        assert np.array_equal(f32[0], _resample_reference(src, h, out, flip, scale, bias)), out
