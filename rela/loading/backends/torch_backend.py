@@ -19,7 +19,7 @@ import torch
 from rela import _ext, _workers
 from rela._alloc import keep_freed_memory
 from rela.errors import RelaError
-from rela.loading.backends import Built, Options, SampleRules, Task, Tasks, shm_ring
+from rela.loading.backends import Built, Options, SampleRules, Task, Tasks, batch_pool, shm_ring
 from rela.loading.backends.augment import (
     colour_batch_tensor,
     colour_rows,
@@ -47,7 +47,8 @@ class TorchBuilder(torch.utils.data.Dataset):
         self.rules = rules
         self.scaled_decode = scaled_decode  # JPEG: decode at 1/2 or 1/4 where every view still fits
         self.decode_threads = decode_threads  # C++ JPEG (and colour) threads per batch (thread workers)
-        self.ring_slots = ring_slots  # worker processes: shared batch buffers kept per shape (shm_ring)
+        self.ring_slots = ring_slots  # batch buffers kept per shape (shm_ring in worker processes, else `pool`)
+        self.pool = batch_pool.BatchPool()
         # "float32": finished views; "uint8": coloured crops, normalised by the loader on the device;
         # "device-colour": plain crops + each row's colour choices, coloured there too.
         self.handoff = handoff
@@ -170,9 +171,10 @@ class TorchBuilder(torch.utils.data.Dataset):
 
     def _batch_tensor(self, shape, dtype: torch.dtype) -> torch.Tensor:
         """An empty batch; in a worker process, in shared memory that the worker reuses (shm_ring),
-        so handing it over is a handle, not a copy through a pipe."""
+        so handing it over is a handle, not a copy through a pipe; in this process, a buffer the
+        pool lends until the user drops the batch (batch_pool: no fresh pages per batch)."""
         if torch.utils.data.get_worker_info() is None:
-            return torch.empty(shape, dtype=dtype)
+            return self.pool.take(shape, dtype, self.ring_slots)
         return shm_ring.take(shape, dtype, self.ring_slots)
 
     def _crop_rest(self, task: Task, rest: list[int], images: list[torch.Tensor], u8: list[torch.Tensor],
@@ -225,9 +227,11 @@ class TorchBackend:
     def __init__(self, rules: SampleRules, options: Options) -> None:
         self.options = options
         # Thread workers each build whole batches (see threads.py), so each batch's C++ runs on one thread.
-        # Worker processes lease a batch's buffers until the user drops the batch: one per batch
-        # queued (prefetch_factor), one being built, and two the loop holds (this one, the last).
-        self.builder = TorchBuilder(rules, 1, options.handoff, ring_slots=options.depth + 3,
+        # A batch's buffers are lent until the user drops the batch: one per batch queued
+        # (prefetch_factor per worker process; threads share one pool), one being built, and two
+        # the loop holds (this one, the last).
+        lent = options.depth * (options.num_workers if options.worker_type == "thread" else 1)
+        self.builder = TorchBuilder(rules, 1, options.handoff, ring_slots=lent + 3,
                                     scaled_decode=options.scaled_decode)
 
     def build(self, task: Task) -> Built:
@@ -253,6 +257,7 @@ class TorchBackend:
         finally:
             if hasattr(source, "close"):
                 source.close()  # the threads stop, even on break or error
+            self.builder.pool.clear()  # no batch memory kept between passes
 
     def finish_on_device(self, built: Built, views: list[torch.Tensor],
                          specs: tuple[ViewSpec, ...]) -> list[torch.Tensor]:

@@ -1,0 +1,57 @@
+"""Batch buffers reused in the loop's own process (thread workers, or no workers at all).
+
+A float32 batch of 64 224-px images is 38 MB. Allocated afresh per batch, every 4 KB page of it
+was a page fault that the kernel zeroed before the decoder overwrote it: 4-5% of a thread pass's
+CPU (`perf`, bench/loader.py's plain crops), and glibc's per-thread arenas hand such blocks back
+to the kernel whatever its thresholds say. So the pool keeps up to `slots` buffers per (shape,
+dtype) and lends one per batch tensor. The user gets a tensor of its own storage over the buffer
+(no copy); when nothing uses that storage any more (a finaliser on it, as `shm_ring.claim` does
+for worker processes) the buffer goes back to the pool. A batch stays valid as long as the user
+holds it; when every buffer is lent out, `take` allocates a new one: it never waits. Each loader's
+builder has a pool of its own, emptied when a pass ends (the loader keeps no memory between
+passes: the next one faults its first few batches' pages in again).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+
+
+class BatchPool:
+    """Free buffers per (shape, dtype), at most `slots` of each kept."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+
+    def take(self, shape, dtype: torch.dtype, slots: int) -> torch.Tensor:
+        """An uninitialised tensor of `shape` whose buffer returns here once nothing uses it."""
+        key = (tuple(shape), dtype)
+        with self.lock:
+            free = self.free.setdefault(key, [])
+            buffer = free.pop() if free else None
+        if buffer is None:
+            buffer = torch.empty(key[0], dtype=dtype)  # 64-byte aligned: the decoder's whole-line stores
+        lent = torch.from_numpy(buffer.numpy())  # a storage of its own over the buffer's memory
+        weakref.finalize(lent.untyped_storage(), self._give_back, key, buffer, max(1, slots)).atexit = False
+        return lent
+
+    def _give_back(self, key: tuple, buffer: torch.Tensor, slots: int) -> None:
+        with self.lock:
+            free = self.free.setdefault(key, [])
+            if len(free) < slots:
+                free.append(buffer)
+
+    def clear(self) -> None:
+        """Drop the free buffers (those still lent come back as they are dropped)."""
+        with self.lock:
+            self.free.clear()
+
+    def __getstate__(self) -> dict:  # a copy in a spawned worker process starts empty
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
