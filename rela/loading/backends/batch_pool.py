@@ -1,9 +1,9 @@
 """Batch buffers reused in the loop's own process (thread workers, or no workers at all).
 
-A float32 batch of 64 224-px images is 38 MB. Allocated afresh per batch, every 4 KB page of it
-was a page fault that the kernel zeroed before the decoder overwrote it: 4-5% of a thread pass's
-CPU (`perf`, bench/loader.py's plain crops), and glibc's per-thread arenas hand such blocks back
-to the kernel whatever its thresholds say. So the pool keeps up to `slots` buffers per (shape,
+A float32 batch of 64 224-px images is 38 MB. Allocated afresh per batch, its pages kept being
+faulted in and zeroed by the kernel before the decoder overwrote them: `clear_page` was 4-5% of
+a thread pass's CPU (`perf`, bench/loader.py's plain crops), and is gone from the profile with
+the pool. So the pool keeps up to `slots` buffers per (shape,
 dtype) and lends one per batch tensor. The user gets a tensor of its own storage over the buffer
 (no copy); when nothing uses that storage any more (a finaliser on it, as `shm_ring.claim` does
 for worker processes) the buffer goes back to the pool. A batch stays valid as long as the user
