@@ -373,7 +373,7 @@ def profile_split(folder: Path, n: int = 300) -> dict:
     bias = np.asarray([[-m / s for m, s in zip(MEAN, STD, strict=True)]], np.float32)
 
     def rela(views: int):
-        outs = [np.empty((n, 3, 224, 224), np.float32) for _ in range(views)]
+        outs = [torch.empty(n, 3, 224, 224).numpy() for _ in range(views)]  # aligned as the loader's batches
         return lambda: _ext.decode_resized_crops(data, np.repeat(one, views, 1), np.repeat(flips, views, 1), 224, 1,
                                                  outs=outs, scale=np.repeat(scale, views, 0),
                                                  bias=np.repeat(bias, views, 0))
