@@ -24,7 +24,9 @@ class BatchPool:
     """Free buffers per (shape, dtype), at most `slots` of each kept."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        # Reentrant: a garbage collection while `take` holds it can run a finaliser, and so
+        # `_give_back`, on the same thread.
+        self.lock = threading.RLock()
         self.free: dict[tuple, list[torch.Tensor]] = {}
 
     def take(self, shape, dtype: torch.dtype, slots: int) -> torch.Tensor:
