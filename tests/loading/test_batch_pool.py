@@ -63,3 +63,22 @@ def test_thread_workers_batches_kept_or_dropped_stay_intact(tmp_path, views):
     for a, b, c in zip(ref, kept, dropped, strict=True):
         for x, y, z in zip(a, b["views"], c, strict=True):
             assert torch.equal(x, y) and torch.equal(x, z)
+
+
+def test_a_batch_dropped_while_the_pool_is_locked_comes_back_without_deadlock():
+    # A garbage collection inside take() (which holds the lock) can run a lent batch's finaliser on
+    # the same thread; run in a thread so that a deadlock fails the test instead of hanging it.
+    import threading
+
+    pool = BatchPool()
+    box = [pool.take((3, 4), torch.float32, 2)]
+
+    def drop_under_lock():
+        with pool.lock:
+            box.clear()
+            gc.collect()
+
+    t = threading.Thread(target=drop_under_lock, daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert not t.is_alive() and len(pool.free[((3, 4), torch.float32)]) == 1
