@@ -404,29 +404,31 @@ bool resample(const uint8_t* src, int src_w, int src_h, int stride, double x0, d
   const Coeffs h = make_coeffs(x0 - cx0, x1 - cx0, in_w, out_size);
   const Coeffs v = make_coeffs(y0 - cy0, y1 - cy0, in_h, out_size);
   const int n3 = in_w * 3;
-  // Per-thread scratch (no allocation per view): a strip's rows, transposed, and one output block.
-  // A short last strip's missing rows are zeros, so the transposes always move whole 8x8 blocks.
+  // Per-thread scratch (no allocation per view): a strip's rows, transposed, and one output block
+  // of each channel.
   const size_t n_rows = static_cast<size_t>(n3) * kBlock;
   float* rows = scratch_buffer<float>(2 * n_rows + 6 * kBlock * kBlock);
   float* t = rows + n_rows;
   float* cols = t + n_rows;
+  // The three output planes, each stored whole-line (`stream`) or not, all alike.
   const size_t plane = static_cast<size_t>(out_size) * out_size;
+  Block planes[3];
+  for (int c = 0; c < 3; ++c) {
+    Block& k = planes[c];
+    k = Block{out_size, 0, 0, 0, 0, flip, false, nullptr, nullptr, 0.f, 0.f};
+    if (out.f32) {
+      k.f32 = out.f32[view] + c * plane;
+      k.stream = streams(out.f32[view], out_size);
+      k.sc = out.scale[3 * view + c];
+      k.bi = out.bias[3 * view + c];
+    } else {
+      k.u8 = out.u8[view] + c * plane;
+    }
+  }
   for (int y0 = 0; y0 < out_size; y0 += kBlock) {
     const int nr = std::min(kBlock, out_size - y0);
     vertical_transposed(src, static_cast<size_t>(stride), cx0, cy0, n3, v, y0, nr, rows, t);
-    Block planes[3];
-    for (int c = 0; c < 3; ++c) {
-      Block& k = planes[c];
-      k = Block{out_size, y0, nr, 0, 0, flip, false, nullptr, nullptr, 0.f, 0.f};
-      if (out.f32) {
-        k.f32 = out.f32[view] + c * plane;
-        k.stream = streams(planes[0].f32, out_size);  // one choice for the three planes
-        k.sc = out.scale[3 * view + c];
-        k.bi = out.bias[3 * view + c];
-      } else {
-        k.u8 = out.u8[view] + c * plane;
-      }
-    }
+    for (Block& k : planes) k.y0 = y0, k.nr = nr;
     horizontal_strip(t, h, planes, cols);
   }
   fence_stores();
