@@ -614,8 +614,8 @@ def decode_ceiling(folder: Path, n: int = 500) -> dict:
     from rela.loading.views import ViewSpec, geometry_batch
 
     files = sorted((folder / "all").iterdir())[:n]
-    data = [np.frombuffer(f.read_bytes(), np.uint8) for f in files]
-    sizes = [_ext.jpeg_header(bytes(d[:65536]))[:2] for d in data]  # (width, height)
+    data = [f.read_bytes() for f in files]
+    sizes = [_ext.jpeg_header(d)[:2] for d in data]  # (width, height)
     out = {}
     for size in SIZES:
         spec = ViewSpec(size, scale=(0.08, 1.0), flip=0.5, mean=MEAN, std=STD)

@@ -14,24 +14,24 @@ from tests.conftest import make_folder
 
 
 def test_a_buffer_comes_back_only_when_nothing_uses_it():
-    pool = BatchPool()
-    a = pool.take((4, 3, 8, 8), torch.float32, 2)
+    pool = BatchPool(2)
+    a = pool.take((4, 3, 8, 8), torch.float32)
     first = a.data_ptr()
     assert first % 64 == 0  # the decoder's whole-line stores need it
     keep = a[1]  # a view the user keeps: the buffer is still in use
     del a
     gc.collect()
-    b = pool.take((4, 3, 8, 8), torch.float32, 2)
+    b = pool.take((4, 3, 8, 8), torch.float32)
     assert b.data_ptr() != first
     del keep
     gc.collect()
-    assert pool.take((4, 3, 8, 8), torch.float32, 2).data_ptr() == first
-    assert pool.take((4, 3, 8, 8), torch.uint8, 2).data_ptr() != first  # another shape or dtype: its own
+    assert pool.take((4, 3, 8, 8), torch.float32).data_ptr() == first
+    assert pool.take((4, 3, 8, 8), torch.uint8).data_ptr() != first  # another shape or dtype: its own
 
 
 def test_the_pool_keeps_at_most_slots_free_buffers():
-    pool = BatchPool()
-    lent = [pool.take((2, 5), torch.float32, 2) for _ in range(4)]  # all lent out: new ones, no waiting
+    pool = BatchPool(2)
+    lent = [pool.take((2, 5), torch.float32) for _ in range(4)]  # all lent out: new ones, no waiting
     assert len({t.data_ptr() for t in lent}) == 4
     del lent
     gc.collect()
@@ -70,8 +70,8 @@ def test_a_batch_dropped_while_the_pool_is_locked_comes_back_without_deadlock():
     # the same thread; run in a thread so that a deadlock fails the test instead of hanging it.
     import threading
 
-    pool = BatchPool()
-    box = [pool.take((3, 4), torch.float32, 2)]
+    pool = BatchPool(2)
+    box = [pool.take((3, 4), torch.float32)]
 
     def drop_under_lock():
         with pool.lock:

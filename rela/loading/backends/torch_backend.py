@@ -48,7 +48,7 @@ class TorchBuilder(torch.utils.data.Dataset):
         self.scaled_decode = scaled_decode  # JPEG: decode at 1/2 or 1/4 where every view still fits
         self.decode_threads = decode_threads  # C++ JPEG (and colour) threads per batch (thread workers)
         self.ring_slots = ring_slots  # batch buffers kept per shape (shm_ring in worker processes, else `pool`)
-        self.pool = batch_pool.BatchPool()
+        self.pool = batch_pool.BatchPool(ring_slots)
         # "float32": finished views; "uint8": coloured crops, normalised by the loader on the device;
         # "device-colour": plain crops + each row's colour choices, coloured there too.
         self.handoff = handoff
@@ -174,7 +174,7 @@ class TorchBuilder(torch.utils.data.Dataset):
         so handing it over is a handle, not a copy through a pipe; in this process, a buffer the
         pool lends until the user drops the batch (batch_pool: no fresh pages per batch)."""
         if torch.utils.data.get_worker_info() is None:
-            return self.pool.take(shape, dtype, self.ring_slots)
+            return self.pool.take(shape, dtype)
         return shm_ring.take(shape, dtype, self.ring_slots)
 
     def _crop_rest(self, task: Task, rest: list[int], images: list[torch.Tensor], u8: list[torch.Tensor],
